@@ -1,0 +1,86 @@
+"""The bundled default VLM as a backend (weights in assets/tiny_vlm/)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ..data import pixels_from_uint8
+from ..images import resize_for_model, to_rgb
+from ..models.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
+from ..questions import decode_ids, encode_words, WORD_TO_ID, EOS
+from .base import Answer, VLMBackend
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+DEFAULT_WEIGHTS = ASSETS / "tiny_vlm"
+
+
+def weights_fingerprint(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+class TinyVLMBackend(VLMBackend):
+    def __init__(self, model: TinyVLM, model_id: str = "progvlm-tiny@untrained"):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.model_id = model_id
+        self.token_dim = self.cfg.token_dim
+        self.num_tokens = self.cfg.num_tokens
+
+    @classmethod
+    def load(cls, folder: str | Path = DEFAULT_WEIGHTS) -> "TinyVLMBackend":
+        folder = Path(folder)
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"no bundled VLM weights at {weights}; train them with "
+                                    "`python -m progvlm train-vlm`")
+        meta = json.loads((folder / "config.json").read_text())
+        model = TinyVLM(TinyVLMConfig(**meta["model"]))
+        model.load_state_dict(load_file(weights))
+        return cls(model, f"progvlm-tiny@{weights_fingerprint(weights)}")
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        size = self.cfg.image_size
+        frames = np.stack([np.asarray(resize_for_model(to_rgb(im), size)) for im in images])
+        return pixels_from_uint8(frames)
+
+    @torch.no_grad()
+    def edge_half_batch(self, images):
+        return list(self.model.visual_tokens(self.pixels(images)))
+
+    def edge_half(self, image):
+        return self.edge_half_batch([image])[0]
+
+    @torch.no_grad()
+    def cloud_half_batch(self, tokens, questions, max_new_tokens: int = 32):
+        """Questions are grouped by token length so that each group decodes as one batch."""
+        groups = defaultdict(list)
+        prompts = [question_ids(encode_words(q)) for q in questions]
+        for i, p in enumerate(prompts):
+            groups[len(p)].append(i)
+        out: list[Answer | None] = [None] * len(questions)
+        for idx in groups.values():
+            ids = self.model.generate(torch.stack([tokens[i] for i in idx]).float(),
+                                      torch.tensor([prompts[i] for i in idx]), max_new_tokens)
+            for row, i in zip(ids.tolist(), idx):
+                eos = row.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in row else len(row)
+                out[i] = Answer(decode_ids(row), row[:eos])
+        return out
+
+    def cloud_half(self, tokens, question, max_new_tokens: int = 32):
+        return self.cloud_half_batch([tokens], [question], max_new_tokens)[0]
+
+    @torch.no_grad()
+    def answer(self, image, question, max_new_tokens: int = 32):
+        # The whole model in one call: vision, projector and LM without leaving the module.
+        ids = self.model.generate(self.model.visual_tokens(self.pixels([image])),
+                                  torch.tensor([question_ids(encode_words(question))]),
+                                  max_new_tokens)[0].tolist()
+        eos = ids.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in ids else len(ids)
+        return Answer(decode_ids(ids), ids[:eos])

@@ -1,0 +1,77 @@
+"""Seeded streams of scenes, pre-rendered training sets, and question batches as tensors."""
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from .questions import QA, WORD_TO_ID, EOS, PAD, encode_words, questions_for, QUESTION_TYPES
+from .scenes import Scene, cell_targets, generate_scene, render_scene
+from .models.tiny_vlm import question_ids
+
+# Separate seed streams, so that evaluation scenes are never the training scenes of equal seed.
+TRAIN_STREAM, EVAL_STREAM = 1, 2
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+def scene_seed(stream: int, seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([stream, seed, index]).generate_state(1)[0])
+
+
+def scenes(stream: int, seed: int, count: int, start: int = 0) -> list[Scene]:
+    return [generate_scene(scene_seed(stream, seed, i)) for i in range(start, start + count)]
+
+
+def pixels_from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 → normalised (B, 3, S, S) float tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - PIXEL_MEAN) / PIXEL_STD
+
+
+def _render_chunk(args):
+    stream, seed, start, count, size = args
+    out = np.empty((count, size, size, 3), np.uint8)
+    cells = np.empty((count, 64, 3), np.int64)
+    for j, sc in enumerate(scenes(stream, seed, count, start)):
+        out[j] = np.asarray(render_scene(sc, size))
+        t = cell_targets(sc)
+        cells[j] = np.stack([t["colour"], t["shape"], t["size"]], -1)
+    return out, cells
+
+
+def render_set(stream: int, seed: int, count: int, size: int, workers: int = 2, progress=None):
+    """Pre-render `count` frames at model size (uint8) with their per-cell targets."""
+    chunk = 250
+    jobs = [(stream, seed, s, min(chunk, count - s), size) for s in range(0, count, chunk)]
+    frames, cells = [], []
+    with ProcessPoolExecutor(workers) as pool:
+        for f, c in pool.map(_render_chunk, jobs):
+            frames.append(f)
+            cells.append(c)
+            if progress:
+                progress(len(f))
+    return np.concatenate(frames), np.concatenate(cells)
+
+
+def pack_qas(qas_per_image: list[list[QA]], max_len: int):
+    """Teacher-forcing tensors: text (B, Q, T) = <bos> q <sep> a <eos> <pad>…, and the mask of
+    positions whose token is a target (answer words and <eos>)."""
+    B, Q = len(qas_per_image), max(len(q) for q in qas_per_image)
+    text = torch.full((B, Q, max_len), WORD_TO_ID[PAD], dtype=torch.long)
+    mask = torch.zeros((B, Q, max_len), dtype=torch.bool)
+    for b, qas in enumerate(qas_per_image):
+        for q, qa in enumerate(qas):
+            prompt = question_ids(encode_words(qa.question))
+            seq = prompt + encode_words(qa.answer) + [WORD_TO_ID[EOS]]
+            assert len(seq) <= max_len, qa
+            text[b, q, :len(seq)] = torch.tensor(seq)
+            mask[b, q, len(prompt):len(seq)] = True
+    return text, mask
+
+
+def training_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
+    qas = questions_for(scene, rng, QUESTION_TYPES)
+    while len(qas) < len(QUESTION_TYPES):  # keep Q fixed per image; pad with another count
+        qas.append(questions_for(scene, rng, ("count",))[0])
+    return qas

@@ -1,0 +1,89 @@
+"""Image input: anything Pillow reads becomes a correct RGB frame, or a clear error.
+
+Handles alpha (composited over white), palettes, greyscale, 16-bit and 32-bit integer or float
+greyscale (rescaled, not clipped), CMYK, and EXIF orientation. Size is checked from the header,
+before any pixel is decoded, against a configured pixel limit.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = int(os.environ.get("PROGVLM_MAX_PIXELS", 40_000_000))
+
+
+class ImageInputError(ValueError):
+    """The input is not a usable image; the message names the problem."""
+
+
+def load_image(source, max_pixels: int | None = None) -> Image.Image:
+    """bytes, a path, a file object or a PIL image → an RGB PIL image (EXIF-upright)."""
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise ImageInputError("not an image: the upload is empty (0 bytes)")
+            fp = io.BytesIO(bytes(source))
+        elif isinstance(source, (str, Path)):
+            if not Path(source).is_file():
+                raise ImageInputError(f"no such image file: {source}")
+            fp = source
+        else:
+            fp = source
+        try:
+            img = Image.open(fp)
+        except UnidentifiedImageError:
+            raise ImageInputError("not an image: Pillow cannot identify this data as any image "
+                                  "format") from None
+        except Image.DecompressionBombError as e:
+            raise ImageInputError(f"image too large: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageInputError(f"image too large: {w}×{h} = {w * h:,} pixels, over the limit of "
+                              f"{max_pixels:,} pixels")
+    if w == 0 or h == 0:
+        raise ImageInputError(f"image has no pixels ({w}×{h})")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError(f"corrupt or truncated image ({img.format or 'unknown'}): {e}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit greyscale: rescale the value range to 8 bits instead of clipping to 255
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and a.max() > 255) else 255.0
+        if mode == "F":
+            lo, hi = float(a.min()), float(a.max())
+            a, top = (a - lo), (hi - lo) or 1.0
+        if mode == "I" and a.max() > 65535:
+            top = float(a.max())
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def resize_for_model(img: Image.Image, size: int) -> Image.Image:
+    """The one resize used in training and at inference (square, bilinear, antialiased)."""
+    if img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)

@@ -1,0 +1,1 @@
+"""Model definitions: the bundled tiny VLM (and, in later modules, the MAE)."""

@@ -1,0 +1,1 @@
+"""Training loops: the bundled VLM (train_vlm) and, later, the MAE."""
