@@ -1,0 +1,135 @@
+"""The progressive bitstream: a versioned, checksummed binary format for MAE layers.
+
+    header   "PV" | version u8 | MAE fingerprint 4B | N u16 | L u8 | k u8
+             | k × layer length (LEB128 varint) | CRC-16 of the header
+    layer i  payload (entropy-coded code indices) | CRC-16 of (i, payload)
+
+Layers follow in order, each with its own checksum, so a stream cut anywhere after layer j
+still decodes layers 1..j (and says it was truncated). Every other defect raises
+BitstreamError with the reason. Never pickle: this is parsed byte by byte.
+"""
+from __future__ import annotations
+
+import binascii
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"PV"
+VERSION = 1
+FINGERPRINT_BYTES = 4
+_FIXED = struct.Struct(">2sB4sHBB")  # magic, version, fingerprint, N, L, k
+_CRC = struct.Struct(">H")
+MAX_LAYER_BYTES = 1 << 20
+
+
+class BitstreamError(ValueError):
+    """A stream that cannot be decoded; str(e) says why."""
+
+
+def _crc(data: bytes) -> int:
+    return binascii.crc_hqx(data, 0xFFFF)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(4):  # at most 4 bytes: lengths below 2^28
+        if pos >= len(data):
+            raise BitstreamError("truncated header: stream ends inside the layer lengths")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+    raise BitstreamError("corrupt header: a layer length is longer than 4 bytes")
+
+
+@dataclass
+class Bitstream:
+    fingerprint: bytes
+    num_tokens: int
+    num_layers: int  # L of the MAE that wrote it
+    k: int  # layers announced in the header
+    layers: list[bytes]  # the complete layers present, in order (≤ k)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.layers) < self.k
+
+
+def pack_header(fingerprint: bytes, num_tokens: int, num_layers: int, lengths: list[int]) -> bytes:
+    if len(fingerprint) != FINGERPRINT_BYTES:
+        raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
+    if not 1 <= len(lengths) <= num_layers <= 255 or not 0 < num_tokens < 65536:
+        raise ValueError(f"bad header fields: N={num_tokens}, L={num_layers}, k={len(lengths)}")
+    head = _FIXED.pack(MAGIC, VERSION, fingerprint, num_tokens, num_layers, len(lengths))
+    head += b"".join(_varint(n) for n in lengths)
+    return head + _CRC.pack(_crc(head))
+
+
+def pack_layer(index: int, payload: bytes) -> bytes:
+    """Layer `index` (0-based) as it goes on the wire: payload + its checksum."""
+    return payload + _CRC.pack(_crc(bytes([index]) + payload))
+
+
+def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[bytes]) -> bytes:
+    return pack_header(fingerprint, num_tokens, num_layers, [len(p) for p in layers]) + b"".join(
+        pack_layer(i, p) for i, p in enumerate(layers))
+
+
+def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
+    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
+    data = bytes(data)
+    if len(data) < _FIXED.size:
+        raise BitstreamError(f"truncated header: {len(data)} bytes, a header needs at least "
+                             f"{_FIXED.size + 3}")
+    magic, version, fp, n, L, k = _FIXED.unpack_from(data)
+    if magic != MAGIC:
+        raise BitstreamError(f"not a progvlm bitstream (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise BitstreamError(f"unsupported bitstream version {version} (this decoder reads "
+                             f"version {VERSION})")
+    if k == 0 or k > L or n == 0:
+        raise BitstreamError(f"corrupt header: N={n}, L={L}, k={k}")
+    pos = _FIXED.size
+    lengths = []
+    for _ in range(k):
+        length, pos = _read_varint(data, pos)
+        if length > MAX_LAYER_BYTES:
+            raise BitstreamError(f"corrupt header: layer length {length} over the limit")
+        lengths.append(length)
+    if len(data) < pos + _CRC.size:
+        raise BitstreamError("truncated header: stream ends before the header checksum")
+    (crc,) = _CRC.unpack_from(data, pos)
+    if crc != _crc(data[:pos]):
+        raise BitstreamError("corrupt header: checksum mismatch")
+    if expected_fingerprint is not None and fp != expected_fingerprint:
+        raise BitstreamError(f"wrong MAE fingerprint: the stream was written by MAE {fp.hex()}, "
+                             f"this decoder is {expected_fingerprint.hex()}")
+    pos += _CRC.size
+    layers = []
+    for i, length in enumerate(lengths):
+        end = pos + length + _CRC.size
+        if end > len(data):
+            break  # cut inside layer i: layers 0..i-1 stand
+        payload = data[pos:pos + length]
+        (crc,) = _CRC.unpack_from(data, pos + length)
+        if crc != _crc(bytes([i]) + payload):
+            raise BitstreamError(f"corrupt layer {i + 1}: checksum mismatch")
+        layers.append(payload)
+        pos = end
+    if not layers:
+        raise BitstreamError("truncated stream: not even layer 1 is complete")
+    if len(layers) == k and pos != len(data):
+        raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
+    return Bitstream(fp, n, L, k, layers)

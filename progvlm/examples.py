@@ -1,0 +1,43 @@
+"""The bundled example scenes (assets/examples): camera frames with their ground truth."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .data import EVAL_STREAM, scene_seed
+from .questions import describe, suggested_questions
+from .scenes import Scene, generate_scene, render_scene
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EXAMPLES_SEED = 20_261_128  # a seed of its own: examples are neither training nor eval scenes
+
+
+def write_examples(folder: Path = EXAMPLES_DIR, count: int = 6) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for i in range(count):
+        scene = generate_scene(scene_seed(EVAL_STREAM, EXAMPLES_SEED, i))
+        name = f"scene_{i:02d}.png"
+        render_scene(scene).save(folder / name, optimize=True)
+        index.append({"file": name, "description": describe(scene), "scene": scene.to_dict(),
+                      "questions": [{"type": q.qtype, "question": q.question, "answer": q.answer}
+                                    for q in suggested_questions(scene, seed=i)]})
+    (folder / "examples.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def load_examples(folder: Path = EXAMPLES_DIR) -> list[dict]:
+    index = json.loads((folder / "examples.json").read_text())
+    for item in index:
+        item["path"] = str(folder / item["file"])
+        item["scene"] = Scene.from_dict(item["scene"])
+    return index
+
+
+def ground_truth_for(path: str | Path, folder: Path = EXAMPLES_DIR) -> dict | None:
+    """The example record whose file this is, or None for any other image."""
+    name = Path(path).name
+    for item in load_examples(folder):
+        if item["file"] == name:
+            return item
+    return None

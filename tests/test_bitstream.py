@@ -1,0 +1,93 @@
+"""The bitstream format: round trip, any-prefix cuts, every defect a BitstreamError, fuzzed."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from progvlm import entropy
+from progvlm.bitstream import BitstreamError, pack, pack_header, parse
+
+FP = b"\x01\x02\x03\x04"
+
+
+def _stream(k=4, L=4):
+    layers = [bytes(range(i, i + 5 + 3 * i)) for i in range(k)]
+    return layers, pack(FP, 64, L, layers)
+
+
+def test_round_trip():
+    layers, data = _stream()
+    bs = parse(data, expected_fingerprint=FP)
+    assert bs.layers == layers and bs.k == 4 and bs.num_tokens == 64 and not bs.truncated
+
+
+def test_cut_at_or_inside_a_layer_decodes_the_complete_prefix():
+    layers, data = _stream()
+    header = len(pack_header(FP, 64, 4, [len(p) for p in layers]))
+    ends = np.cumsum([len(p) + 2 for p in layers]) + header
+    for j, end in enumerate(ends[:-1], start=1):
+        for cut in (end, end + 1):  # at the boundary, and one byte into the next layer
+            bs = parse(data[:cut])
+            assert bs.layers == layers[:j] and bs.truncated
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda d: b"XX" + d[2:], "not a progvlm bitstream"),
+    (lambda d: d[:2] + b"\x09" + d[3:], "unsupported bitstream version 9"),
+    (lambda d: d[:10], "truncated header"),
+    (lambda d: d[:-3] + bytes([d[-3] ^ 0xFF]) + d[-2:], "corrupt layer 4"),
+    (lambda d: d + b"\x00", "unexpected bytes"),
+    (lambda d: d[:12] + bytes([d[12] ^ 0x01]) + d[13:], "corrupt header"),
+])
+def test_defects_raise_one_error_type_with_the_reason(mutate, reason):
+    _, data = _stream()
+    with pytest.raises(BitstreamError, match=reason):
+        parse(mutate(data), expected_fingerprint=FP)
+
+
+def test_wrong_fingerprint_names_both():
+    _, data = _stream()
+    with pytest.raises(BitstreamError, match="wrong MAE fingerprint.*01020304.*ffffffff"):
+        parse(data, expected_fingerprint=b"\xff" * 4)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_never_crashes_on_arbitrary_bytes(data):
+    try:
+        parse(data, expected_fingerprint=FP)
+    except BitstreamError:
+        pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_parser_never_crashes_on_mutated_valid_streams(draw):
+    _, data = _stream()
+    data = bytearray(data)
+    for _ in range(draw.draw(st.integers(1, 4))):
+        i = draw.draw(st.integers(0, len(data) - 1))
+        data[i] = draw.draw(st.integers(0, 255))
+    cut = draw.draw(st.integers(0, len(data)))
+    try:
+        bs = parse(bytes(data[:cut]), expected_fingerprint=FP)
+        assert 1 <= len(bs.layers) <= bs.k
+    except BitstreamError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 15), max_size=80), st.lists(st.integers(0, 500), min_size=16, max_size=16))
+def test_entropy_coder_round_trip(symbols, counts):
+    freqs = entropy.quantised_frequencies(counts)
+    assert entropy.decode(entropy.encode(symbols, freqs), freqs, len(symbols)) == symbols
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.integers(0, 100))
+def test_entropy_decoder_never_crashes_on_garbage(data, count):
+    freqs = entropy.quantised_frequencies(np.arange(16) + 1)
+    try:
+        out = entropy.decode(data, freqs, count)
+        assert len(out) == count and all(0 <= s < 16 for s in out)
+    except entropy.EntropyDecodeError:
+        pass
