@@ -1,0 +1,265 @@
+"""Hugging Face `transformers` VLMs as a backend, split at the visual tokens.
+
+Supported families (transformers 5.23):
+
+* Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`):
+  SigLIP-style vision encoder -> pixel-shuffle connector -> `<image>` positions of the LM.
+* LLaVA (`LlavaForConditionalGeneration`): CLIP-style vision tower (hidden state of
+  `vision_feature_layer`, CLS dropped under the "default" strategy) -> multi-modal projector ->
+  `<image>` positions of the LM.
+
+The split point is the tensor the model itself scatters into the image-token positions of
+`inputs_embeds` (`model.get_image_features(...).pooler_output`, i.e. after the connector /
+projector).  The edge half computes it with the model's own method; the cloud half rebuilds
+the expanded prompt, embeds it with the LM's input embeddings, writes the received tokens into
+the image-token positions with `masked_scatter` (as the model's forward does) and decodes
+greedily.  Every op on both sides is the one the unsplit model runs, so
+`cloud_half(edge_half(im), q)` generates exactly the tokens of `answer(im, q)`.
+
+How the cloud knows the prompt layout: the processor expands each `<image>` placeholder into
+a family-specific run of tokens whose length must equal N.  The cloud builds that expansion
+with the processor's own `replace_image_token` hook, so it is the very string the processor
+would build, then tokenizes the expanded prompt with the processor's tokenizer (the processor
+passes no extra text kwargs for these families; the tests check the ids match).
+
+* LLaVA: N is fixed by the image processor's crop size; the expansion is computed once from
+  a blank dummy image.
+* Idefics3 / SmolVLM without image splitting (this backend's default): N = image_seq_len,
+  expansion `<fake><global-img><image>*N<fake>`.
+* Idefics3 / SmolVLM *with* image splitting: N = image_seq_len * (rows*cols + 1), and the
+  prompt also carries `<row_r_col_c>` tags, so the cloud needs the tile grid, which cannot be
+  recovered from N alone (2x3 vs 3x2).  Use `edge_half_with_grid` on the edge and pass
+  `grid=` to `cloud_half`.  That is why splitting is off by default here: with it off the
+  plain `edge_half` / `cloud_half` interface is self-describing.  (Real SmolVLM checkpoints
+  enable splitting by default; turning it off costs some detail on large images.)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .base import Answer, VLMBackend
+
+#: config.model_type -> family handled by this backend
+FAMILIES = {"idefics3": "idefics3", "smolvlm": "idefics3", "llava": "llava"}
+
+#: prompts used when the processor carries no chat template (same shape as the official ones)
+FALLBACK_PROMPTS = {
+    "idefics3": "User:<image>{question}<end_of_utterance>\nAssistant:",
+    "llava": "USER: <image>\n{question} ASSISTANT:",
+}
+
+
+def family_of(config) -> str:
+    """The backend family for a model config; a clear ValueError for anything else."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        raise ValueError(
+            f"HFVLMBackend supports only the Idefics3/SmolVLM and LLaVA families "
+            f"(model_type in {sorted(FAMILIES)}); got model_type={model_type!r} ({', '.join(archs)})")
+    return FAMILIES[model_type]
+
+
+class HFVLMBackend(VLMBackend):
+    """A `transformers` image-text-to-text model split at the visual tokens.
+
+    Build it from a loaded model + processor (tests) or with `HFVLMBackend.load(...)`.
+    `image_splitting` (Idefics3/SmolVLM only): False (default) forces one global image per
+    picture, True forces the processor's tiling, None keeps the processor's own setting.
+    Whatever it is, it is passed identically to every processor call (edge and whole model).
+    """
+
+    def __init__(self, model, processor, model_id: str | None = None,
+                 image_splitting: bool | None = False):
+        self.family = family_of(model.config)
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        cfg = model.config
+        self.model_id = model_id or f"hf:{getattr(cfg, '_name_or_path', '') or type(model).__name__}"
+        self.token_dim = cfg.text_config.hidden_size
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:  # older LLaVA configs
+            self.image_token_id = cfg.image_token_index
+        self.image_token = processor.image_token
+        if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
+            raise ValueError(
+                f"{self.family}: processor's image token {self.image_token!r} has id "
+                f"{self.tokenizer.convert_tokens_to_ids(self.image_token)}, the model expects "
+                f"{self.image_token_id}")
+        # Image kwargs that change pixel_values (and the prompt expansion) go to every call.
+        self.images_kwargs: dict = {}
+        if self.family == "idefics3" and image_splitting is not None:
+            self.images_kwargs["do_image_splitting"] = bool(image_splitting)
+        self._llava_expansion: str | None = None
+
+    @classmethod
+    def load(cls, model_id_or_folder: str | Path, local_files_only: bool = True,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             **kwargs) -> "HFVLMBackend":
+        """Model + processor from a Hub id or a local folder (offline unless told otherwise).
+
+        The config is read first so an unsupported architecture fails before any weights load.
+        Extra kwargs (e.g. image_splitting) go to the constructor.
+        """
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        src = str(model_id_or_folder)
+        config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
+        family_of(config)
+        model = AutoModelForImageTextToText.from_pretrained(
+            src, dtype=dtype, local_files_only=local_files_only).to(device)
+        processor = AutoProcessor.from_pretrained(src, local_files_only=local_files_only)
+        commit = getattr(config, "_commit_hash", None)  # set for Hub snapshots only
+        model_id = f"hf:{src}" + (f"@{commit[:12]}" if commit else "")
+        return cls(model, processor, model_id=model_id, **kwargs)
+
+    # ---- prompts ---------------------------------------------------------------------------
+
+    def prompt(self, question: str) -> str:
+        """The un-expanded text prompt: one image placeholder, then the question."""
+        if self.image_token in question:
+            raise ValueError(f"question must not contain the image token {self.image_token!r}")
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"},
+                                                     {"type": "text", "text": question}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
+            if isinstance(text, list):
+                text = text[0]
+        else:
+            text = FALLBACK_PROMPTS[self.family].format(question=question)
+        if text.count(self.image_token) != 1:
+            raise ValueError(f"{self.family}: the prompt must hold exactly one "
+                             f"{self.image_token!r}, got {text!r}")
+        return text
+
+    def _expansion(self, n_tokens: int, grid: tuple[int, int] | None) -> str:
+        """The string the processor substitutes for the image placeholder, for N tokens."""
+        if self.family == "llava":
+            if self._llava_expansion is None:
+                # N is fixed by the image processor's output size: ask the processor once.
+                pixels = self.processor.image_processor(images=[Image.new("RGB", (32, 32))],
+                                                        return_tensors="pt", **self.images_kwargs)
+                self._llava_expansion = self.processor.replace_image_token(pixels, 0)
+            return self._llava_expansion
+        per_image = self.processor.image_seq_len
+        if grid is None:
+            if n_tokens != per_image:
+                raise ValueError(
+                    f"idefics3: {n_tokens} visual tokens = {n_tokens // max(per_image, 1)} images of "
+                    f"{per_image} tokens: the image was split into tiles, so pass grid=(rows, cols) "
+                    "as returned by edge_half_with_grid")
+            grid = (0, 0)
+        rows, cols = grid
+        return self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+
+    def _prompt_ids(self, question: str, n_tokens: int, grid=None) -> dict:
+        text = self.prompt(question)
+        text = text.replace(self.image_token, self._expansion(n_tokens, grid), 1)
+        enc = self.tokenizer([text], return_tensors="pt")
+        n_slots = int((enc["input_ids"] == self.image_token_id).sum())
+        if n_slots != n_tokens:
+            raise ValueError(f"{self.family}: got {n_tokens} visual tokens but the prompt has "
+                             f"{n_slots} image positions")
+        return {k: enc[k].to(self.model.device) for k in ("input_ids", "attention_mask")}
+
+    # ---- the halves ------------------------------------------------------------------------
+
+    def _processor_inputs(self, image: Image.Image, question: str):
+        inputs = self.processor(images=[image.convert("RGB")], text=[self.prompt(question)],
+                                return_tensors="pt", **self.images_kwargs)
+        # BatchFeature.to casts floating tensors only (pixel_values), not ids/masks.
+        return inputs.to(self.model.device, dtype=self.model.dtype)
+
+    def _image_features(self, inputs) -> torch.Tensor:
+        """Exactly what the forward scatters into the image-token positions, as (N, D)."""
+        if self.family == "idefics3":
+            out = self.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                pixel_attention_mask=inputs.get("pixel_attention_mask"), return_dict=True)
+        else:
+            extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            out = self.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                return_dict=True, **extra)
+        feats = out.pooler_output
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat(list(feats), dim=0)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def _grid(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """Idefics3 tile grid, read off the `<row_r_col_c>` tags the processor put in the prompt."""
+        present = set(input_ids.flatten().tolist())
+        rows = cols = 0
+        for r in range(1, 7):
+            for c in range(1, 7):
+                tid = self.tokenizer.convert_tokens_to_ids(f"<row_{r}_col_{c}>")
+                if tid is not None and tid != self.tokenizer.unk_token_id and tid in present:
+                    rows, cols = max(rows, r), max(cols, c)
+        return rows, cols
+
+    @torch.no_grad()
+    def edge_half_with_grid(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Visual tokens plus the Idefics3 tile grid (None for LLaVA) needed by cloud_half."""
+        # The prompt does not change pixel_values; it goes through the processor so that the
+        # image kwargs are merged exactly as in answer().
+        inputs = self._processor_inputs(image, "")
+        tokens = self._image_features(inputs)
+        grid = self._grid(inputs["input_ids"]) if self.family == "idefics3" else None
+        return tokens, grid
+
+    def edge_half(self, image: Image.Image) -> torch.Tensor:
+        return self.edge_half_with_grid(image)[0]
+
+    @torch.no_grad()
+    def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32,
+                   grid: tuple[int, int] | None = None) -> Answer:
+        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(tokens.shape)}")
+        enc = self._prompt_ids(question, tokens.shape[0], grid)
+        ids = enc["input_ids"]
+        embeds = self.model.get_input_embeddings()(ids)
+        mask = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, tokens.to(embeds.device, embeds.dtype))
+        # input_ids travel along so logits processors (repetition penalty, ...) see the same
+        # history as in answer(); inputs_embeds replaces them in the first forward only.
+        out = self.model.generate(input_ids=ids, inputs_embeds=embeds,
+                                  attention_mask=enc["attention_mask"], **self._gen(max_new_tokens))
+        return self._decode(out[0, ids.shape[1]:])
+
+    @torch.no_grad()
+    def answer(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
+        inputs = self._processor_inputs(image, question)
+        out = self.model.generate(**inputs, **self._gen(max_new_tokens))
+        return self._decode(out[0, inputs["input_ids"].shape[1]:])
+
+    # ---- generation helpers ----------------------------------------------------------------
+
+    def _gen(self, max_new_tokens: int) -> dict:
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if getattr(self.model.generation_config, "pad_token_id", None) is None:
+            pad = self.tokenizer.pad_token_id
+            kw["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
+        return kw
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        stop = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            stop.add(self.tokenizer.eos_token_id)
+        return stop
+
+    def _decode(self, new_ids: torch.Tensor) -> Answer:
+        """Cut at the first end-of-sequence token, then drop special tokens (pad, ...)."""
+        ids = new_ids.tolist()
+        stop = self._stop_ids()
+        for i, t in enumerate(ids):
+            if t in stop:
+                ids = ids[:i]
+                break
+        special = set(self.tokenizer.all_special_ids)
+        ids = [t for t in ids if t not in special]
+        return Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
