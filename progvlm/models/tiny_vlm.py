@@ -187,21 +187,26 @@ class TinyVLM(nn.Module):
         return torch.stack(out, 1)
 
     # ---- training -------------------------------------------------------------------------
+    def teacher_forced_logits(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B*Q, T-1, V) for Q texts per image after its visual tokens.
+
+        Each image's visual prefix runs through the LM once and is shared by its Q texts
+        (the same arithmetic as running each sequence whole, since the LM is causal)."""
+        B, Q, T = text.shape
+        prefix = self.prefill_visual(tokens)
+        prefix = [(k.repeat_interleave(Q, 0), v.repeat_interleave(Q, 0)) for k, v in prefix]
+        hidden, _ = self.lm.forward_embeds(self.lm.tok(text.view(B * Q, T)), tokens.shape[1], prefix)
+        return self.lm.logits(hidden[:, :-1])
+
     def training_losses(self, pixels, cells, text, answer_mask):
         """pixels (B,3,S,S); cells (B, N, 3) aux targets; text (B, Q, T) token ids (<bos> q
-        <sep> a <eos> <pad>…); answer_mask (B, Q, T) marks the targets to predict.
-
-        Each image's visual prefix runs through the LM once and is shared by its Q questions
-        (the same arithmetic as running each sequence whole, since the LM is causal)."""
+        <sep> a <eos> <pad>…); answer_mask (B, Q, T) marks the targets to predict."""
         B, Q, T = text.shape
         tokens = self.visual_tokens(pixels)
         aux = self.aux_head(tokens).split(self.aux_sizes, -1)
         aux_loss = sum(F.cross_entropy(a.reshape(-1, a.shape[-1]), cells[..., i].reshape(-1))
                        for i, a in enumerate(aux)) / 3
-        prefix = self.prefill_visual(tokens)
-        prefix = [(k.repeat_interleave(Q, 0), v.repeat_interleave(Q, 0)) for k, v in prefix]
-        hidden, _ = self.lm.forward_embeds(self.lm.tok(text.view(B * Q, T)), tokens.shape[1], prefix)
-        logits = self.lm.logits(hidden[:, :-1])
+        logits = self.teacher_forced_logits(tokens, text)
         target = text.view(B * Q, T)[:, 1:]
         mask = answer_mask.view(B * Q, T)[:, 1:]
         lm_loss = F.cross_entropy(logits[mask], target[mask])

@@ -1,0 +1,256 @@
+"""The Meta AutoEncoder (MAE): visual tokens → L progressive layers → visual tokens.
+
+Layer scheme: entropy-constrained residual vector quantisation (EC-RVQ) of a per-token latent.
+
+    edge:  tokens (N×D) ─► per-token MLP ─► z (N×d) ─► RVQ stage 1..L ─► indices (L×N)
+    cloud: Σ_{l≤k} codebook_l[idx_l] (N×d), k ─► transformer decoder told k ─► tokens (N×D)
+
+Why this scheme (see README "MAE design" for the measurements):
+  * residual stages make every prefix meaningful by construction: stage l codes what stages
+    1..l-1 left, so decoding k stages is always a coarser version of decoding k+1;
+  * the encoder is per-token and tiny, so the edge pays almost nothing for it; the decoder,
+    on the GPU side, is a small transformer that sees all tokens and k, so it can infer what
+    the coarse layers leave out (one decoder for every rate: the "meta" in MAE);
+  * the assignment to a code minimises distortion + λ·(code length in bits) under each
+    stage's code frequencies (entropy-constrained VQ), so frequent codes such as "plain
+    background" cost a fraction of a bit after arithmetic coding, and the rate lands on the
+    few tokens that carry objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import bitstream, entropy
+from .tiny_vlm import Block
+
+DEFAULT_MAE = Path(__file__).resolve().parents[2] / "assets" / "mae"
+
+
+@dataclass
+class MAEConfig:
+    vlm_id: str = "unknown"
+    num_tokens: int = 64  # N
+    token_dim: int = 128  # D
+    latent_dim: int = 32  # d
+    num_layers: int = 4  # L
+    codebook_size: int = 128  # K per stage
+    encoder_hidden: int = 256
+    decoder_width: int = 128
+    decoder_layers: int = 2
+    decoder_heads: int = 4
+    # λ per stage: how many "typical distortions" one bit is worth in the code assignment
+    rate_lambda: list = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ResidualVQ(nn.Module):
+    """L stages of entropy-constrained VQ with EMA codebooks and usage counts."""
+
+    def __init__(self, cfg: MAEConfig, decay: float = 0.99):
+        super().__init__()
+        L, K, d = cfg.num_layers, cfg.codebook_size, cfg.latent_dim
+        self.decay = decay
+        self.rate_lambda = list(cfg.rate_lambda) + [cfg.rate_lambda[-1]] * (L - len(cfg.rate_lambda))
+        self.register_buffer("codebooks", torch.randn(L, K, d) * 0.1)
+        self.register_buffer("ema_sum", self.codebooks.clone())
+        self.register_buffer("ema_count", torch.ones(L, K))
+        self.register_buffer("usage", torch.ones(L, K))  # code frequencies: the entropy model
+        self.register_buffer("typical_dist", torch.ones(L))
+        self.register_buffer("initialised", torch.zeros(L, dtype=torch.bool))
+
+    def code_bits(self, layer: int) -> torch.Tensor:
+        p = self.usage[layer] / self.usage[layer].sum()
+        return -torch.log2(p.clamp_min(1e-6))
+
+    def assign(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """residual (M, d) → code indices (M,): argmin distortion + λ·bits."""
+        cb = self.codebooks[layer]
+        dist = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ cb.T + cb.pow(2).sum(1))
+        cost = dist + self.rate_lambda[layer] * self.typical_dist[layer] * self.code_bits(layer)
+        return cost.argmin(1)
+
+    @torch.no_grad()
+    def _update(self, layer: int, residual: torch.Tensor, idx: torch.Tensor):
+        K = self.codebooks.shape[1]
+        if not bool(self.initialised[layer]):  # start from data, not noise
+            pick = torch.randperm(len(residual))[:K]
+            self.codebooks[layer, :len(pick)] = residual[pick]
+            self.ema_sum[layer, :len(pick)] = residual[pick]
+            self.typical_dist[layer] = residual.pow(2).sum(1).mean()
+            self.initialised[layer] = True
+            return
+        onehot = F.one_hot(idx, K).type_as(residual)
+        count = onehot.sum(0)
+        self.ema_count[layer].mul_(self.decay).add_(count, alpha=1 - self.decay)
+        self.ema_sum[layer].mul_(self.decay).add_(onehot.T @ residual, alpha=1 - self.decay)
+        self.usage[layer].mul_(self.decay).add_(count + 1e-3, alpha=1 - self.decay)
+        self.codebooks[layer] = self.ema_sum[layer] / self.ema_count[layer].clamp_min(1e-5)[:, None]
+        err = (residual - self.codebooks[layer][idx]).pow(2).sum(1).mean()
+        self.typical_dist[layer].mul_(self.decay).add_(err, alpha=1 - self.decay)
+        dead = self.ema_count[layer] < 1e-2  # restart unused codes on current residuals
+        if bool(dead.any()):
+            n = int(dead.sum())
+            pick = residual[torch.randint(len(residual), (n,))]
+            self.codebooks[layer, dead] = pick
+            self.ema_sum[layer, dead] = pick
+            self.ema_count[layer, dead] = 1.0
+
+    def quantise(self, z: torch.Tensor, update: bool = False):
+        """z (M, d) → indices (L, M), cumulative reconstructions (L, M, d), commit loss."""
+        residual, total = z, torch.zeros_like(z)
+        indices, cumulative, commit = [], [], z.new_zeros(())
+        for layer in range(self.codebooks.shape[0]):
+            r = residual.detach()
+            idx = self.assign(layer, r)
+            if update and self.training:
+                self._update(layer, r, idx)
+            q = self.codebooks[layer][idx]
+            commit = commit + F.mse_loss(residual, q.detach())
+            residual = residual - q.detach()
+            total = total + q
+            indices.append(idx)
+            cumulative.append(total)
+        return torch.stack(indices), torch.stack(cumulative), commit
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (k, M) → Σ of the first k stages' codes (M, d)."""
+        return sum(self.codebooks[l][indices[l]] for l in range(len(indices)))
+
+
+class MAE(nn.Module):
+    def __init__(self, cfg: MAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, d, W = cfg.token_dim, cfg.latent_dim, cfg.decoder_width
+        self.register_buffer("token_mean", torch.zeros(D))
+        self.register_buffer("token_std", torch.ones(D))
+        self.encoder = nn.Sequential(nn.Linear(D, cfg.encoder_hidden), nn.GELU(),
+                                     nn.Linear(cfg.encoder_hidden, d))
+        self.rvq = ResidualVQ(cfg)
+        self.dec_in = nn.Linear(d, W)
+        self.dec_pos = nn.Parameter(torch.zeros(1, cfg.num_tokens, W))
+        self.dec_k = nn.Embedding(cfg.num_layers + 1, W)  # the decoder is told k
+        self.dec_blocks = nn.ModuleList(Block(W, cfg.decoder_heads) for _ in range(cfg.decoder_layers))
+        self.dec_out = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, D))
+
+    # ---- the two halves ----------------------------------------------------------------
+    def encode_latent(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (..., N, D) → latent (..., N, d)."""
+        return self.encoder((tokens - self.token_mean) / self.token_std)
+
+    def decode_latent(self, latent: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+        """Σ of the first k stages (B, N, d), k (B,) or int → tokens (B, N, D)."""
+        B = latent.shape[0]
+        k = torch.as_tensor(k).expand(B) if not torch.is_tensor(k) or k.dim() == 0 else k
+        x = self.dec_in(latent) + self.dec_pos + self.dec_k(k)[:, None]
+        for blk in self.dec_blocks:
+            x, _ = blk(x, causal=False)
+        return self.dec_out(x) * self.token_std + self.token_mean
+
+    # ---- differentiable path, for training ----------------------------------------------------
+    def forward(self, tokens: torch.Tensor, k: torch.Tensor, update_codebooks: bool = True):
+        """tokens (B, N, D), k (B,) in 1..L → reconstruction (B, N, D), commitment loss.
+        Straight-through: the decoder's gradient reaches the encoder as if quantisation
+        were the identity."""
+        B, N, _ = tokens.shape
+        z = self.encode_latent(tokens)
+        _, cumulative, commit = self.rvq.quantise(z.reshape(B * N, -1), update=update_codebooks)
+        q_k = cumulative.view(self.cfg.num_layers, B, N, -1)[k - 1, torch.arange(B)]
+        z_st = z + (q_k - z).detach()
+        return self.decode_latent(z_st, k), commit
+
+    # ---- bytes: what crosses the link ---------------------------------------------------
+    def fingerprint(self) -> bytes:
+        """4 bytes naming these exact weights (and config); written into every bitstream."""
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()[:bitstream.FINGERPRINT_BYTES]
+
+    def frequency_tables(self) -> list[np.ndarray]:
+        return [entropy.quantised_frequencies(self.rvq.usage[l].numpy())
+                for l in range(self.cfg.num_layers)]
+
+    @torch.no_grad()
+    def encode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (N, D) → code indices (L, N)."""
+        z = self.encode_latent(tokens.float())
+        idx, _, _ = self.rvq.quantise(z, update=False)
+        return idx
+
+    @torch.no_grad()
+    def compress(self, tokens: torch.Tensor, k: int | None = None) -> bytes:
+        """tokens (N, D) → bitstream with layers 1..k (default: all L)."""
+        L = self.cfg.num_layers
+        k = L if k is None else k
+        if not 1 <= k <= L:
+            raise ValueError(f"k must be in 1..{L}, got {k}")
+        if tuple(tokens.shape) != (self.cfg.num_tokens, self.cfg.token_dim):
+            raise ValueError(f"expected tokens of shape ({self.cfg.num_tokens}, "
+                             f"{self.cfg.token_dim}), got {tuple(tokens.shape)}")
+        idx = self.encode_indices(tokens)
+        tables = self._tables()
+        layers = [entropy.encode(idx[l].tolist(), tables[l]) for l in range(k)]
+        return bitstream.pack(self._fingerprint(), self.cfg.num_tokens, L, layers)
+
+    @torch.no_grad()
+    def decompress(self, data: bytes) -> tuple[torch.Tensor, bitstream.Bitstream]:
+        """bitstream → tokens (N, D) from the complete layers present, and the parsed stream.
+        Raises bitstream.BitstreamError for anything this MAE cannot decode."""
+        bs = bitstream.parse(data, expected_fingerprint=self._fingerprint())
+        if bs.num_tokens != self.cfg.num_tokens or bs.num_layers != self.cfg.num_layers:
+            raise bitstream.BitstreamError(
+                f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not match this MAE "
+                f"(N={self.cfg.num_tokens}, L={self.cfg.num_layers})")
+        tables = self._tables()
+        try:
+            idx = torch.tensor([entropy.decode(p, tables[l], self.cfg.num_tokens)
+                                for l, p in enumerate(bs.layers)])
+        except entropy.EntropyDecodeError as e:
+            raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
+        k = len(bs.layers)
+        latent = self.rvq.lookup(idx)[None]
+        return self.decode_latent(latent, k)[0], bs
+
+    # cached per instance; cleared when weights load
+    def _tables(self):
+        if getattr(self, "_cached_tables", None) is None:
+            self._cached_tables = self.frequency_tables()
+        return self._cached_tables
+
+    def _fingerprint(self):
+        if getattr(self, "_cached_fp", None) is None:
+            self._cached_fp = self.fingerprint()
+        return self._cached_fp
+
+    def invalidate_caches(self):
+        self._cached_tables = self._cached_fp = None
+
+
+def load_mae(folder) -> MAE:
+    """An MAE saved by train-mae (mae.safetensors + config.json)."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    weights = folder / "mae.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no MAE weights at {weights}; train them with "
+                                "`python -m progvlm train-mae`")
+    meta = json.loads((folder / "config.json").read_text())
+    mae = MAE(MAEConfig(**meta["mae"]))
+    mae.load_state_dict(load_file(str(weights)))
+    mae.eval()
+    mae.invalidate_caches()
+    if mae.fingerprint().hex() != meta["fingerprint"]:
+        raise ValueError(f"MAE weights in {folder} do not match the fingerprint in its config")
+    return mae
