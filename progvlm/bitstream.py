@@ -1,7 +1,7 @@
 """The progressive bitstream: a versioned, checksummed binary format for MAE layers.
 
-    header   "PV" | version u8 | MAE fingerprint 4B | N u16 | L u8 | k u8
-             | k × layer length (LEB128 varint) | CRC-16 of the header
+    header   "PV" | version u8 | MAE fingerprint 4B | N (varint) | L<<4 | k (one byte)
+             | k × layer length (varint) | CRC-16 of the header         (12 bytes for k = 1)
     layer i  payload (entropy-coded code indices) | CRC-16 of (i, payload)
 
 Layers follow in order, each with its own checksum, so a stream cut anywhere after layer j
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 MAGIC = b"PV"
 VERSION = 1
 FINGERPRINT_BYTES = 4
-_FIXED = struct.Struct(">2sB4sHBB")  # magic, version, fingerprint, N, L, k
+_FIXED = struct.Struct(">2sB4s")  # magic, version, fingerprint; then N, L|k, lengths
+MAX_LAYERS = 15  # L and k share one byte
 _CRC = struct.Struct(">H")
 MAX_LAYER_BYTES = 1 << 20
 
@@ -44,14 +45,14 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     for i in range(4):  # at most 4 bytes: lengths below 2^28
         if pos >= len(data):
-            raise BitstreamError("truncated header: stream ends inside the layer lengths")
+            raise BitstreamError("truncated header: stream ends inside a length field")
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
             return value, pos
-    raise BitstreamError("corrupt header: a layer length is longer than 4 bytes")
+    raise BitstreamError("corrupt header: a length field is longer than 4 bytes")
 
 
 @dataclass
@@ -70,10 +71,10 @@ class Bitstream:
 def pack_header(fingerprint: bytes, num_tokens: int, num_layers: int, lengths: list[int]) -> bytes:
     if len(fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
-    if not 1 <= len(lengths) <= num_layers <= 255 or not 0 < num_tokens < 65536:
+    if not 1 <= len(lengths) <= num_layers <= MAX_LAYERS or not 0 < num_tokens < 1 << 21:
         raise ValueError(f"bad header fields: N={num_tokens}, L={num_layers}, k={len(lengths)}")
-    head = _FIXED.pack(MAGIC, VERSION, fingerprint, num_tokens, num_layers, len(lengths))
-    head += b"".join(_varint(n) for n in lengths)
+    head = _FIXED.pack(MAGIC, VERSION, fingerprint) + _varint(num_tokens)
+    head += bytes([num_layers << 4 | len(lengths)]) + b"".join(_varint(n) for n in lengths)
     return head + _CRC.pack(_crc(head))
 
 
@@ -90,18 +91,22 @@ def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[byte
 def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
     """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
     data = bytes(data)
-    if len(data) < _FIXED.size:
+    if len(data) < _FIXED.size + 2:
         raise BitstreamError(f"truncated header: {len(data)} bytes, a header needs at least "
-                             f"{_FIXED.size + 3}")
-    magic, version, fp, n, L, k = _FIXED.unpack_from(data)
+                             f"{_FIXED.size + 5}")
+    magic, version, fp = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError(f"not a progvlm bitstream (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise BitstreamError(f"unsupported bitstream version {version} (this decoder reads "
                              f"version {VERSION})")
+    n, pos = _read_varint(data, _FIXED.size)
+    if pos >= len(data):
+        raise BitstreamError("truncated header: stream ends before the layer count")
+    L, k = data[pos] >> 4, data[pos] & 0x0F
+    pos += 1
     if k == 0 or k > L or n == 0:
         raise BitstreamError(f"corrupt header: N={n}, L={L}, k={k}")
-    pos = _FIXED.size
     lengths = []
     for _ in range(k):
         length, pos = _read_varint(data, pos)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from .questions import QA, WORD_TO_ID, EOS, PAD, encode_words, questions_for, QUESTION_TYPES
-from .scenes import Scene, cell_targets, generate_scene, render_scene
-from .models.tiny_vlm import question_ids
+from .scenes import GRID, Scene, cell_index, cell_targets, generate_scene, render_scene
+from .models.tiny_vlm import FOCUS_HEADS, question_ids
 
 # Separate seed streams, so that evaluation scenes are never the training scenes of equal seed.
 TRAIN_STREAM, EVAL_STREAM = 1, 2
@@ -54,12 +54,15 @@ def render_set(stream: int, seed: int, count: int, size: int, workers: int = 2, 
     return np.concatenate(frames), np.concatenate(cells)
 
 
-def pack_qas(qas_per_image: list[list[QA]], max_len: int):
+def pack_qas(qas_per_image: list[list[QA]], max_len: int, scenes: list[Scene] | None = None):
     """Teacher-forcing tensors: text (B, Q, T) = <bos> q <sep> a <eos> <pad>…, and the mask of
-    positions whose token is a target (answer words and <eos>)."""
+    positions whose token is a target (answer words and <eos>). With the scenes given, also
+    focus (B, Q, T, 2, N): for each answer word, the grid cells each taught head should see."""
     B, Q = len(qas_per_image), max(len(q) for q in qas_per_image)
     text = torch.full((B, Q, max_len), WORD_TO_ID[PAD], dtype=torch.long)
     mask = torch.zeros((B, Q, max_len), dtype=torch.bool)
+    focus = (torch.zeros((B, Q, max_len, FOCUS_HEADS, GRID * GRID), dtype=torch.bool)
+             if scenes else None)
     for b, qas in enumerate(qas_per_image):
         for q, qa in enumerate(qas):
             prompt = question_ids(encode_words(qa.question))
@@ -67,7 +70,13 @@ def pack_qas(qas_per_image: list[list[QA]], max_len: int):
             assert len(seq) <= max_len, qa
             text[b, q, :len(seq)] = torch.tensor(seq)
             mask[b, q, len(prompt):len(seq)] = True
-    return text, mask
+            if focus is not None:
+                for w, per_head in enumerate(qa.focus):
+                    for h, objs in enumerate(per_head):
+                        for j in objs:
+                            cell = cell_index(scenes[b].objects[j])
+                            focus[b, q, len(prompt) + w, h, cell] = True
+    return (text, mask) if focus is None else (text, mask, focus)
 
 
 def training_questions(scene: Scene, rng: np.random.Generator) -> list[QA]:

@@ -21,6 +21,11 @@ class QA:
     qtype: str
     question: str
     answer: str
+    # For each answer word, the scene objects it is about: (objects, second objects). Used in
+    # training to teach two attention heads where to look; empty where no object is the point.
+    # The second set makes comparisons asymmetric: "is A left of B" → (A, B); in a description,
+    # the object named just before.
+    focus: tuple = ()
 
 
 def _plural(shape: str) -> str:
@@ -58,27 +63,30 @@ def describe(scene: Scene) -> str:
 def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | None:
     """One question of this type about the scene, or None where the scene allows none."""
     objs = scene.objects
-    pick = objs[rng.integers(len(objs))]
+    i = int(rng.integers(len(objs)))
+    pick = objs[i]
     if qtype == "colour":
         ref = _refer(pick, scene, use=("shape", "size"))
-        return None if ref is None else QA(qtype, f"what colour is the {ref} ?", pick.colour)
+        return None if ref is None else QA(qtype, f"what colour is the {ref} ?", pick.colour, (((i,), ()),))
     if qtype == "shape":
         ref = _refer(pick, scene, use=("colour", "size"))
-        return None if ref is None else QA(qtype, f"what shape is the {ref} ?", pick.shape)
+        return None if ref is None else QA(qtype, f"what shape is the {ref} ?", pick.shape, (((i,), ()),))
     if qtype == "size":
         ref = _refer(pick, scene, use=("shape", "colour"))
-        return QA(qtype, f"is the {ref} small or large ?", pick.size)
+        return QA(qtype, f"is the {ref} small or large ?", pick.size, (((i,), ()),))
     if qtype == "count":
         kind = rng.integers(3)
         if kind == 0:
-            return QA(qtype, "how many objects are there ?", NUMBER_WORDS[len(objs)])
-        if kind == 1:
+            question, hits = "how many objects are there ?", list(range(len(objs)))
+        elif kind == 1:
             colour = list(COLOURS)[rng.integers(len(COLOURS))]
-            n = sum(o.colour == colour for o in objs)
-            return QA(qtype, f"how many {colour} objects are there ?", NUMBER_WORDS[n])
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        n = sum(o.shape == shape for o in objs)
-        return QA(qtype, f"how many {_plural(shape)} are there ?", NUMBER_WORDS[n])
+            question = f"how many {colour} objects are there ?"
+            hits = [j for j, o in enumerate(objs) if o.colour == colour]
+        else:
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            question = f"how many {_plural(shape)} are there ?"
+            hits = [j for j, o in enumerate(objs) if o.shape == shape]
+        return QA(qtype, question, NUMBER_WORDS[len(hits)], ((tuple(hits), ()),))
     if qtype == "exist":
         present = {(o.colour, o.shape) for o in objs}
         if rng.random() < 0.5:
@@ -90,20 +98,25 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> QA | No
             near = [(c, s) for c, s in absent if any(c == o.colour or s == o.shape for o in objs)]
             pool = near if near and rng.random() < 0.5 else absent
             colour, shape = pool[rng.integers(len(pool))]
-        answer = "yes" if (colour, shape) in present else "no"
-        return QA(qtype, f"is there a {colour} {shape} ?", answer)
+        hits = tuple(j for j, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape))
+        return QA(qtype, f"is there a {colour} {shape} ?", "yes" if hits else "no", ((hits, ()),))
     if qtype == "spatial":
         if len(objs) < 2:
             return None
-        i, j = rng.choice(len(objs), 2, replace=False)
-        a, b = objs[i], objs[j]
+        a_i, b_i = (int(v) for v in rng.choice(len(objs), 2, replace=False))
+        a, b = objs[a_i], objs[b_i]
         rel = list(RELATIONS)[rng.integers(len(RELATIONS))]
         axis, sign = RELATIONS[rel]
         delta = (getattr(a, axis) - getattr(b, axis)) * sign
         return QA(qtype, f"is the {_refer(a, scene)} {rel} the {_refer(b, scene)} ?",
-                  "yes" if delta > 0 else "no")
+                  "yes" if delta > 0 else "no", (((a_i,), (b_i,)),))
     if qtype == "describe":
-        return QA(qtype, "describe the scene .", describe(scene))
+        order = sorted(range(len(objs)), key=lambda j: objs[j].x)
+        focus = []
+        for n, j in enumerate(order):
+            before = (order[n - 1],) if n else ()
+            focus += [((j,), before), ((j,), before)] + ([((), ())] if n < len(order) - 1 else [])
+        return QA(qtype, "describe the scene .", describe(scene), tuple(focus))
     raise ValueError(f"unknown question type {qtype!r}; known: {', '.join(QUESTION_TYPES)}")
 
 

@@ -171,6 +171,11 @@ def render_scene(scene: Scene, size: int = CAMERA_SIZE) -> Image.Image:
     return frame if size == CAMERA_SIZE else resize_for_model(frame, size)
 
 
+def cell_index(o: SceneObject) -> int:
+    """The visual token (row-major grid cell) that holds the object's centre."""
+    return _cell(o.y) * GRID + _cell(o.x)
+
+
 def cell_targets(scene: Scene) -> dict[str, np.ndarray]:
     """Per-cell ground truth on the GRID×GRID grid, for dense supervision of the vision half.
 

@@ -36,7 +36,7 @@ def test_cut_at_or_inside_a_layer_decodes_the_complete_prefix():
     (lambda d: d[:10], "truncated header"),
     (lambda d: d[:-3] + bytes([d[-3] ^ 0xFF]) + d[-2:], "corrupt layer 4"),
     (lambda d: d + b"\x00", "unexpected bytes"),
-    (lambda d: d[:12] + bytes([d[12] ^ 0x01]) + d[13:], "corrupt header"),
+    (lambda d: d[:8] + bytes([d[8] ^ 0x01]) + d[9:], "corrupt header"),
 ])
 def test_defects_raise_one_error_type_with_the_reason(mutate, reason):
     _, data = _stream()

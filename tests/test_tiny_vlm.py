@@ -1,7 +1,6 @@
 """The bundled VLM's structure: the split, the KV cache and the shared-prefix training path."""
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from progvlm.backends.tiny import TinyVLMBackend
 from progvlm.data import pack_qas, training_questions
@@ -19,26 +18,27 @@ def _random_model(seed=0):
     return m
 
 
-def test_shared_prefix_loss_equals_running_each_sequence_whole():
+def test_shared_prefix_teacher_forcing_equals_each_sequence_alone():
+    """Training runs each image's visual prefix once for all its questions; every row must
+    equal that sequence run whole, in generate()'s layout."""
     m = _random_model()
     rng = np.random.default_rng(0)
     scenes = [generate_scene(s) for s in (1, 2)]
-    text, mask = pack_qas([training_questions(s, rng) for s in scenes], m.cfg.max_text_len)
-    pixels = TinyVLMBackend(m).pixels([render_scene(s) for s in scenes])
-    cells = torch.zeros(2, 64, 3, dtype=torch.long)
-    lm_loss, _ = m.training_losses(pixels, cells, text, mask)
-    # reference: visual tokens + text as one sequence through the plain causal LM
-    tokens = m.visual_tokens(pixels)
-    losses = []
-    for b in range(2):
-        for q in range(text.shape[1]):
-            seq = torch.cat([tokens[b:b + 1], m.lm.tok(text[b, q][None])], 1)
-            hidden, _ = m.lm.forward_embeds(seq, 0)
-            logits = m.lm.logits(hidden[0, tokens.shape[1]:-1])
-            tgt, msk = text[b, q, 1:], mask[b, q, 1:]
-            losses.append(F.cross_entropy(logits[msk], tgt[msk], reduction="sum"))
-    ref = torch.stack(losses).sum() / mask[..., 1:].sum()
-    assert torch.allclose(lm_loss, ref, atol=1e-5)
+    qas = [training_questions(s, rng) for s in scenes]
+    text, mask = pack_qas(qas, m.cfg.max_text_len)
+    tokens = m.visual_tokens(TinyVLMBackend(m).pixels([render_scene(s) for s in scenes]))
+    with torch.no_grad():
+        batched = m.teacher_forced_logits(tokens, text)
+        for b in range(2):
+            for q, qa in enumerate(qas[b]):
+                prompt = torch.tensor([question_ids(encode_words(qa.question))])
+                answer = text[b, q, prompt.shape[1]:][None]
+                seq = torch.cat([m._prompt(tokens[b:b + 1], prompt),
+                                 m.lm.embed_text(answer, prompt.shape[1])], 1)
+                hidden, _ = m.lm.forward_embeds(seq)
+                alone = m.lm.logits(hidden[0, -answer.shape[1] - 1:-1])
+                row = batched[b * text.shape[1] + q, prompt.shape[1] - 1:]
+                assert torch.allclose(row, alone, atol=1e-4)
 
 
 def test_kv_cache_generation_equals_recomputing_the_whole_sequence():
@@ -46,14 +46,13 @@ def test_kv_cache_generation_equals_recomputing_the_whole_sequence():
     tokens = m.visual_tokens(TinyVLMBackend(m).pixels([render_scene(generate_scene(3))]))
     q = torch.tensor([question_ids(encode_words("describe the scene ."))])
     fast = m.generate(tokens, q, max_new=8)[0].tolist()
-    seq = q
     slow = []
     with torch.no_grad():
         for _ in range(len(fast)):
-            hidden, _ = m.lm.forward_embeds(torch.cat([tokens, m.lm.tok(seq)], 1), 0)
-            nxt = int(m.lm.logits(hidden[0, -1]).argmax())
-            slow.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+            ans = torch.tensor([slow], dtype=torch.long).view(1, -1)
+            seq = torch.cat([m._prompt(tokens, q), m.lm.embed_text(ans, q.shape[1])], 1)
+            hidden, _ = m.lm.forward_embeds(seq)
+            slow.append(int(m.lm.logits(hidden[0, -1]).argmax()))
     assert fast == slow
 
 
@@ -88,3 +87,21 @@ def test_bundled_model_answers_example_questions(bundled_backend):
             right += bundled_backend.cloud_half(tokens, q["question"]).text == q["answer"]
             total += 1
     assert right / total >= 0.9, f"{right}/{total}"
+
+
+def test_focus_supervision_reads_the_attention_over_visual_tokens():
+    """The focus loss sees a real attention distribution over the 64 cells, and its targets
+    point at the objects each answer word is about."""
+    m = _random_model(2)
+    rng = np.random.default_rng(1)
+    scenes = [generate_scene(s) for s in (4, 5)]
+    text, mask, focus = pack_qas([training_questions(s, rng) for s in scenes],
+                                 m.cfg.max_text_len, scenes)
+    pixels = TinyVLMBackend(m).pixels([render_scene(s) for s in scenes])
+    cells = torch.zeros(2, 64, 3, dtype=torch.long)
+    lm, aux, focus_loss = m.training_losses(pixels, cells, text, mask, focus)
+    assert torch.isfinite(focus_loss) and focus_loss > 0
+    focus_loss.backward()
+    assert m.lm.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # it trains the LM's attention
+    assert m.lm.blocks[m.cfg.focus_layer].attn.captured is None  # instrumentation switched off
+    assert focus[mask].any(-1).any(-1).sum() >= len(scenes)  # some words have objects to look at

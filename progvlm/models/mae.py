@@ -47,7 +47,7 @@ class MAEConfig:
     decoder_layers: int = 2
     decoder_heads: int = 4
     # λ per stage: how many "typical distortions" one bit is worth in the code assignment
-    rate_lambda: list = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1])
+    rate_lambda: list = field(default_factory=lambda: [0.3, 0.1, 0.05, 0.02])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +67,9 @@ class ResidualVQ(nn.Module):
         self.register_buffer("usage", torch.ones(L, K))  # code frequencies: the entropy model
         self.register_buffer("typical_dist", torch.ones(L))
         self.register_buffer("initialised", torch.zeros(L, dtype=torch.bool))
+        # training ramps the rate term in from 0: with it at full strength from the start, the
+        # most frequent code gets cheaper, hence more frequent, and later stages collapse
+        self.rate_scale = 1.0
 
     def code_bits(self, layer: int) -> torch.Tensor:
         p = self.usage[layer] / self.usage[layer].sum()
@@ -76,7 +79,8 @@ class ResidualVQ(nn.Module):
         """residual (M, d) → code indices (M,): argmin distortion + λ·bits."""
         cb = self.codebooks[layer]
         dist = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ cb.T + cb.pow(2).sum(1))
-        cost = dist + self.rate_lambda[layer] * self.typical_dist[layer] * self.code_bits(layer)
+        lam = self.rate_lambda[layer] * self.rate_scale
+        cost = dist + lam * self.typical_dist[layer] * self.code_bits(layer)
         return cost.argmin(1)
 
     @torch.no_grad()

@@ -33,6 +33,9 @@ class TinyVLMConfig:
     lm_heads: int = 4
     vocab_size: int = len(VOCAB)
     max_text_len: int = 32  # <bos> question <sep> answer <eos>
+    # training-only: which LM layer has a head taught to look at the objects a question is
+    # about (attention supervision from the scene's ground truth)
+    focus_layer: int = 2
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +46,21 @@ class TinyVLMConfig:
 
 
 KVCache = list  # one (k, v) pair per layer; k, v: (B, heads, T, head_dim)
+FOCUS_HEADS = 2  # heads of cfg.focus_layer taught where to look (see training_losses)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes (grid*grid, dim): x and y are linear-readable
+    from the start, which "left of" and left-to-right descriptions need."""
+    q = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(q) / q))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                            torch.arange(grid, dtype=torch.float32), indexing="ij")
+    parts = []
+    for c in (xs.reshape(-1), ys.reshape(-1)):
+        ang = c[:, None] * freqs[None]
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, 1) * 0.5
 
 
 class Attention(nn.Module):
@@ -51,6 +69,9 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # training instrumentation: when True, keep heads 0 and 1's attention over `past` keys
+        self.capture = False
+        self.captured = None
 
     def forward(self, x, causal: bool, past=None):
         """x: (B, T, D). past: (k, v) that every query of x also sees (a KV cache, or a
@@ -67,6 +88,10 @@ class Attention(nn.Module):
                 mask[:, P:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             out = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2),
                                                  attn_mask=mask)
+            if self.capture:
+                keys = torch.cat([pk, k], 2)[:, :FOCUS_HEADS]
+                scores = q[:, :FOCUS_HEADS] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5
+                self.captured = scores.masked_fill(~mask, float("-inf")).softmax(-1)[..., :P]
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), (k, v)
 
 
@@ -94,7 +119,7 @@ class VisionEncoder(nn.Module):
         for i in range(4):
             layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1), nn.GELU()]
         self.stem = nn.Sequential(*layers[:-1])
-        self.pos = nn.Parameter(torch.zeros(1, cfg.num_tokens, w))
+        self.pos = nn.Parameter(sincos_2d(cfg.grid, w)[None].clone())
         self.blocks = nn.ModuleList(Block(w, cfg.vision_heads) for _ in range(cfg.vision_layers))
         self.ln = nn.LayerNorm(w)
 
@@ -106,25 +131,34 @@ class VisionEncoder(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """A causal transformer LM whose input may start with visual-token embeddings."""
+    """A causal transformer LM over text embeddings with a block of visual-token embeddings.
+
+    Text tokens and visual tokens have position tables of their own, so a visual token's
+    position (its grid cell) means the same wherever the block sits in the sequence."""
 
     def __init__(self, cfg: TinyVLMConfig):
         super().__init__()
         D = cfg.token_dim
         self.tok = nn.Embedding(cfg.vocab_size, D)
-        self.pos = nn.Parameter(torch.zeros(1, cfg.num_tokens + cfg.max_text_len, D))
+        self.pos_text = nn.Parameter(torch.zeros(cfg.max_text_len, D))
+        self.pos_visual = nn.Parameter(sincos_2d(cfg.grid, D).clone())
         self.blocks = nn.ModuleList(Block(D, cfg.lm_heads) for _ in range(cfg.lm_layers))
         self.ln = nn.LayerNorm(D)
 
-    def forward_embeds(self, x, pos_offset: int, past: KVCache | None = None):
-        """Run embeddings x (B, T, D) placed at positions pos_offset.. after `past`.
+    def forward_embeds(self, x, past: KVCache | None = None):
+        """Run embeddings x (B, T, D), positions already added, after `past`.
         Returns final hidden states and the (k, v) of this segment, one pair per layer."""
-        x = x + self.pos[:, pos_offset:pos_offset + x.shape[1]]
         new = []
         for i, blk in enumerate(self.blocks):
             x, kv = blk(x, causal=True, past=None if past is None else past[i])
             new.append(kv)
         return self.ln(x), new
+
+    def embed_text(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.tok(ids) + self.pos_text[start:start + ids.shape[1]]
+
+    def embed_visual(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.pos_visual
 
     def logits(self, hidden):
         return hidden @ self.tok.weight.T  # tied input/output embeddings
@@ -138,9 +172,14 @@ class TinyVLM(nn.Module):
         self.projector = nn.Sequential(nn.Linear(cfg.vision_width, cfg.token_dim), nn.GELU(),
                                        nn.Linear(cfg.token_dim, cfg.token_dim))
         self.lm = LanguageModel(cfg)
-        # training-only: per-cell (colour, shape, size) of the object centred there, 0 = none
-        self.aux_sizes = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
-        self.aux_head = nn.Linear(cfg.token_dim, sum(self.aux_sizes))
+        # Training-only alignment of visual tokens with words: each cell's token is scored
+        # against the LM's own embeddings of the attribute words (colour, shape, size) of the
+        # object centred there, or a learned "none". Tokens then carry "red"+"circle"+"large"
+        # in the very space the question's words live in, so the LM's attention can match a
+        # question to an object almost from the start (as LLaVA's projector pre-alignment).
+        self.aux_word_ids = [[WORD_TO_ID[w] for w in words] for words in (COLOURS, SHAPES, SIZES)]
+        self.aux_none = nn.Parameter(torch.zeros(3, cfg.token_dim))
+        self.aux_scale = nn.Parameter(torch.tensor(5.0))
         self.apply(self._init)
 
     @staticmethod
@@ -156,61 +195,90 @@ class TinyVLM(nn.Module):
         return self.projector(self.vision(pixels))
 
     # ---- the cloud half ------------------------------------------------------------------
-    def prefill_visual(self, tokens: torch.Tensor) -> KVCache:
-        _, cache = self.lm.forward_embeds(tokens, 0)
-        return cache
-
-    def _extend(self, cache: KVCache, ids: torch.Tensor, pos: int):
-        hidden, new = self.lm.forward_embeds(self.lm.tok(ids), pos, cache)
-        cache = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(cache, new)]
-        return self.lm.logits(hidden[:, -1]), cache
+    def _prompt(self, tokens: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """The LM input for visual tokens (B, N, D) and prompts <bos> question <sep> (B, Tq):
+        the visual tokens first, then the text (LLaVA's layout)."""
+        return torch.cat([self.lm.embed_visual(tokens), self.lm.embed_text(prompt_ids)], 1)
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, question_ids: torch.Tensor, max_new: int = 16):
         """Greedy answers. tokens (B, N, D); question_ids (B, Tq) = <bos> words <sep>, all of one
         length. Returns (B, ≤max_new) answer ids, ending at <eos> (or padded with it)."""
-        B, N = tokens.shape[:2]
-        cache = self.prefill_visual(tokens)
-        logits, cache = self._extend(cache, question_ids, N)
-        pos = N + question_ids.shape[1]
+        B = tokens.shape[0]
+        hidden, cache = self.lm.forward_embeds(self._prompt(tokens, question_ids))
+        logits = self.lm.logits(hidden[:, -1])
+        pos = question_ids.shape[1]
         out, done = [], torch.zeros(B, dtype=torch.bool)
         eos = WORD_TO_ID[EOS]
-        for _ in range(min(max_new, self.cfg.max_text_len - question_ids.shape[1])):
+        for _ in range(min(max_new, self.cfg.max_text_len - pos)):
             nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             out.append(nxt)
             done |= nxt == eos
             if bool(done.all()):
                 break
-            logits, cache = self._extend(cache, nxt[:, None], pos)
+            hidden, new = self.lm.forward_embeds(self.lm.embed_text(nxt[:, None], pos), cache)
+            cache = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
+                     for (pk, pv), (k, v) in zip(cache, new)]
+            logits = self.lm.logits(hidden[:, -1])
             pos += 1
         return torch.stack(out, 1)
 
     # ---- training -------------------------------------------------------------------------
     def teacher_forced_logits(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B*Q, T-1, V) for Q texts per image after its visual tokens.
+        """Next-token logits (B*Q, T-1, V) for Q texts per image (<bos> q <sep> a <eos> <pad>…)
+        after that image's visual tokens (B, N, D).
 
         Each image's visual prefix runs through the LM once and is shared by its Q texts
         (the same arithmetic as running each sequence whole, since the LM is causal)."""
         B, Q, T = text.shape
-        prefix = self.prefill_visual(tokens)
+        _, prefix = self.lm.forward_embeds(self.lm.embed_visual(tokens))
         prefix = [(k.repeat_interleave(Q, 0), v.repeat_interleave(Q, 0)) for k, v in prefix]
-        hidden, _ = self.lm.forward_embeds(self.lm.tok(text.view(B * Q, T)), tokens.shape[1], prefix)
+        hidden, _ = self.lm.forward_embeds(self.lm.embed_text(text.reshape(B * Q, T)), prefix)
         return self.lm.logits(hidden[:, :-1])
 
-    def training_losses(self, pixels, cells, text, answer_mask):
-        """pixels (B,3,S,S); cells (B, N, 3) aux targets; text (B, Q, T) token ids (<bos> q
-        <sep> a <eos> <pad>…); answer_mask (B, Q, T) marks the targets to predict."""
+    def aux_logits(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per-token logits over (none, attribute words…) for colour, shape and size."""
+        unit = F.normalize(tokens, dim=-1)
+        out = []
+        for i, ids in enumerate(self.aux_word_ids):
+            cand = torch.cat([self.aux_none[i:i + 1], self.lm.tok.weight[ids]])
+            out.append(self.aux_scale * unit @ F.normalize(cand, dim=-1).T)
+        return out
+
+    def training_losses(self, pixels, cells, text, answer_mask, focus=None):
+        """pixels (B,3,S,S); cells (B, N, 3) per-cell targets; text (B, Q, T) token ids (<bos> q
+        <sep> a <eos> <pad>…); answer_mask (B, Q, T) marks the targets to predict; focus
+        (B, Q, T, N), optional: the cells each answer token is about.
+        Returns (answer loss, token-word alignment loss, focus loss)."""
         B, Q, T = text.shape
         tokens = self.visual_tokens(pixels)
-        aux = self.aux_head(tokens).split(self.aux_sizes, -1)
-        aux_loss = sum(F.cross_entropy(a.reshape(-1, a.shape[-1]), cells[..., i].reshape(-1))
-                       for i, a in enumerate(aux)) / 3
-        logits = self.teacher_forced_logits(tokens, text)
+        # Object cells are ~5% of all cells: averaged together, "none" everywhere would look
+        # solved while colours were never learned. Object and empty cells count half each.
+        aux_loss = 0
+        obj = cells[..., 0] > 0
+        for i, a in enumerate(self.aux_logits(tokens)):
+            ce = F.cross_entropy(a.reshape(-1, a.shape[-1]), cells[..., i].reshape(-1),
+                                 reduction="none").view_as(obj)
+            aux_loss = aux_loss + (ce[obj].mean() + ce[~obj].mean()) / 6
+        probe = self.lm.blocks[self.cfg.focus_layer].attn
+        probe.capture = focus is not None
+        try:
+            logits = self.teacher_forced_logits(tokens, text)
+        finally:
+            probe.capture = False
         target = text.view(B * Q, T)[:, 1:]
         mask = answer_mask.view(B * Q, T)[:, 1:]
         lm_loss = F.cross_entropy(logits[mask], target[mask])
-        return lm_loss, aux_loss
+        focus_loss = torch.zeros(())
+        if focus is not None:
+            # hidden state t predicts token t+1: head h should look at token t+1's objects
+            want = focus.view(B * Q, T, FOCUS_HEADS, -1)[:, 1:].transpose(1, 2)
+            attn = probe.captured[:, :, :-1]
+            rows = want.any(-1)
+            focus_loss = -torch.log((attn[rows] * want[rows]).sum(-1) + 1e-6).mean()
+            probe.captured = None
+        return lm_loss, aux_loss, focus_loss
 
 
 def question_ids(question_words: list[int]) -> list[int]:

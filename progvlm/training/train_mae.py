@@ -83,6 +83,7 @@ def train_mae(backend, out: Path, workdir: Path, steps: int = 3000, batch: int =
         frac = step / max(1, steps)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        mae.rvq.rate_scale = min(1.0, step / (0.4 * steps))
         idx = rng.integers(0, len(tokens), batch)
         T = tokens[idx]
         k = torch.randint(1, L + 1, (batch,), generator=gen)
@@ -111,6 +112,7 @@ def train_mae(backend, out: Path, workdir: Path, steps: int = 3000, batch: int =
             save_checkpoint(ckpt, mae, opt, {"step": done, "elapsed_s": time.time() - t0,
                                              "history": history, "seed": seed})
     mae.eval()
+    mae.rvq.rate_scale = 1.0
     mae.invalidate_caches()
     return save_mae(mae, out, {"steps": steps, "batch": batch, "scenes": len(tokens), "lr": lr,
                                "seed": seed, "distill": distill,

@@ -3,7 +3,10 @@
 What makes it converge on 2 CPU cores (measured; see README "Training the bundled VLM"):
   * a pre-rendered set of frames at model size, reused with fresh questions every epoch;
   * a conv stem before the ViT blocks (locality for free);
-  * dense per-cell supervision of the visual tokens from the scene's ground truth;
+  * dense per-cell supervision of the visual tokens from the scene's ground truth, against
+    the LM's own word embeddings (visual tokens and question words share one space);
+  * attention supervision: one LM head is taught to look at the cells of the objects each
+    answer word is about (the "binding" a small LM otherwise takes thousands of steps to find);
   * every image carries one question of each type, and its visual prefix runs through the
     LM once for all of them.
 """
@@ -36,7 +39,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 150) -> float:
 def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 24000,
               batch: int = 32, lr: float = 2e-3, seed: int = 0, eval_every: int = 500,
               ckpt_every: int = 200, resume: bool = True, cfg: TinyVLMConfig | None = None,
-              log=print) -> dict:
+              focus_weight: float = 1.0, log=print) -> dict:
     cfg = cfg or TinyVLMConfig()
     torch.manual_seed(seed)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -74,15 +77,17 @@ def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 240
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
         idx = rng.integers(0, num_scenes, batch)
-        text, mask = pack_qas([training_questions(scene_list[i], rng) for i in idx],
-                              cfg.max_text_len)
-        lm_loss, aux_loss = model.training_losses(pixels_from_uint8(frames[idx]),
-                                                  torch.from_numpy(cells[idx]), text, mask)
+        batch_scenes = [scene_list[i] for i in idx]
+        text, mask, focus = pack_qas([training_questions(sc, rng) for sc in batch_scenes],
+                                     cfg.max_text_len, batch_scenes)
+        lm_loss, aux_loss, focus_loss = model.training_losses(
+            pixels_from_uint8(frames[idx]), torch.from_numpy(cells[idx]), text, mask, focus)
         opt.zero_grad(set_to_none=True)
-        (lm_loss + aux_loss).backward()
+        (lm_loss + aux_loss + focus_weight * focus_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(lm=f"{lm_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+        bar.set_postfix(lm=f"{lm_loss.item():.3f}", aux=f"{aux_loss.item():.3f}",
+                        focus=f"{focus_loss.item():.3f}")
         done = step + 1
         if done % eval_every == 0 or done == steps:
             rep = evaluate()
