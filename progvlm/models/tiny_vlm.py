@@ -261,7 +261,7 @@ class TinyVLM(nn.Module):
             ce = F.cross_entropy(a.reshape(-1, a.shape[-1]), cells[..., i].reshape(-1),
                                  reduction="none").view_as(obj)
             aux_loss = aux_loss + (ce[obj].mean() + ce[~obj].mean()) / 6
-        probe = self.lm.blocks[self.cfg.focus_layer].attn
+        probe = self.lm.blocks[min(self.cfg.focus_layer, self.cfg.lm_layers - 1)].attn
         probe.capture = focus is not None
         try:
             logits = self.teacher_forced_logits(tokens, text)
@@ -269,7 +269,11 @@ class TinyVLM(nn.Module):
             probe.capture = False
         target = text.view(B * Q, T)[:, 1:]
         mask = answer_mask.view(B * Q, T)[:, 1:]
-        lm_loss = F.cross_entropy(logits[mask], target[mask])
+        # every question weighs the same, whatever its answer's length: averaged per token, a
+        # 12-word description outweighs a yes/no relation twelve times and "left of" stalls
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none") * mask
+        per_question = ce.sum(1) / mask.sum(1).clamp_min(1)
+        lm_loss = per_question[mask.any(1)].mean()
         focus_loss = torch.zeros(())
         if focus is not None:
             # hidden state t predicts token t+1: head h should look at token t+1's objects
