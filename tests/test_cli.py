@@ -35,3 +35,15 @@ def test_bad_arguments_are_refused_with_a_message(capsys):
     assert "at least 1" in capsys.readouterr().err
     assert main(["ask", "--image", "/nonexistent.png", "--question", "hi"]) == 2
     assert "no such image file" in capsys.readouterr().err
+
+
+def test_eval_mae_json_has_every_k_and_the_baselines(capsys):
+    assert main(["eval-mae", "--questions", "14", "--seed", "12", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["k"] for r in rep["per_k"]] == [1, 2, 3, 4]
+    for r in rep["per_k"]:
+        assert r["bytes_max"] >= r["bytes_mean"] > 0 and 0 <= r["consistency"] <= 1
+    assert rep["per_k"][0]["bytes_mean"] < rep["per_k"][-1]["bytes_mean"]
+    assert {"raw_fp16", "jpeg_q10", "jpeg_q50", "jpeg_q90", "pool_k1"} <= set(rep["baselines"])
+    assert rep["baselines"]["raw_fp16"]["bytes_mean"] == 64 * 128 * 2
+    assert rep["baselines"]["raw_fp16"]["consistency"] > 0.99  # fp16 barely changes answers

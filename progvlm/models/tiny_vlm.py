@@ -180,6 +180,9 @@ class TinyVLM(nn.Module):
         self.aux_word_ids = [[WORD_TO_ID[w] for w in words] for words in (COLOURS, SHAPES, SIZES)]
         self.aux_none = nn.Parameter(torch.zeros(3, cfg.token_dim))
         self.aux_scale = nn.Parameter(torch.tensor(5.0))
+        # training-only: an object's token also states its grid column and row, so attention
+        # that retrieves an object retrieves where it is ("left of", left-to-right order)
+        self.aux_position = nn.Linear(cfg.token_dim, 2 * cfg.grid)
         self.apply(self._init)
 
     @staticmethod
@@ -261,6 +264,12 @@ class TinyVLM(nn.Module):
             ce = F.cross_entropy(a.reshape(-1, a.shape[-1]), cells[..., i].reshape(-1),
                                  reduction="none").view_as(obj)
             aux_loss = aux_loss + (ce[obj].mean() + ce[~obj].mean()) / 6
+        if bool(obj.any()):
+            G = self.cfg.grid
+            col_row = torch.stack([torch.arange(G * G) % G, torch.arange(G * G) // G], -1)
+            pos_logits = self.aux_position(tokens[obj]).view(-1, 2, G)
+            target = col_row.expand(B, -1, -1)[obj]
+            aux_loss = aux_loss + F.cross_entropy(pos_logits.reshape(-1, G), target.reshape(-1)) / 2
         probe = self.lm.blocks[min(self.cfg.focus_layer, self.cfg.lm_layers - 1)].attn
         probe.capture = focus is not None
         try:

@@ -39,7 +39,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 150) -> float:
 def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 24000,
               batch: int = 32, lr: float = 2e-3, seed: int = 0, eval_every: int = 500,
               ckpt_every: int = 200, resume: bool = True, cfg: TinyVLMConfig | None = None,
-              focus_weight: float = 1.0, log=print) -> dict:
+              focus_weight: float = 1.0, init_from: Path | None = None, warmup: int = 150,
+              log=print) -> dict:
     cfg = cfg or TinyVLMConfig()
     torch.manual_seed(seed)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,13 @@ def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 240
         meta = load_checkpoint(ckpt, model, opt)
         start, elapsed, history = meta["step"], meta["elapsed_s"], meta["history"]
         log(f"resumed from {ckpt} at step {start}")
+    elif init_from is not None:
+        # warm start from earlier weights (e.g. to add a training-only head): fresh optimizer
+        from safetensors.torch import load_file
+        weights = {k.removeprefix("model."): v for k, v in load_file(str(init_from)).items()
+                   if not k.startswith("opt.")}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        log(f"initialised from {init_from}; new: {missing or 'none'}; dropped: {unexpected or 'none'}")
     rng = np.random.default_rng([seed, start])  # resumes to a fresh, still seeded stream
 
     def evaluate():
@@ -75,7 +83,7 @@ def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 240
     t0 = time.time() - elapsed
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         idx = rng.integers(0, num_scenes, batch)
         batch_scenes = [scene_list[i] for i in idx]
         text, mask, focus = pack_qas([training_questions(sc, rng) for sc in batch_scenes],
@@ -102,7 +110,7 @@ def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 240
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     summary = {"model": json.loads(cfg.to_json()),
-               "training": {"steps": steps, "batch_images": batch, "scenes": num_scenes,
+               "training": {"steps": steps, "init_from": str(init_from) if init_from else None, "batch_images": batch, "scenes": num_scenes,
                             "lr": lr, "seed": seed, "train_seconds": round(train_s, 1),
                             "parameters": sum(p.numel() for p in model.parameters()),
                             "history": history}}
