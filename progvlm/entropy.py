@@ -1,121 +1,51 @@
-"""Static-model arithmetic coding of code indices (integer arithmetic, bit-exact).
+"""Entropy coding of code indices with a static per-stage model (constriction's range coder).
 
-The classic Witten–Neal–Cleary coder with 32-bit registers: each layer's indices are coded
-with a fixed frequency table learned from training data (stored with the MAE), so a layer
-whose codes are predictable costs far fewer bits than N·log2(K).
+Each MAE stage has a fixed probability table learned from training data (its code usage,
+stored with the MAE weights), so a stage whose codes are predictable costs far fewer bits than
+N·log2(K). The coder emits 32-bit words; they travel big-endian with trailing zero bytes
+dropped (the decoder pads them back), so a layer costs whole bytes, not whole words.
 """
 from __future__ import annotations
 
+import constriction
 import numpy as np
 
-_BITS = 32
-_TOP = (1 << _BITS) - 1
-_HALF = 1 << (_BITS - 1)
-_QUARTER = 1 << (_BITS - 2)
-MAX_TOTAL = 1 << 16  # frequency tables are scaled to sum to at most this
+# constriction exposes its coders as attributes of a compiled module, not as importable submodules
+Categorical = constriction.stream.model.Categorical
+RangeDecoder = constriction.stream.queue.RangeDecoder
+RangeEncoder = constriction.stream.queue.RangeEncoder
 
 
 class EntropyDecodeError(ValueError):
     pass
 
 
-def quantised_frequencies(counts, total: int = MAX_TOTAL) -> np.ndarray:
-    """Counts → integer frequencies ≥ 1 (every symbol stays codable) summing to ≤ total."""
-    counts = np.asarray(counts, np.float64)
-    k = len(counts)
-    p = (counts + 1e-3) / (counts + 1e-3).sum()
-    f = np.maximum(1, np.floor(p * (total - k))).astype(np.int64)
-    return f
+class StageModel:
+    """The probability model of one stage: probabilities (K,) ≥ 0, normalised internally."""
 
+    def __init__(self, probabilities):
+        p = np.asarray(probabilities, dtype=np.float64)
+        if p.ndim != 1 or len(p) < 2 or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+            raise ValueError("a stage model needs ≥ 2 finite, non-negative probabilities")
+        self.num_symbols = len(p)
+        self._model = Categorical(p / p.sum(), perfect=False)
 
-def _cumulative(freqs) -> list[int]:
-    cum = [0]
-    for f in freqs:
-        cum.append(cum[-1] + int(f))
-    return cum
+    def encode(self, symbols) -> bytes:
+        symbols = np.asarray(symbols, dtype=np.int32)
+        if symbols.size and (symbols.min() < 0 or symbols.max() >= self.num_symbols):
+            raise ValueError(f"symbols must lie in 0..{self.num_symbols - 1}")
+        coder = RangeEncoder()
+        if symbols.size:
+            coder.encode(symbols, self._model)
+        return coder.get_compressed().astype(">u4").tobytes().rstrip(b"\x00")
 
-
-def encode(symbols, freqs) -> bytes:
-    cum = _cumulative(freqs)
-    total = cum[-1]
-    low, high, pending = 0, _TOP, 0
-    bits: list[int] = []
-
-    def emit(bit):
-        nonlocal pending
-        bits.append(bit)
-        bits.extend([1 - bit] * pending)
-        pending = 0
-
-    for s in symbols:
-        s = int(s)
-        span = high - low + 1
-        high = low + span * cum[s + 1] // total - 1
-        low = low + span * cum[s] // total
-        while True:
-            if high < _HALF:
-                emit(0)
-            elif low >= _HALF:
-                emit(1)
-                low -= _HALF
-                high -= _HALF
-            elif low >= _QUARTER and high < _HALF + _QUARTER:
-                pending += 1
-                low -= _QUARTER
-                high -= _QUARTER
-            else:
-                break
-            low, high = low * 2, high * 2 + 1
-    # flush: enough bits to pin a value inside [low, high]
-    pending += 1
-    emit(0 if low < _QUARTER else 1)
-    while bits and bits[-1] == 0:  # trailing zeros are implied by the decoder
-        bits.pop()
-    out = bytearray((len(bits) + 7) // 8)
-    for i, b in enumerate(bits):
-        if b:
-            out[i >> 3] |= 0x80 >> (i & 7)
-    return bytes(out)
-
-
-def decode(data: bytes, freqs, count: int) -> list[int]:
-    cum = _cumulative(freqs)
-    total = cum[-1]
-    nbits = len(data) * 8
-
-    def bit(i):
-        return (data[i >> 3] >> (7 - (i & 7))) & 1 if i < nbits else 0
-
-    low, high, value, pos = 0, _TOP, 0, 0
-    for _ in range(_BITS):
-        value = (value << 1) | bit(pos)
-        pos += 1
-    out = []
-    for _ in range(count):
-        span = high - low + 1
-        target = ((value - low + 1) * total - 1) // span
-        if not 0 <= target < total:
-            raise EntropyDecodeError("arithmetic decoder left its interval (corrupt layer data)")
-        s = int(np.searchsorted(cum, target, side="right")) - 1
-        out.append(s)
-        high = low + span * cum[s + 1] // total - 1
-        low = low + span * cum[s] // total
-        while True:
-            if high < _HALF:
-                pass
-            elif low >= _HALF:
-                low -= _HALF
-                high -= _HALF
-                value -= _HALF
-            elif low >= _QUARTER and high < _HALF + _QUARTER:
-                low -= _QUARTER
-                high -= _QUARTER
-                value -= _QUARTER
-            else:
-                break
-            low, high = low * 2, high * 2 + 1
-            value = (value << 1) | bit(pos)
-            pos += 1
-    if pos - _BITS > nbits + _BITS:
-        raise EntropyDecodeError("layer data too short for its symbols")
-    return out
+    def decode(self, data: bytes, count: int) -> np.ndarray:
+        data = bytes(data) + b"\x00" * (-len(data) % 4)
+        words = np.frombuffer(data, dtype=">u4").astype(np.uint32)
+        try:
+            out = RangeDecoder(words).decode(self._model, count) if count else np.zeros(0, np.int32)
+        except BaseException as e:  # the Rust side reports corrupt input as various errors
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise EntropyDecodeError(f"range decoder failed: {e}") from None
+        return np.asarray(out, dtype=np.int64)

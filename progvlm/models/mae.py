@@ -182,18 +182,24 @@ class MAE(nn.Module):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()[:bitstream.FINGERPRINT_BYTES]
 
-    def frequency_tables(self) -> list[np.ndarray]:
-        return [entropy.quantised_frequencies(self.rvq.usage[l].numpy())
+    def stage_models(self) -> list[entropy.StageModel]:
+        return [entropy.StageModel(self.rvq.usage[l].double().numpy())
                 for l in range(self.cfg.num_layers)]
 
-    @torch.no_grad()
-    def encode_indices(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (N, D) → code indices (L, N)."""
-        z = self.encode_latent(tokens.float())
-        idx, _, _ = self.rvq.quantise(z, update=False)
-        return idx
+    def encode_indices(self, tokens: torch.Tensor) -> np.ndarray:
+        """tokens (N, D) → code indices (L, N). The same assignment rule as training, with the
+        small per-stage steps in NumPy: on the edge, per-op overhead is most of the cost."""
+        cb, cb_sq, bit_cost = self._encoder_tables()
+        with torch.inference_mode():
+            z = self.encode_latent(tokens.float()).numpy()
+        indices, residual = [], z
+        for layer in range(len(cb)):
+            cost = cb_sq[layer] - 2.0 * residual @ cb[layer].T + bit_cost[layer]
+            idx = cost.argmin(1)
+            indices.append(idx)
+            residual = residual - cb[layer][idx]
+        return np.stack(indices)
 
-    @torch.no_grad()
     def compress(self, tokens: torch.Tensor, k: int | None = None) -> bytes:
         """tokens (N, D) → bitstream with layers 1..k (default: all L)."""
         L = self.cfg.num_layers
@@ -204,8 +210,8 @@ class MAE(nn.Module):
             raise ValueError(f"expected tokens of shape ({self.cfg.num_tokens}, "
                              f"{self.cfg.token_dim}), got {tuple(tokens.shape)}")
         idx = self.encode_indices(tokens)
-        tables = self._tables()
-        layers = [entropy.encode(idx[l].tolist(), tables[l]) for l in range(k)]
+        models = self._stage_models()
+        layers = [models[l].encode(idx[l]) for l in range(k)]
         return bitstream.pack(self._fingerprint(), self.cfg.num_tokens, L, layers)
 
     @torch.no_grad()
@@ -217,21 +223,30 @@ class MAE(nn.Module):
             raise bitstream.BitstreamError(
                 f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not match this MAE "
                 f"(N={self.cfg.num_tokens}, L={self.cfg.num_layers})")
-        tables = self._tables()
+        models = self._stage_models()
         try:
-            idx = torch.tensor([entropy.decode(p, tables[l], self.cfg.num_tokens)
-                                for l, p in enumerate(bs.layers)])
+            idx = torch.from_numpy(np.stack([models[l].decode(p, self.cfg.num_tokens)
+                                             for l, p in enumerate(bs.layers)]))
         except entropy.EntropyDecodeError as e:
             raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
         k = len(bs.layers)
         latent = self.rvq.lookup(idx)[None]
         return self.decode_latent(latent, k)[0], bs
 
-    # cached per instance; cleared when weights load
-    def _tables(self):
-        if getattr(self, "_cached_tables", None) is None:
-            self._cached_tables = self.frequency_tables()
-        return self._cached_tables
+    # cached per instance (the weights are frozen once trained); invalidate_caches() after loading
+    def _stage_models(self):
+        if getattr(self, "_cached_models", None) is None:
+            self._cached_models = self.stage_models()
+        return self._cached_models
+
+    def _encoder_tables(self):
+        if getattr(self, "_cached_enc", None) is None:
+            q = self.rvq
+            cb = q.codebooks.numpy().copy()
+            bit_cost = [(q.rate_lambda[l] * q.typical_dist[l] * q.code_bits(l)).numpy()
+                        for l in range(len(cb))]
+            self._cached_enc = (cb, (cb ** 2).sum(-1), bit_cost)
+        return self._cached_enc
 
     def _fingerprint(self):
         if getattr(self, "_cached_fp", None) is None:
@@ -239,7 +254,7 @@ class MAE(nn.Module):
         return self._cached_fp
 
     def invalidate_caches(self):
-        self._cached_tables = self._cached_fp = None
+        self._cached_models = self._cached_enc = self._cached_fp = None
 
 
 def load_mae(folder) -> MAE:
