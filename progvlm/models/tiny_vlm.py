@@ -5,8 +5,10 @@
 
 The language model reads the visual tokens as a prefix of input embeddings, as LLaVA-style
 VLMs do, so the split between edge (vision half) and cloud (language half) sits exactly at the
-visual tokens. A per-cell auxiliary head on the visual tokens is used only in training: dense
-supervision from the scene's ground truth makes the vision half converge in minutes on a CPU.
+visual tokens. Training-only parts (unused at inference, listed so nobody mistakes them for the
+model's interface): the per-cell alignment of visual tokens with the LM's attribute words, a
+column/row head, and the attention capture of two LM heads taught where to look. Together they
+make the model trainable in half an hour on a CPU (see README, "what was tried").
 """
 from __future__ import annotations
 
