@@ -1,0 +1,91 @@
+"""The shaped uplink: real bytes, paced to a bandwidth, with a round-trip delay.
+
+The edge sends through `paced_chunks`, which releases each chunk only when a link of the given
+bandwidth would have finished serialising everything before it; the round trip is paid as
+half before the first byte (the request travelling) and half after the last (the reply). The
+time reported is the measured wall time of really sending those bytes, never a formula.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+
+class LinkError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    bandwidth_mbps: float
+    rtt_ms: float = 0.0
+    chunk_bytes: int = 1000  # ≈ one Ethernet payload: pacing granularity
+
+    def __post_init__(self):
+        bw, rtt = self.bandwidth_mbps, self.rtt_ms
+        if not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
+            raise LinkError(f"bandwidth must be a positive number of Mbps, got {bw!r}")
+        if not isinstance(rtt, (int, float)) or not math.isfinite(rtt) or rtt < 0:
+            raise LinkError(f"RTT must be a non-negative number of ms, got {rtt!r}")
+        if self.chunk_bytes < 1:
+            raise LinkError("chunk_bytes must be at least 1")
+
+    def serialisation_s(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.bandwidth_mbps * 1e6)
+
+
+def paced_chunks(data: bytes, profile: LinkProfile, clock=time.perf_counter,
+                 sleep=time.sleep) -> Iterator[bytes]:
+    """Yield `data` in chunks, each no earlier than the link could have carried it."""
+    start = clock()
+    sent = 0
+    for i in range(0, len(data), profile.chunk_bytes):
+        chunk = data[i:i + profile.chunk_bytes]
+        due = start + profile.serialisation_s(sent + len(chunk))
+        wait = due - clock()
+        if wait > 0:
+            sleep(wait)
+        sent += len(chunk)
+        yield chunk
+
+
+def send_over_tcp(data: bytes, address: tuple[str, int], profile: LinkProfile,
+                  timeout_s: float = 30.0) -> float:
+    """Send `data` length-prefixed through the shaped link to a receiver that answers one ack
+    byte after the last byte; returns the measured seconds from start to ack (RTT included)."""
+    t0 = time.perf_counter()
+    time.sleep(profile.rtt_ms / 2000)  # the request's propagation
+    with socket.create_connection(address, timeout=timeout_s) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(struct.pack(">I", len(data)))
+        for chunk in paced_chunks(data, profile):
+            sock.sendall(chunk)
+        if sock.recv(1) != b"\x01":
+            raise LinkError("the receiver closed the link before acknowledging the payload")
+    time.sleep(profile.rtt_ms / 2000)  # the reply's propagation
+    return time.perf_counter() - t0
+
+
+def receive_one(server: socket.socket) -> bytes:
+    """Accept one connection on a listening socket, read one length-prefixed payload, ack it."""
+    conn, _ = server.accept()
+    with conn:
+        header = _read_exact(conn, 4)
+        (n,) = struct.unpack(">I", header)
+        data = _read_exact(conn, n)
+        conn.sendall(b"\x01")
+    return data
+
+
+def _read_exact(conn: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = conn.recv(min(65536, n - len(buf)))
+        if not part:
+            raise LinkError(f"link cut after {len(buf)} of {n} bytes")
+        buf += part
+    return bytes(buf)
