@@ -41,3 +41,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         state.setdefault(int(pid), {})[name] = torch.tensor(v)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return meta
+
+
+def resume_from(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log=print):
+    """(step, elapsed seconds, history) of the checkpoint at path, loaded into model and
+    optimiser; (0, 0.0, []) where there is none."""
+    if not path.is_file():
+        return 0, 0.0, []
+    meta = load_checkpoint(path, model, opt)
+    log(f"resumed from {path} at step {meta['step']}")
+    return meta["step"], meta["elapsed_s"], meta["history"]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
 from ..models.mae import MAE, MAEConfig
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume_from, save_checkpoint
 
 
 def visual_token_set(backend, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
@@ -68,11 +68,7 @@ def train_mae(backend, out: Path, workdir: Path, steps: int = 3000, batch: int =
     mae.token_std.copy_(tokens.std((0, 1)).clamp_min(1e-4))
     opt = torch.optim.AdamW([p for p in mae.parameters()], lr=lr, weight_decay=0.0)
     ckpt = workdir / "checkpoint.safetensors"
-    start, elapsed, history = 0, 0.0, []
-    if resume and ckpt.is_file():
-        meta = load_checkpoint(ckpt, mae, opt)
-        start, elapsed, history = meta["step"], meta["elapsed_s"], meta["history"]
-        log(f"resumed from {ckpt} at step {start}")
+    start, elapsed, history = resume_from(ckpt, mae, opt, log) if resume else (0, 0.0, [])
     rng = np.random.default_rng([seed, start])
     gen = torch.Generator().manual_seed(seed * 1000 + start)
     L = cfg.num_layers

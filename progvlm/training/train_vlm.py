@@ -26,7 +26,7 @@ from ..backends.tiny import TinyVLMBackend
 from ..data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
 from ..evaluate import evaluate_backend
 from ..models.tiny_vlm import TinyVLM, TinyVLMConfig
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume_from, save_checkpoint
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 150) -> float:
@@ -58,12 +58,8 @@ def train_vlm(out: Path, workdir: Path, steps: int = 4000, num_scenes: int = 240
     model = TinyVLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     ckpt = workdir / "checkpoint.safetensors"
-    start, elapsed, history = 0, 0.0, []
-    if resume and ckpt.is_file():
-        meta = load_checkpoint(ckpt, model, opt)
-        start, elapsed, history = meta["step"], meta["elapsed_s"], meta["history"]
-        log(f"resumed from {ckpt} at step {start}")
-    elif init_from is not None:
+    start, elapsed, history = resume_from(ckpt, model, opt, log) if resume else (0, 0.0, [])
+    if start == 0 and init_from is not None:
         # warm start from earlier weights (e.g. to add a training-only head): fresh optimizer
         from safetensors.torch import load_file
         weights = {k.removeprefix("model."): v for k, v in load_file(str(init_from)).items()
