@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 
-
 def _add_train_vlm(sub):
     p = sub.add_parser("train-vlm", help="train the bundled default VLM on generated scenes (resumable)",
                        description="Train the bundled VLM on procedurally generated scenes. "
@@ -132,22 +131,13 @@ def cmd_train_vlm(a) -> int:
 
 def _time_halves(backend, repeats: int = 20) -> dict:
     """Median wall time of the edge half and the cloud half, one image at a time."""
+    from .evaluate import median_ms
     from .scenes import generate_scene, render_scene
-    torch.set_num_threads(torch.get_num_threads())
     img = render_scene(generate_scene(7))
     q = "describe the scene ."
-    edge, cloud = [], []
-    tokens = backend.edge_half(img)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tokens = backend.edge_half(img)
-        t1 = time.perf_counter()
-        backend.cloud_half(tokens, q)
-        t2 = time.perf_counter()
-        edge.append(t1 - t0)
-        cloud.append(t2 - t1)
-    med = lambda xs: sorted(xs)[len(xs) // 2] * 1000
-    return {"edge_half_ms": round(med(edge), 2), "cloud_half_ms": round(med(cloud), 2),
+    edge, cloud = median_ms(lambda: backend.edge_half(img), lambda t: backend.cloud_half(t, q),
+                            repeats)
+    return {"edge_half_ms": round(edge, 2), "cloud_half_ms": round(cloud, 2),
             "threads": torch.get_num_threads(), "note": "host CPU, measured, batch 1, "
             "'describe' question (longest answer)"}
 

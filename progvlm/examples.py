@@ -33,11 +33,3 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[dict]:
         item["scene"] = Scene.from_dict(item["scene"])
     return index
 
-
-def ground_truth_for(path: str | Path, folder: Path = EXAMPLES_DIR) -> dict | None:
-    """The example record whose file this is, or None for any other image."""
-    name = Path(path).name
-    for item in load_examples(folder):
-        if item["file"] == name:
-            return item
-    return None

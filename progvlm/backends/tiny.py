@@ -25,6 +25,12 @@ def weights_fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
+def _answer(ids: list[int]) -> Answer:
+    """Generated ids → Answer: the text, and the ids up to (without) the first <eos>."""
+    eos = ids.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in ids else len(ids)
+    return Answer(decode_ids(ids), ids[:eos])
+
+
 class TinyVLMBackend(VLMBackend):
     def __init__(self, model: TinyVLM, model_id: str = "progvlm-tiny@untrained"):
         self.model = model.eval()
@@ -69,8 +75,7 @@ class TinyVLMBackend(VLMBackend):
             ids = self.model.generate(torch.stack([tokens[i] for i in idx]).float(),
                                       torch.tensor([prompts[i] for i in idx]), max_new_tokens)
             for row, i in zip(ids.tolist(), idx):
-                eos = row.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in row else len(row)
-                out[i] = Answer(decode_ids(row), row[:eos])
+                out[i] = _answer(row)
         return out
 
     def cloud_half(self, tokens, question, max_new_tokens: int = 32):
@@ -82,5 +87,4 @@ class TinyVLMBackend(VLMBackend):
         ids = self.model.generate(self.model.visual_tokens(self.pixels([image])),
                                   torch.tensor([question_ids(encode_words(question))]),
                                   max_new_tokens)[0].tolist()
-        eos = ids.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in ids else len(ids)
-        return Answer(decode_ids(ids), ids[:eos])
+        return _answer(ids)

@@ -88,10 +88,10 @@ class Attention(nn.Module):
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device)
             if causal:
                 mask[:, P:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            out = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2),
-                                                 attn_mask=mask)
+            keys = torch.cat([pk, k], 2)
+            out = F.scaled_dot_product_attention(q, keys, torch.cat([pv, v], 2), attn_mask=mask)
             if self.capture:
-                keys = torch.cat([pk, k], 2)[:, :FOCUS_HEADS]
+                keys = keys[:, :FOCUS_HEADS]
                 scores = q[:, :FOCUS_HEADS] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5
                 self.captured = scores.masked_fill(~mask, float("-inf")).softmax(-1)[..., :P]
         return self.proj(out.transpose(1, 2).reshape(B, T, D)), (k, v)
