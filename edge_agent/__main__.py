@@ -1,18 +1,80 @@
-"""`python -m edge_agent encode --image IMG --k K --out FILE`: the device's half, to a file."""
+"""`python -m edge_agent <command>`: the camera device's side of progvlm.
+
+    ask     one question about one image, in one mode, through the shaped link → JSON record
+    serve   the agent as an HTTP service (what the demo calls)
+    export  the edge half + MAE encoder (+ language half, for full-edge) as ONNX, for a board
+    encode  image → bitstream file (no cloud)
+"""
+from __future__ import annotations
+
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from progvlm.images import ImageInputError
 
-from .device import EdgeDevice
+TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
 
 
-def main(argv=None) -> int:
+def make_runtime(kind: str, model_dir: Path | None):
+    if kind == "pytorch":
+        from .runtime import PyTorchRuntime
+        return PyTorchRuntime.bundled()
+    if kind == "onnx":
+        from .onnx_runtime import OnnxRuntime
+        if model_dir is None:
+            raise SystemExit("error: --runtime onnx needs --model-dir (made by `python -m edge_agent export`)")
+        return OnnxRuntime.load(model_dir)
+    raise SystemExit(f"error: unknown runtime {kind!r}")
+
+
+def _add_device_options(p):
+    p.add_argument("--runtime", choices=("pytorch", "onnx"), default="pytorch",
+                   help="pytorch (host) or onnx (ONNX Runtime, no PyTorch needed)")
+    p.add_argument("--model-dir", type=Path, default=None, help="ONNX export folder (--runtime onnx)")
+    p.add_argument("--profile", choices=("host", "imx95-emulated"), default="host",
+                   help="host: measured times; imx95-emulated: host times × a speed factor (PROJECTED)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge_agent",
                                      description="The edge (camera device) side of progvlm.")
     sub = parser.add_subparsers(dest="command", metavar="command")
+
+    ask = sub.add_parser("ask", help="answer one question about one image in one mode (JSON record)",
+                         description="Runs the device's stages here and talks to the cloud through "
+                         "the shaped link. Without --cloud-url it starts a cloud backend on "
+                         "loopback for the request. Prints one JSON record: answer, mode, k, "
+                         "payload bytes, every stage time and their sum.")
+    ask.add_argument("--image", required=True, type=Path)
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--mode", default="progressive", choices=("full-cloud", "full-edge", "progressive", "auto"))
+    ask.add_argument("--k", type=int, default=None, help="progressive layers to send (default: all)")
+    ask.add_argument("--bandwidth-mbps", type=float, default=1.0)
+    ask.add_argument("--rtt-ms", type=float, default=20.0)
+    ask.add_argument("--budget-ms", type=float, default=None, help="auto's latency budget (default 500)")
+    ask.add_argument("--cut-after-layer", type=int, default=None,
+                     help="fault injection: the uplink dies after this many layers")
+    ask.add_argument("--cloud-url", default=None, help="a running cloud backend (default: start one)")
+    _add_device_options(ask)
+
+    serve = sub.add_parser("serve", help="run the edge agent service (POST /v1/ask)",
+                           description="The HTTP service the demo calls. Cloud token from "
+                           f"{TOKEN_ENV}.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--cloud-url", default=None, help="the cloud backend (without it: full-edge only)")
+    _add_device_options(serve)
+
+    export = sub.add_parser("export", help="export the device's models to ONNX for a board",
+                            description="Writes vision.onnx, mae_encoder.onnx, language.onnx, the "
+                            "MAE's coding tables and a manifest with checksums. Copy the folder to "
+                            "the board and run `python -m edge_agent serve --runtime onnx "
+                            "--model-dir FOLDER` there (no PyTorch needed).")
+    export.add_argument("--out", type=Path, required=True)
+
     enc = sub.add_parser("encode", help="image → progressive bitstream of k layers",
                          description="Run the VLM's edge half and the MAE encoder on one image "
                          "and write the first k layers as a bitstream; prints sizes and stage "
@@ -20,13 +82,58 @@ def main(argv=None) -> int:
     enc.add_argument("--image", required=True, type=Path)
     enc.add_argument("--k", type=int, default=None, help="layers to send (default: all)")
     enc.add_argument("--out", type=Path, required=True, help="where to write the bitstream")
-    a = parser.parse_args(argv)
-    if a.command is None:
-        parser.print_help()
-        return 2
-    device = EdgeDevice.bundled()
+    return parser
+
+
+def cmd_ask(a) -> int:
+    from progvlm.services import cloud_service
+    from .agent import AskError, CloudError, EdgeAgent
+    from .profiles import get_profile
+    token = os.environ.get(TOKEN_ENV) or None
+    child = None
+    cloud_url = a.cloud_url
+    if cloud_url is None and a.mode != "full-edge":
+        child = cloud_service(token=token)
+        print(f"starting a cloud backend at {child.url} for this request …", file=sys.stderr)
+        child.start()
+        cloud_url = child.url
     try:
-        result = device.encode(a.image, a.k or device.mae.cfg.num_layers)
+        agent = EdgeAgent(make_runtime(a.runtime, a.model_dir), cloud_url, token, get_profile(a.profile))
+        record = agent.ask(a.image, a.question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
+                           a.budget_ms, a.cut_after_layer)
+    except (ImageInputError, AskError, CloudError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if child:
+            child.stop()
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+    from .agent import EdgeAgent
+    from .profiles import get_profile
+    from .service import create_app
+    agent = EdgeAgent(make_runtime(a.runtime, a.model_dir), a.cloud_url,
+                      os.environ.get(TOKEN_ENV) or None, get_profile(a.profile))
+    uvicorn.run(create_app(agent), host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .onnx_export import export_onnx
+    print(json.dumps(export_onnx(a.out), indent=1))
+    return 0
+
+
+def cmd_encode(a) -> int:
+    from .runtime import PyTorchRuntime
+    from .device import EdgeDevice
+    device = EdgeDevice(PyTorchRuntime.bundled())
+    try:
+        result = device.encode(a.image, a.k or device.runtime.num_layers)
     except (ImageInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -35,6 +142,15 @@ def main(argv=None) -> int:
                       "layer_payload_bytes": result.layer_bytes, "stage_ms": result.stage_ms,
                       "timing": "host CPU, measured"}))
     return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    return {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ class BitstreamError(ValueError):
     """A stream that cannot be decoded; str(e) says why."""
 
 
+class TruncatedStream(BitstreamError):
+    """Not even layer 1 is complete yet: a receiver reading a stream as it arrives waits for
+    more bytes; a stream that ends here cannot be decoded."""
+
+
 def _crc(data: bytes) -> int:
     return binascii.crc_hqx(data, 0xFFFF)
 
@@ -45,7 +50,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     for i in range(4):  # at most 4 bytes: lengths below 2^28
         if pos >= len(data):
-            raise BitstreamError("truncated header: stream ends inside a length field")
+            raise TruncatedStream("truncated header: stream ends inside a length field")
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -92,7 +97,7 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
     """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
     data = bytes(data)
     if len(data) < _FIXED.size + 2:
-        raise BitstreamError(f"truncated header: {len(data)} bytes, a header needs at least "
+        raise TruncatedStream(f"truncated header: {len(data)} bytes, a header needs at least "
                              f"{_FIXED.size + 5}")
     magic, version, fp = _FIXED.unpack_from(data)
     if magic != MAGIC:
@@ -102,7 +107,7 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
                              f"version {VERSION})")
     n, pos = _read_varint(data, _FIXED.size)
     if pos >= len(data):
-        raise BitstreamError("truncated header: stream ends before the layer count")
+        raise TruncatedStream("truncated header: stream ends before the layer count")
     L, k = data[pos] >> 4, data[pos] & 0x0F
     pos += 1
     if k == 0 or k > L or n == 0:
@@ -114,7 +119,7 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
             raise BitstreamError(f"corrupt header: layer length {length} over the limit")
         lengths.append(length)
     if len(data) < pos + _CRC.size:
-        raise BitstreamError("truncated header: stream ends before the header checksum")
+        raise TruncatedStream("truncated header: stream ends before the header checksum")
     (crc,) = _CRC.unpack_from(data, pos)
     if crc != _crc(data[:pos]):
         raise BitstreamError("corrupt header: checksum mismatch")
@@ -134,7 +139,7 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
         layers.append(payload)
         pos = end
     if not layers:
-        raise BitstreamError("truncated stream: not even layer 1 is complete")
+        raise TruncatedStream("truncated stream: not even layer 1 is complete")
     if len(layers) == k and pos != len(data):
         raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
     return Bitstream(fp, n, L, k, layers)

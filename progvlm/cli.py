@@ -94,6 +94,19 @@ def _add_make_examples(sub):
     p.add_argument("--count", type=int, default=6)
 
 
+def _add_serve_cloud(sub):
+    p = sub.add_parser("serve-cloud", help="run the cloud backend (FastAPI): full and progressive answers",
+                       description="The GPU-server side: /healthz, /v1/info, POST /v1/full (image + "
+                       "question), POST /v1/progressive and WS /v1/progressive/stream (bitstream + "
+                       "question). With PROGVLM_CLOUD_TOKEN set, /v1/* needs 'Authorization: "
+                       "Bearer <token>'. The model runs one request at a time (a lock).")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8600)
+    p.add_argument("--vlm", type=Path, default=None, help="VLM folder (default: assets/tiny_vlm)")
+    p.add_argument("--mae", type=Path, default=None, help="MAE folder (default: assets/mae)")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m progvlm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `python -m progvlm <command> --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae, _add_ask,
-                _add_make_examples):
+                _add_make_examples, _add_serve_cloud):
         add(sub)
     return parser
 
@@ -239,6 +252,13 @@ def cmd_make_examples(a) -> int:
     return 0
 
 
+def cmd_serve_cloud(a) -> int:
+    import os
+    from .cloud_service import TOKEN_ENV, serve
+    serve(a.host, a.port, os.environ.get(TOKEN_ENV) or None, a.vlm, a.mae, a.max_body_bytes)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -247,4 +267,4 @@ def main(argv=None) -> int:
         return 2
     return {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
             "eval-mae": cmd_eval_mae, "ask": cmd_ask,
-            "make-examples": cmd_make_examples}[a.command](a)
+            "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud}[a.command](a)

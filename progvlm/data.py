@@ -6,13 +6,13 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from .images import normalise_frames
 from .questions import QA, WORD_TO_ID, EOS, PAD, encode_words, questions_for, QUESTION_TYPES
 from .scenes import GRID, Scene, cell_index, cell_targets, generate_scene, render_scene
 from .models.tiny_vlm import FOCUS_HEADS, question_ids
 
 # Separate seed streams, so that evaluation scenes are never the training scenes of equal seed.
 TRAIN_STREAM, EVAL_STREAM = 1, 2
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 
 
 def scene_seed(stream: int, seed: int, index: int) -> int:
@@ -25,8 +25,7 @@ def scenes(stream: int, seed: int, count: int, start: int = 0) -> list[Scene]:
 
 def pixels_from_uint8(frames: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 → normalised (B, 3, S, S) float tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - PIXEL_MEAN) / PIXEL_STD
+    return torch.from_numpy(normalise_frames(frames))
 
 
 def _render_chunk(args):

@@ -87,3 +87,19 @@ def resize_for_model(img: Image.Image, size: int) -> Image.Image:
     if img.size == (size, size):
         return img
     return img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
+
+
+# The bundled VLM's pixel normalisation. NumPy only: the edge runtime without PyTorch uses it too.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+
+
+def normalise_frames(frames: np.ndarray) -> np.ndarray:
+    """(B, S, S, 3) uint8 → normalised (B, 3, S, S) float32, the bundled VLM's input."""
+    x = np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    return (x - PIXEL_MEAN) / PIXEL_STD
+
+
+def model_input(img: Image.Image, size: int) -> np.ndarray:
+    """One RGB image → the bundled VLM's input (1, 3, size, size) float32."""
+    return normalise_frames(np.asarray(resize_for_model(to_rgb(img), size))[None])
+

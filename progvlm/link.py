@@ -41,16 +41,24 @@ class LinkProfile:
 def paced_chunks(data: bytes, profile: LinkProfile, clock=time.perf_counter,
                  sleep=time.sleep) -> Iterator[bytes]:
     """Yield `data` in chunks, each no earlier than the link could have carried it."""
+    return paced_segments([data], profile, clock, sleep)
+
+
+def paced_segments(segments: list[bytes], profile: LinkProfile, clock=time.perf_counter,
+                   sleep=time.sleep) -> Iterator[bytes]:
+    """As paced_chunks over the segments joined, but no chunk spans two segments: a receiver
+    sees each segment (e.g. one progressive layer) complete as soon as the link delivers it."""
     start = clock()
     sent = 0
-    for i in range(0, len(data), profile.chunk_bytes):
-        chunk = data[i:i + profile.chunk_bytes]
-        due = start + profile.serialisation_s(sent + len(chunk))
-        wait = due - clock()
-        if wait > 0:
-            sleep(wait)
-        sent += len(chunk)
-        yield chunk
+    for data in segments:
+        for i in range(0, len(data), profile.chunk_bytes):
+            chunk = data[i:i + profile.chunk_bytes]
+            due = start + profile.serialisation_s(sent + len(chunk))
+            wait = due - clock()
+            if wait > 0:
+                sleep(wait)
+            sent += len(chunk)
+            yield chunk
 
 
 def send_over_tcp(data: bytes, address: tuple[str, int], profile: LinkProfile,

@@ -19,12 +19,12 @@ def device():
 def test_encode_gives_a_decodable_stream_with_stage_times(device):
     path = load_examples()[2]["path"]
     result = device.encode(path, 2)
-    bs = parse(result.bitstream, expected_fingerprint=device.mae.fingerprint())
+    bs = parse(result.bitstream, expected_fingerprint=device.runtime.mae.fingerprint())
     assert len(bs.layers) == 2 and result.layer_bytes == [len(p) for p in bs.layers]
     assert set(result.stage_ms) == {"edge_preprocess", "edge_vision", "mae_encode"}
     assert all(v > 0 for v in result.stage_ms.values())
-    tokens, _ = device.mae.decompress(result.bitstream)
-    assert tokens.shape == (device.mae.cfg.num_tokens, device.mae.cfg.token_dim)
+    tokens, _ = device.runtime.mae.decompress(result.bitstream)
+    assert tokens.shape == (device.runtime.mae.cfg.num_tokens, device.runtime.mae.cfg.token_dim)
 
 
 @pytest.mark.parametrize("k", [0, 5, -1, 2.5])

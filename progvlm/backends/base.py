@@ -20,6 +20,8 @@ from PIL import Image
 class Answer:
     text: str
     token_ids: list[int] = field(default_factory=list)
+    # where the backend can tell: prefill_ms (prompt pass) and generation_ms (further tokens)
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
 
 class VLMBackend(ABC):

@@ -13,6 +13,7 @@ make the model trainable in half an hour on a CPU (see README, "what was tried")
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,6 +50,7 @@ class TinyVLMConfig:
 
 KVCache = list  # one (k, v) pair per layer; k, v: (B, heads, T, head_dim)
 FOCUS_HEADS = 2  # heads of cfg.focus_layer taught where to look (see training_losses)
+RELATION_WORDS = ("left", "right", "above", "below")  # the words that name a spatial relation
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -185,6 +187,15 @@ class TinyVLM(nn.Module):
         # training-only: an object's token also states its grid column and row, so attention
         # that retrieves an object retrieves where it is ("left of", left-to-right order)
         self.aux_position = nn.Linear(cfg.token_dim, 2 * cfg.grid)
+        # training-only: where an answer word is about two objects (A and B of "is A left of B"),
+        # the LM's state after the focus layer states whether A is left of B and whether A is
+        # above B. Without it, "left of" and "right of" pull any position feature in opposite
+        # directions (averaged over relations, the yes/no answer correlates with no single
+        # feature: an XOR), and spatial questions sit at chance however long training runs.
+        # It also names the relation the question asks about, so that the last layer finds
+        # both halves of the answer already in place and only has to combine them.
+        self.aux_relation = nn.Sequential(nn.LayerNorm(cfg.token_dim),
+                                          nn.Linear(cfg.token_dim, 2 + len(RELATION_WORDS)))
         self.apply(self._init)
 
     @staticmethod
@@ -206,12 +217,20 @@ class TinyVLM(nn.Module):
         return torch.cat([self.lm.embed_visual(tokens), self.lm.embed_text(prompt_ids)], 1)
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, question_ids: torch.Tensor, max_new: int = 16):
+    def generate(self, tokens: torch.Tensor, question_ids: torch.Tensor, max_new: int = 16,
+                 timings: dict | None = None):
         """Greedy answers. tokens (B, N, D); question_ids (B, Tq) = <bos> words <sep>, all of one
-        length. Returns (B, ≤max_new) answer ids, ending at <eos> (or padded with it)."""
+        length. Returns (B, ≤max_new) answer ids, ending at <eos> (or padded with it).
+        With `timings` given, adds prefill_ms (the prompt pass, first answer token included) and
+        generation_ms (every further token)."""
         B = tokens.shape[0]
+        if question_ids.shape[1] >= self.cfg.max_text_len:
+            raise ValueError(f"question too long: {question_ids.shape[1] - 2} words, this model "
+                             f"reads at most {self.cfg.max_text_len - 3}")
+        t0 = time.perf_counter()
         hidden, cache = self.lm.forward_embeds(self._prompt(tokens, question_ids))
         logits = self.lm.logits(hidden[:, -1])
+        t1 = time.perf_counter()
         pos = question_ids.shape[1]
         out, done = [], torch.zeros(B, dtype=torch.bool)
         eos = WORD_TO_ID[EOS]
@@ -227,6 +246,9 @@ class TinyVLM(nn.Module):
                      for (pk, pv), (k, v) in zip(cache, new)]
             logits = self.lm.logits(hidden[:, -1])
             pos += 1
+        if timings is not None:
+            timings["prefill_ms"] = (t1 - t0) * 1e3
+            timings["generation_ms"] = (time.perf_counter() - t1) * 1e3
         return torch.stack(out, 1)
 
     # ---- training -------------------------------------------------------------------------
@@ -272,12 +294,16 @@ class TinyVLM(nn.Module):
             pos_logits = self.aux_position(tokens[obj]).view(-1, 2, G)
             target = col_row.expand(B, -1, -1)[obj]
             aux_loss = aux_loss + F.cross_entropy(pos_logits.reshape(-1, G), target.reshape(-1)) / 2
-        probe = self.lm.blocks[min(self.cfg.focus_layer, self.cfg.lm_layers - 1)].attn
+        focus_block = self.lm.blocks[min(self.cfg.focus_layer, self.cfg.lm_layers - 1)]
+        probe = focus_block.attn
         probe.capture = focus is not None
+        after_focus = []
+        hook = focus_block.register_forward_hook(lambda m, i, o: after_focus.append(o[0]))
         try:
             logits = self.teacher_forced_logits(tokens, text)
         finally:
             probe.capture = False
+            hook.remove()
         target = text.view(B * Q, T)[:, 1:]
         mask = answer_mask.view(B * Q, T)[:, 1:]
         # every question weighs the same, whatever its answer's length: averaged per token, a
@@ -293,7 +319,31 @@ class TinyVLM(nn.Module):
             rows = want.any(-1)
             focus_loss = -torch.log((attn[rows] * want[rows]).sum(-1) + 1e-6).mean()
             probe.captured = None
+            focus_loss = focus_loss + self._relation_loss(after_focus[-1][:, :-1], want, text.view(B * Q, T))
         return lm_loss, aux_loss, focus_loss
+
+    def _relation_loss(self, hidden, want, text):
+        """hidden (B*Q, T-1, D) after the focus layer; want (B*Q, 2, T-1, N) the cells each
+        taught head should see; text (B*Q, T). Where each head sees exactly one object (A, B),
+        the state should tell A's column < B's column and A's row < B's row, and which
+        relation word (if any) the question holds."""
+        single = want.sum(-1) == 1  # (B*Q, 2, T-1)
+        rows = single[:, 0] & single[:, 1]
+        if not bool(rows.any()):
+            return torch.zeros(())
+        G = self.cfg.grid
+        cell_a = want[:, 0].float().argmax(-1)[rows]
+        cell_b = want[:, 1].float().argmax(-1)[rows]
+        target = torch.stack([cell_a % G < cell_b % G, cell_a // G < cell_b // G], -1).float()
+        out = self.aux_relation(hidden[rows])
+        loss = F.binary_cross_entropy_with_logits(out[:, :2], target)
+        word_ids = torch.tensor([WORD_TO_ID[w] for w in RELATION_WORDS])
+        has_word = (text[:, :, None] == word_ids).any(1)  # (B*Q, relations)
+        which = has_word.float().argmax(-1)[:, None].expand(-1, rows.shape[1])[rows]
+        asks = has_word.any(-1)[:, None].expand(-1, rows.shape[1])[rows]
+        if bool(asks.any()):
+            loss = loss + F.cross_entropy(out[asks, 2:], which[asks])
+        return loss
 
 
 def question_ids(question_words: list[int]) -> list[int]:

@@ -1,0 +1,183 @@
+"""The edge agent: one question about one image, in the mode asked, as one timed record.
+
+    full-cloud   frame → JPEG (at the model's input size) → link → cloud runs the whole VLM
+    full-edge    the whole VLM on the device; nothing crosses the link
+    progressive  vision half → MAE layers 1..k → link (layer by layer) → cloud answers
+    auto         progressive with the largest k whose predicted end-to-end time fits the budget
+
+The record's stage times (ms) add up to its total: edge stages measured here (scaled, and
+listed in `projected_stages`, under a projected device profile), link stages measured through
+the shaped link, cloud stages measured by the cloud.
+"""
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+
+from progvlm.bitstream import pack, parse
+from progvlm.images import load_image, resize_for_model
+from progvlm.link import LinkProfile
+
+from .profiles import DeviceProfile, get_profile
+from .runtime import EdgeRuntime
+from .uplink import CloudError, CloudLink
+
+MODES = ("full-cloud", "full-edge", "progressive", "auto")
+JPEG_QUALITY = 90
+DEFAULT_BUDGET_MS = 500.0
+REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's prediction
+
+
+class AskError(ValueError):
+    """A request the agent cannot serve as asked; str(e) says why."""
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+class EdgeAgent:
+    def __init__(self, runtime: EdgeRuntime, cloud_url: str | None = None, token: str | None = None,
+                 profile: DeviceProfile | None = None, timeout_s: float = 10.0):
+        self.runtime = runtime
+        self.profile = profile or get_profile("host")
+        self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
+        self._device = threading.Lock()  # one camera, one frame at a time
+        # auto's model of what it cannot measure before sending: the cloud's compute and the
+        # protocol overhead, learned from the answers so far (priors until the first one)
+        self.cloud_ms_estimate = 30.0
+        self.overhead_ms_estimate = 5.0
+        if self.profile.threads:
+            runtime.set_threads(self.profile.threads)
+        self._warm_up()
+
+    def _warm_up(self):
+        """One blank frame through the device's models: the first call of a runtime pays for
+        lazy initialisation, which no later request would."""
+        from PIL import Image
+        blank = Image.new("RGB", (self.runtime.image_size,) * 2)
+        tokens = self.runtime.vision(self.runtime.preprocess(blank))
+        self.runtime.mae_encode(tokens, self.runtime.num_layers)
+        self.runtime.language(tokens, "describe the scene .", max_new_tokens=2)
+
+    # ---- the device's stages, timed ------------------------------------------------------
+    def _timed(self, stages: dict, name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        stages[name] = _ms(time.perf_counter() - t0) * self.profile.compute_factor
+        return out
+
+    def _jpeg(self, image) -> bytes:
+        buf = io.BytesIO()
+        resize_for_model(image, self.runtime.image_size).save(buf, "JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue()
+
+    # ---- one request -----------------------------------------------------------------------
+    def ask(self, image, question: str, mode: str = "progressive", k: int | None = None,
+            bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
+            cut_after_layer: int | None = None, on_refinement=None) -> dict:
+        L = self.runtime.num_layers
+        if mode not in MODES:
+            raise AskError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not isinstance(question, str) or not question.strip():
+            raise AskError("a question is required")
+        try:
+            link = LinkProfile(bandwidth_mbps, rtt_ms)
+        except ValueError as e:
+            raise AskError(str(e)) from None
+        k = L if k is None else k
+        if mode == "progressive" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L):
+            raise AskError(f"k must be an integer in 1..{L}, got {k!r}")
+        budget_ms = DEFAULT_BUDGET_MS if budget_ms is None else budget_ms
+        if mode == "auto" and not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms)
+                                   and budget_ms > 0):
+            raise AskError(f"the latency budget must be a positive number of ms, got {budget_ms!r}")
+        if cut_after_layer is not None and mode not in ("progressive", "auto"):
+            raise AskError("cut_after_layer applies to progressive and auto only")
+        if mode != "full-edge" and self.cloud is None:
+            raise AskError(f"mode {mode} needs a cloud backend; this agent has none configured")
+
+        t_start = time.perf_counter()
+        stages: dict[str, float] = {}
+        record = {"mode": mode, "question": question, "runtime": self.runtime.name,
+                  "device_profile": self.profile.name, "timing_source": self.profile.source,
+                  "link": {"bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms}}
+        with self._device:
+            image = self._timed(stages, "edge_preprocess", load_image, image)
+            if mode == "full-cloud":
+                payload = self._timed(stages, "serialize", self._jpeg, image)
+            else:
+                pixels = self._timed(stages, "edge_preprocess_model", self.runtime.preprocess, image)
+                stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
+                tokens = self._timed(stages, "edge_vision", self.runtime.vision, pixels)
+                if mode == "full-edge":
+                    answer = self._timed(stages, "edge_language", self.runtime.language, tokens, question)
+                else:
+                    everything = self._timed(stages, "mae_encode", self.runtime.mae_encode, tokens, L)
+        projected = [s for s in stages] if self.profile.projected else []
+
+        if mode == "full-edge":
+            record.update(answer=answer, payload_bytes=0)
+        elif mode == "full-cloud":
+            record["payload"] = f"JPEG q{JPEG_QUALITY} at {self.runtime.image_size}×{self.runtime.image_size} (the model's input size)"
+            ex = self.cloud.full(payload, question, link)
+            record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
+            self._add_link_and_cloud(stages, ex)
+        else:
+            layers = parse(everything).layers
+            if mode == "auto":
+                k, record["auto"] = self._choose_k(stages, layers, link, budget_ms)
+            data = pack(self.runtime.mae_fingerprint, self.runtime.num_tokens, L, layers[:k])
+            if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
+                raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
+            ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement)
+            self._add_link_and_cloud(stages, ex)
+            reply = ex.reply
+            record.update(answer=reply["answer"], k=k, layers_used=reply["layers"],
+                          partial=reply["partial"], payload_bytes=len(data),
+                          layer_bytes=[len(p) + 2 for p in layers[:k]],
+                          header_bytes=len(data) - sum(len(p) + 2 for p in layers[:k]),
+                          refinements=[{"layers": r["layers"], "answer": r["answer"],
+                                        "edge_t_ms": r["edge_t_ms"]} for r in ex.refinements])
+            if cut_after_layer is not None:
+                record["link_cut_after_layer"] = cut_after_layer
+                record["note"] = (f"the link was cut after layer {cut_after_layer}: the answer is "
+                                  f"from layers 1..{reply['layers']} of {k}")
+            self.cloud_ms_estimate = sum(v for n, v in stages.items() if n.startswith("cloud_"))
+            self.overhead_ms_estimate = stages["overhead"]
+        record["stage_ms"] = {name: round(v, 3) for name, v in stages.items()}
+        record["projected_stages"] = projected
+        record["total_ms"] = round(sum(stages.values()), 3)
+        record["wall_ms"] = _ms(time.perf_counter() - t_start)
+        if mode == "auto":
+            record["auto"]["actual_ms"] = record["total_ms"]
+        return record
+
+    def _add_link_and_cloud(self, stages: dict, ex):
+        cloud = {f"cloud_{name.removesuffix('_ms')}": v for name, v in ex.reply["stage_ms"].items()}
+        if len(ex.refinements) > 1:  # the cloud answered earlier layers first, in the same stream
+            cloud["cloud_earlier_layers"] = round(sum(sum(r["stage_ms"].values())
+                                                      for r in ex.refinements[:-1]), 3)
+        stages["uplink"] = ex.uplink_ms
+        stages.update(cloud)
+        stages["downlink"] = ex.downlink_ms
+        stages["overhead"] = round(ex.overhead_ms(sum(cloud.values())), 3)
+
+    def _choose_k(self, stages: dict, layers: list[bytes], link: LinkProfile, budget_ms: float):
+        """The largest k whose predicted end-to-end time fits the budget (k = 1 if none does)."""
+        edge_ms = sum(stages.values())
+        predicted = {}
+        for k in range(1, len(layers) + 1):
+            nbytes = len(pack(self.runtime.mae_fingerprint, self.runtime.num_tokens,
+                              len(layers), layers[:k]))
+            predicted[k] = round(edge_ms + link.rtt_ms + 1e3 * link.serialisation_s(nbytes + REPLY_BYTES_ESTIMATE)
+                                 + self.cloud_ms_estimate + self.overhead_ms_estimate, 3)
+        fits = [k for k, t in predicted.items() if t <= budget_ms]
+        k = max(fits) if fits else 1
+        return k, {"budget_ms": budget_ms, "predicted_ms": predicted, "chosen_k": k,
+                   "predicted_chosen_ms": predicted[k], "fits_budget": bool(fits)}
+
+
+__all__ = ["EdgeAgent", "AskError", "CloudError", "MODES"]

@@ -1,0 +1,255 @@
+"""The cloud backend: the VLM's language half and the MAE decoder behind HTTP (FastAPI).
+
+    GET  /healthz                  liveness (open, no token)
+    GET  /v1/info                  VLM id, MAE fingerprint, L, N, D
+    POST /v1/full?question=…       body: an image (JPEG from the edge) → the whole VLM
+    POST /v1/progressive?question= body: a bitstream (layers 1..k, or a prefix of it) → MAE decode
+                                   with the complete layers present → language half
+    WS   /v1/progressive/stream    the same, answered again after every layer as it arrives
+
+Every answer carries the cloud-side stage times (ms). Bodies are bounded (413); with a token
+configured, /v1/* needs `Authorization: Bearer <token>` (401); bad input gets a 4xx with the
+reason, anything unexpected a 500 with a one-line message (the traceback stays in the log).
+
+Concurrency: requests are received concurrently; the model runs one request at a time under a
+lock (first come, first served). A CPU model gains little from running requests side by side,
+and one at a time keeps every stage time honest.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import threading
+import time
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from .bitstream import BitstreamError, TruncatedStream, parse
+from .images import ImageInputError, load_image
+
+log = logging.getLogger("progvlm.cloud")
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 12-MP JPEG fits; a bitstream is ~100 bytes
+TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
+MAX_QUESTION_CHARS = 500
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1e3, 3)
+
+
+class CloudModel:
+    """The server's compute: decode what arrives, run the VLM, time every stage."""
+
+    def __init__(self, backend, mae):
+        if mae.cfg.vlm_id != backend.model_id:
+            raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, "
+                             f"not to {backend.model_id}")
+        self.backend, self.mae = backend, mae
+        self.fingerprint = mae.fingerprint()
+        self._lock = threading.Lock()
+
+    def warm_up(self):
+        """One blank frame through every path: first calls pay for lazy initialisation."""
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buf, "PNG")
+        self.full(buf.getvalue(), "describe the scene .")
+        tokens = self.backend.edge_half(Image.new("RGB", (64, 64)))
+        self.progressive(self.mae.compress(tokens), "describe the scene .")
+
+    def info(self) -> dict:
+        c = self.mae.cfg
+        return {"vlm_id": self.backend.model_id, "mae_fingerprint": self.fingerprint.hex(),
+                "num_layers": c.num_layers, "num_tokens": c.num_tokens, "token_dim": c.token_dim,
+                "concurrency": "one request at a time under a lock, first come first served"}
+
+    def _language(self, tokens, question: str, stages: dict) -> str:
+        t0 = time.perf_counter()
+        try:
+            answer = self.backend.cloud_half(tokens, question)
+        except ValueError as e:  # e.g. a question longer than the model reads
+            raise RequestError(400, str(e)) from None
+        if answer.stage_ms:
+            stages.update({k: round(v, 3) for k, v in answer.stage_ms.items()})
+        else:
+            stages["language_ms"] = _ms(t0, time.perf_counter())
+        return answer.text
+
+    def full(self, image_bytes: bytes, question: str) -> dict:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                image = load_image(image_bytes)
+            except ImageInputError as e:
+                raise RequestError(400, f"bad image: {e}") from None
+            t1 = time.perf_counter()
+            tokens = self.backend.edge_half(image)
+            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
+            return {"answer": self._language(tokens, question, stages), "stage_ms": stages}
+
+    def progressive(self, data: bytes, question: str) -> dict:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                tokens, bs = self.mae.decompress(data)
+            except BitstreamError as e:
+                raise RequestError(400, f"bad bitstream: {e}") from None
+            stages = {"mae_decode_ms": _ms(t0, time.perf_counter())}
+            return {"answer": self._language(tokens, question, stages), "stage_ms": stages,
+                    "layers_used": len(bs.layers), "layers_announced": bs.k,
+                    "partial": bs.truncated}
+
+
+def _check_question(question: str | None) -> str:
+    if question is None or not question.strip():
+        raise RequestError(422, "a question is required (query parameter `question`)")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise RequestError(422, f"question too long: {len(question)} characters, at most "
+                                f"{MAX_QUESTION_CHARS}")
+    return question
+
+
+def _authorised(header: str | None, token: str | None) -> bool:
+    if not token:
+        return True
+    return header is not None and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body of {declared} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # chunked uploads declare no length: count as they come
+            raise RequestError(413, f"body over the limit of {limit} bytes")
+    if not body:
+        raise RequestError(400, "empty body")
+    return bytes(body)
+
+
+def create_app(backend, mae, token: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    model = CloudModel(backend, mae)
+    app = FastAPI(title="progvlm cloud backend", version="1")
+    app.state.model = model
+
+    @app.exception_handler(RequestError)
+    async def request_error(_, e: RequestError):
+        return JSONResponse({"detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and not _authorised(
+                request.headers.get("authorization"), token):
+            return JSONResponse({"detail": "missing or wrong access token"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    def info():
+        return model.info()
+
+    @app.post("/v1/full")
+    async def full(request: Request, question: str | None = Query(None)):
+        question = _check_question(question)
+        body = await _read_body(request, max_body_bytes)
+        return await run_in_threadpool(model.full, body, question) | {"received_bytes": len(body)}
+
+    @app.post("/v1/progressive")
+    async def progressive(request: Request, question: str | None = Query(None)):
+        question = _check_question(question)
+        body = await _read_body(request, max_body_bytes)
+        return await run_in_threadpool(model.progressive, body, question) | {"received_bytes": len(body)}
+
+    @app.websocket("/v1/progressive/stream")
+    async def progressive_stream(ws: WebSocket):
+        """Text message {"question": …}; then the bitstream in binary messages, as the link
+        delivers it; then {"end": true}. After each newly complete layer the server sends
+        {"type": "refinement", "layers": j, "answer", "stage_ms", "t_ms"}; at the end
+        {"type": "final", …, "partial"}; on bad input {"type": "error", "status", "detail"}."""
+        await ws.accept()
+        if not _authorised(ws.headers.get("authorization"), token):
+            await ws.send_json({"type": "error", "status": 401, "detail": "missing or wrong access token"})
+            await ws.close(code=4401)
+            return
+        try:
+            await _stream_session(ws, model, max_body_bytes)
+        except WebSocketDisconnect:
+            pass  # the edge went away (a cut link): nothing left to answer to
+        except RequestError as e:
+            await ws.send_json({"type": "error", "status": e.status, "detail": e.detail})
+            await ws.close(code=4000 + e.status)
+
+    return app
+
+
+async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
+    first = await ws.receive_json()
+    question = _check_question(first.get("question") if isinstance(first, dict) else None)
+    buffer, answered, t_first, last = bytearray(), 0, None, None
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        if message.get("bytes") is None:  # a text message: the end of the stream
+            break
+        t_first = t_first or time.perf_counter()
+        buffer += message["bytes"]
+        if len(buffer) > limit:
+            raise RequestError(413, f"stream over the limit of {limit} bytes")
+        try:
+            layers = len(_parse_prefix(bytes(buffer), model).layers)
+        except TruncatedStream:
+            continue
+        if layers > answered:
+            last = await run_in_threadpool(model.progressive, bytes(buffer), question)
+            answered = layers
+            await ws.send_json({"type": "refinement", "layers": layers, "answer": last["answer"],
+                                "stage_ms": last["stage_ms"], "t_ms": _ms(t_first, time.perf_counter())})
+    if last is None:
+        raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
+    await ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],
+                        "layers_announced": last["layers_announced"],
+                        "partial": answered < last["layers_announced"], "received_bytes": len(buffer)})
+    await ws.close()
+
+
+def _parse_prefix(data: bytes, model: CloudModel):
+    try:
+        return parse(data, expected_fingerprint=model.fingerprint)
+    except TruncatedStream:
+        raise
+    except BitstreamError as e:
+        raise RequestError(400, f"bad bitstream: {e}") from None
+
+
+def serve(host: str, port: int, token: str | None = None, vlm_folder=None, mae_folder=None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "warning"):
+    import uvicorn
+    from .backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
+    from .models.mae import DEFAULT_MAE, load_mae
+    app = create_app(TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS),
+                     load_mae(mae_folder or DEFAULT_MAE), token, max_body_bytes)
+    app.state.model.warm_up()
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

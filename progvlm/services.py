@@ -1,0 +1,101 @@
+"""Start the cloud backend and the edge agent as child processes on loopback, and end them.
+
+The demo and `python -m edge_agent ask` use these when no running service is named. Children
+end with their parent: on normal exit and Ctrl-C (atexit, context manager), on SIGTERM (the
+caller's handler), and even when the parent is killed outright (Linux PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    try:  # Linux only; elsewhere atexit and the context manager still end the child
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ChildService:
+    """One service process; `url` answers /healthz once started."""
+
+    def __init__(self, name: str, args: list[str], url: str, env: dict | None = None):
+        self.name, self.args, self.url = name, args, url
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self._stderr = None
+
+    def start(self, timeout_s: float = 60.0) -> "ChildService":
+        # a file, not a pipe: a pipe nobody reads fills up and blocks a chatty child
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        atexit.register(self.stop)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._stderr.seek(0)
+                err = self._stderr.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{err}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer {self.url}/healthz within {timeout_s:.0f} s")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._stderr:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self):
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1") -> ChildService:
+    port = port or free_port(host)
+    env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
+    return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port)],
+                        f"http://{host}:{port}", env)
+
+
+def edge_service(cloud_url: str, port: int | None = None, token: str | None = None,
+                 host: str = "127.0.0.1", runtime: str = "pytorch", profile: str = "host") -> ChildService:
+    port = port or free_port(host)
+    env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
+    return ChildService("edge agent", ["-m", "edge_agent", "serve", "--host", host, "--port", str(port),
+                                       "--cloud-url", cloud_url, "--runtime", runtime, "--profile", profile],
+                        f"http://{host}:{port}", env)

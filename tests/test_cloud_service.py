@@ -1,0 +1,175 @@
+"""The cloud backend over HTTP: answers equal the library's, every fault gets a 4xx reason."""
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from progvlm.backends.tiny import TinyVLMBackend
+from progvlm.cloud_service import create_app
+from progvlm.examples import load_examples
+from progvlm.models.mae import DEFAULT_MAE, load_mae
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+Q = "describe the scene ."
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return TinyVLMBackend.load(), load_mae(DEFAULT_MAE)
+
+
+@pytest.fixture(scope="module")
+def client(parts):
+    return TestClient(create_app(*parts, token=TOKEN, max_body_bytes=600_000))
+
+
+@pytest.fixture(scope="module")
+def example(parts):
+    path = load_examples()[3]["path"]
+    backend, mae = parts
+    return path, backend.edge_half(Image.open(path))
+
+
+def test_health_is_open_and_info_needs_the_token(client, parts):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/v1/info").status_code == 401
+    assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    info = client.get("/v1/info", headers=AUTH).json()
+    backend, mae = parts
+    assert info["vlm_id"] == backend.model_id and info["mae_fingerprint"] == mae.fingerprint().hex()
+    assert (info["num_layers"], info["num_tokens"], info["token_dim"]) == (4, 64, 128)
+
+
+def test_full_answers_as_the_whole_model(client, parts, example):
+    path, _ = example
+    r = client.post("/v1/full", params={"question": Q}, content=open(path, "rb").read(), headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"] == parts[0].answer(Image.open(path), Q).text
+    assert set(body["stage_ms"]) == {"image_decode_ms", "vision_ms", "prefill_ms", "generation_ms"}
+
+
+def test_progressive_answers_from_the_layers_present(client, parts, example):
+    backend, mae = parts
+    _, tokens = example
+    data = mae.compress(tokens, 3)
+    for cut, layers in ((len(data), 3), (len(data) - 1, 2)):
+        r = client.post("/v1/progressive", params={"question": Q}, content=data[:cut], headers=AUTH)
+        body = r.json()
+        decoded, _ = mae.decompress(data[:cut])
+        assert body["answer"] == backend.cloud_half(decoded, Q).text
+        assert (body["layers_used"], body["partial"]) == (layers, layers < 3)
+        assert set(body["stage_ms"]) == {"mae_decode_ms", "prefill_ms", "generation_ms"}
+
+
+@pytest.mark.parametrize("mangle, reason", [
+    (lambda d: b"XX" + d[2:], "not a progvlm bitstream"),
+    (lambda d: _other_fingerprint(d), "wrong MAE fingerprint"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 0x55]), "checksum mismatch"),
+    (lambda d: d[:5], "truncated"),
+])
+def test_a_bad_bitstream_gets_400_with_the_reason(client, parts, example, mangle, reason):
+    data = parts[1].compress(example[1], 2)
+    r = client.post("/v1/progressive", params={"question": Q}, content=mangle(data), headers=AUTH)
+    assert r.status_code == 400 and reason in r.json()["detail"]
+
+
+def test_bad_requests_get_4xx_never_500(client):
+    post = lambda path, **kw: client.post(path, headers=AUTH, **kw)
+    assert post("/v1/full", params={"question": Q}, content=b"not an image").status_code == 400
+    assert post("/v1/full", content=b"x").status_code == 422  # no question
+    assert post("/v1/full", params={"question": Q}, content=b"").status_code == 400
+    assert post("/v1/full", params={"question": Q}, content=b"x" * 600_001).status_code == 413
+
+    def chunked():  # no Content-Length: counted as it arrives
+        for _ in range(700):
+            yield b"x" * 1000
+    assert post("/v1/progressive", params={"question": Q}, content=chunked()).status_code == 413
+    long_q = " ".join(["what"] * 40)
+    r = post("/v1/full", params={"question": long_q}, content=open(load_examples()[0]["path"], "rb").read())
+    assert r.status_code == 400 and "too long" in r.json()["detail"]
+
+
+def test_the_stream_answers_after_every_layer(client, parts, example):
+    backend, mae = parts
+    data = mae.compress(example[1], 4)
+    layers = _layer_ends(data)
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q})
+        start = 0
+        for end in layers:
+            ws.send_bytes(data[start:end])
+            start = end
+            msg = ws.receive_json()
+            assert msg["type"] == "refinement"
+            decoded, _ = mae.decompress(data[:end])
+            assert msg["answer"] == backend.cloud_half(decoded, Q).text
+        ws.send_json({"end": True})
+        final = ws.receive_json()
+    assert [final["type"], final["layers"], final["partial"]] == ["final", 4, False]
+
+
+def test_a_stream_that_ends_early_is_answered_and_marked_partial(client, parts, example):
+    data = parts[1].compress(example[1], 4)
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q})
+        ws.send_bytes(data[:_layer_ends(data)[1]])
+        assert ws.receive_json()["layers"] == 2
+        ws.send_json({"end": True})
+        final = ws.receive_json()
+    assert (final["layers"], final["layers_announced"], final["partial"]) == (2, 4, True)
+
+
+def test_the_stream_rejects_a_wrong_token_and_a_corrupt_stream(client, parts, example):
+    with client.websocket_connect("/v1/progressive/stream") as ws:
+        assert ws.receive_json()["status"] == 401
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q})
+        ws.send_bytes(b"XX" + parts[1].compress(example[1], 1)[2:])
+        msg = ws.receive_json()
+    assert msg["status"] == 400 and "not a progvlm bitstream" in msg["detail"]
+
+
+def test_concurrent_requests_get_the_answers_of_sequential_ones(parts):
+    backend, mae = parts
+    client = TestClient(create_app(backend, mae))
+    paths = [e["path"] for e in load_examples()[:4]]
+    streams = [mae.compress(backend.edge_half(Image.open(p)), 2) for p in paths]
+    questions = ["how many objects are there ?", Q]
+    expected = {(i, q): client.post("/v1/progressive", params={"question": q}, content=s).json()["answer"]
+                for i, s in enumerate(streams) for q in questions}
+    got, errors = {}, []
+
+    def worker(i, q):
+        try:
+            r = client.post("/v1/progressive", params={"question": q}, content=streams[i])
+            got[(i, q)] = r.json()["answer"]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=key) for key in expected for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == expected
+
+
+def _layer_ends(data: bytes) -> list[int]:
+    """Byte offsets where layers 1..k end in the wire form."""
+    from progvlm.bitstream import pack_header, parse
+    bs = parse(data)
+    end = len(pack_header(bs.fingerprint, bs.num_tokens, bs.num_layers, [len(p) for p in bs.layers]))
+    ends = []
+    for p in bs.layers:
+        end += len(p) + 2
+        ends.append(end)
+    return ends
+
+
+def _other_fingerprint(data: bytes) -> bytes:
+    """The same layers, written as by another MAE (a valid stream, the wrong model)."""
+    from progvlm.bitstream import pack, parse
+    bs = parse(data)
+    return pack(bytes(4), bs.num_tokens, bs.num_layers, bs.layers)
