@@ -141,34 +141,35 @@ class CloudLink:
             except ConnectionClosed:
                 pass
 
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        try:
-            time.sleep(link.rtt_ms / 2000)
-            ws.send(json.dumps({"question": question}))
-            for chunk in paced_segments(segments, link):
-                ws.send(chunk)
-            t_sent = time.perf_counter()
-            if cut_after_layer is None:
-                ws.send(json.dumps({"end": True}))
-                thread.join(self.timeout_s)
-            else:  # the uplink is gone; answers already on their way down still arrive
-                deadline = time.perf_counter() + grace_s
-                while (not refinements or refinements[-1]["layers"] < cut_after_layer) \
-                        and time.perf_counter() < deadline and not errors:
-                    time.sleep(0.002)
-        except ConnectionClosed:
-            t_sent = time.perf_counter()  # the cloud hung up (an error message says why)
-            thread.join(1.0)
-        finally:
-            ws.close()
+        with ws:  # closes the connection however the exchange ends
+            thread = threading.Thread(target=reader, daemon=True)
+            thread.start()
+            try:
+                time.sleep(link.rtt_ms / 2000)
+                ws.send(json.dumps({"question": question}))
+                for chunk in paced_segments(segments, link):
+                    ws.send(chunk)
+                t_sent = time.perf_counter()
+                if cut_after_layer is None:
+                    ws.send(json.dumps({"end": True}))
+                    thread.join(self.timeout_s)
+                else:  # the uplink is gone; answers already on their way down still arrive
+                    deadline = time.perf_counter() + grace_s
+                    while (not refinements or refinements[-1]["layers"] < cut_after_layer) \
+                            and time.perf_counter() < deadline and not errors:
+                        time.sleep(0.002)
+            except ConnectionClosed:
+                t_sent = time.perf_counter()  # the cloud hung up (an error message says why)
+                thread.join(1.0)
         thread.join(1.0)
         if errors:
             e = errors[-1]
             raise CloudError(f"cloud refused the stream ({e['status']}): {e['detail']}", e["status"])
         last = refinements[-1] if refinements else None
-        if last is None:
+        if last is None and cut_after_layer is not None:
             raise CloudError("the link was cut before layer 1 arrived: no answer")
+        if last is None:
+            raise CloudError(f"no answer from the cloud within {self.timeout_s:g} s")
         wait = t0 + last["edge_t_ms"] / 1e3 - time.perf_counter()
         if wait > 0:
             time.sleep(wait)

@@ -33,3 +33,23 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[dict]:
         item["scene"] = Scene.from_dict(item["scene"])
     return index
 
+
+
+def pixel_digest(image) -> str:
+    """A digest of an image's RGB pixels: the same scene however the file was copied or named."""
+    import hashlib
+    import numpy as np
+    from .images import load_image
+    return hashlib.sha256(np.asarray(load_image(image)).tobytes()).hexdigest()
+
+
+def ground_truth(image, question: str, examples: list[dict] | None = None) -> str | None:
+    """The exact answer where `image` is a bundled example and `question` one of its questions."""
+    examples = load_examples() if examples is None else examples
+    digest = pixel_digest(image)
+    for item in examples:
+        if item.setdefault("digest", pixel_digest(item["path"])) == digest:
+            for q in item["questions"]:
+                if q["question"].strip() == question.strip():
+                    return q["answer"]
+    return None

@@ -1,0 +1,69 @@
+"""A client of the edge agent's HTTP API (what the demo's UI calls)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+
+class EdgeAgentError(RuntimeError):
+    """The agent refused or failed the request; str(e) is its reason."""
+
+
+class EdgeAgentClient:
+    def __init__(self, url: str, timeout_s: float = 60.0):
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+
+    def info(self) -> dict:
+        try:
+            return self._http.get("/v1/info").raise_for_status().json()
+        except httpx.HTTPError as e:
+            raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None
+
+    @staticmethod
+    def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, stream) -> dict:
+        form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
+                "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false"}
+        for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer)):
+            if value is not None:
+                form[name] = str(value)
+        return form
+
+    def ask_stream(self, image: str | Path | bytes, question: str, mode: str = "progressive",
+                   k: int | None = None, bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0,
+                   budget_ms: float | None = None, cut_after_layer: int | None = None) -> Iterator[dict]:
+        """Yield the agent's lines: {"type": "refinement", …} as layers are answered, then
+        {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, True)
+        try:
+            with self._http.stream("POST", "/v1/ask", files={"image": ("image", data)}, data=form) as r:
+                if r.status_code != 200:
+                    r.read()
+                    raise EdgeAgentError(_reason(r))
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    item = json.loads(line)
+                    if item["type"] == "error":
+                        raise EdgeAgentError(item["detail"])
+                    yield item
+        except httpx.HTTPError as e:
+            raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None
+
+    def ask(self, image, question: str, **options) -> dict:
+        """The agent's record for one request."""
+        for item in self.ask_stream(image, question, **options):
+            if item["type"] == "result":
+                return item["record"]
+        raise EdgeAgentError("the agent's stream ended without a result")
+
+
+def _reason(r: httpx.Response) -> str:
+    try:
+        return f"{r.status_code}: {r.json()['detail']}"
+    except (ValueError, KeyError):
+        return f"{r.status_code}: {r.text[:300]}"

@@ -1,0 +1,184 @@
+"""The edge agent against a real cloud backend over loopback HTTP: modes, pacing, streaming
+with a cut link, auto, and every fault the agent must turn into a clear error."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from edge_agent.agent import AskError, CloudError, EdgeAgent
+from edge_agent.profiles import get_profile
+from edge_agent.runtime import PyTorchRuntime
+from edge_agent.service import create_app as create_edge_app
+from progvlm.cloud_service import create_app as create_cloud_app
+from progvlm.examples import load_examples
+from progvlm.services import free_port
+
+Q = "describe the scene ."
+TOKEN = "edge-test-token"
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    return PyTorchRuntime.bundled()
+
+
+@pytest.fixture(scope="module")
+def cloud_url(runtime):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_cloud_app(runtime.backend, runtime.mae, token=TOKEN),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def agent(runtime, cloud_url):
+    return EdgeAgent(runtime, cloud_url, TOKEN)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return load_examples()[1]["path"]
+
+
+def reference(runtime, image, k=None):
+    tokens = runtime.backend.edge_half(Image.open(image))
+    if k is None:
+        return runtime.backend.cloud_half(tokens, Q).text
+    decoded, _ = runtime.mae.decompress(runtime.mae.compress(tokens, k))
+    return runtime.backend.cloud_half(decoded, Q).text
+
+
+@pytest.mark.parametrize("mode", ["full-cloud", "full-edge", "progressive", "auto"])
+def test_every_mode_answers_with_stages_that_sum_to_the_total(agent, runtime, image, mode):
+    r = agent.ask(image, Q, mode, k=2, bandwidth_mbps=1, rtt_ms=20)
+    assert r["mode"] == mode and r["total_ms"] == pytest.approx(sum(r["stage_ms"].values()), abs=0.01)
+    assert r["total_ms"] <= r["wall_ms"] * 1.05 + 1
+    expected = reference(runtime, image, {"progressive": 2, "auto": r.get("k")}.get(mode))
+    assert r["answer"] == expected
+    if mode == "full-edge":
+        assert r["payload_bytes"] == 0 and "uplink" not in r["stage_ms"]
+    else:
+        assert {"uplink", "downlink", "overhead"} <= set(r["stage_ms"])
+        assert r["stage_ms"]["downlink"] >= 10  # RTT/2 at least
+    if mode == "progressive":
+        assert r["k"] == 2 and r["layers_used"] == 2 and not r["partial"]
+        assert r["payload_bytes"] == r["header_bytes"] + sum(r["layer_bytes"])
+        assert [x["layers"] for x in r["refinements"]] == [1, 2]
+
+
+def test_the_uplink_is_paced_to_the_bandwidth(agent, image):
+    r = agent.ask(image, Q, "full-cloud", bandwidth_mbps=0.5, rtt_ms=10)
+    expected_ms = r["payload_bytes"] * 8 / 0.5e3 + 5  # serialisation + half the RTT
+    assert r["stage_ms"]["uplink"] == pytest.approx(expected_ms, rel=0.10)
+
+
+def test_a_cut_link_gives_the_answer_from_the_layers_that_arrived(agent, runtime, image):
+    r = agent.ask(image, Q, "progressive", k=4, cut_after_layer=2, rtt_ms=5)
+    assert (r["layers_used"], r["partial"], r["link_cut_after_layer"]) == (2, True, 2)
+    assert "layers 1..2 of 4" in r["note"] and r["answer"] == reference(runtime, image, 2)
+    with pytest.raises(CloudError, match="before layer 1"):
+        agent.ask(image, Q, "progressive", k=4, cut_after_layer=0, rtt_ms=5)
+
+
+def test_auto_picks_the_largest_k_that_fits_and_shows_predicted_and_actual(agent, image):
+    generous = agent.ask(image, Q, "auto", bandwidth_mbps=1, budget_ms=10_000)
+    assert generous["k"] == 4 and generous["auto"]["fits_budget"]
+    tight = agent.ask(image, Q, "auto", bandwidth_mbps=0.1, rtt_ms=0, budget_ms=1)
+    assert tight["k"] == 1 and not tight["auto"]["fits_budget"]
+    predicted = generous["auto"]["predicted_ms"]
+    assert list(predicted.values()) == sorted(predicted.values())  # more layers, more time
+    # a budget between the k=1 and k=4 predictions at a thin link picks a k in between
+    slow = agent.ask(image, Q, "auto", bandwidth_mbps=0.05, rtt_ms=0, budget_ms=10_000)
+    p = slow["auto"]["predicted_ms"]
+    middle = agent.ask(image, Q, "auto", bandwidth_mbps=0.05, rtt_ms=0, budget_ms=(p[1] + p[4]) / 2)
+    assert 1 <= middle["k"] < 4 and middle["auto"]["actual_ms"] == middle["total_ms"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bandwidth_mbps": 0}, "bandwidth"), ({"bandwidth_mbps": float("nan")}, "bandwidth"),
+    ({"rtt_ms": -1}, "RTT"), ({"k": 0}, "k must be"), ({"k": 5}, "k must be"),
+    ({"mode": "telepathy"}, "unknown mode"), ({"mode": "auto", "budget_ms": float("inf")}, "budget"),
+])
+def test_bad_requests_are_refused_with_the_reason(agent, image, kwargs, message):
+    with pytest.raises(AskError, match=message):
+        agent.ask(image, Q, **{"mode": "progressive", **kwargs})
+
+
+def test_a_cloud_that_is_down_fails_clearly_while_full_edge_answers(runtime, image):
+    agent = EdgeAgent(runtime, f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    t0 = time.monotonic()
+    for mode in ("full-cloud", "progressive"):
+        with pytest.raises(CloudError, match="unreachable"):
+            agent.ask(image, Q, mode, k=1)
+    assert time.monotonic() - t0 < 5
+    assert agent.ask(image, Q, "full-edge")["answer"] == reference(runtime, image)
+
+
+def test_a_wrong_token_is_refused(runtime, cloud_url, image):
+    agent = EdgeAgent(runtime, cloud_url, "wrong")
+    with pytest.raises(CloudError, match="401"):
+        agent.ask(image, Q, "full-cloud")
+    with pytest.raises(CloudError, match="401"):
+        agent.ask(image, Q, "progressive", k=1)
+
+
+def test_the_imx95_profile_labels_its_scaled_times_projected(runtime, cloud_url, image):
+    agent = EdgeAgent(runtime, cloud_url, TOKEN, get_profile("imx95-emulated"))
+    r = agent.ask(image, Q, "progressive", k=1)
+    assert r["projected_stages"] == ["edge_preprocess", "edge_vision", "mae_encode"]
+    assert "projected" in r["timing_source"]
+    runtime.set_threads(2)
+
+
+def test_the_edge_service_answers_streams_and_reports_faults(agent, image):
+    client = TestClient(create_edge_app(agent, max_upload_bytes=1_000_000))
+    data = open(image, "rb").read()
+    form = {"question": Q, "mode": "progressive", "k": "3", "bandwidth_mbps": "1", "rtt_ms": "10"}
+    r = client.post("/v1/ask", files={"image": ("scene.png", data)}, data=form)
+    assert r.status_code == 200 and r.json()["k"] == 3
+    with client.stream("POST", "/v1/ask", files={"image": ("scene.png", data)},
+                       data=form | {"stream": "true"}) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert [x["type"] for x in lines] == ["refinement"] * 3 + ["result"]
+    assert lines[-1]["record"]["answer"] == lines[-2]["answer"]
+    bad = client.post("/v1/ask", files={"image": ("scene.png", data)}, data=form | {"bandwidth_mbps": "nan"})
+    assert bad.status_code == 422 and "bandwidth" in bad.json()["detail"]
+    bad = client.post("/v1/ask", files={"image": ("x.png", b"not an image")}, data=form)
+    assert bad.status_code == 400 and "image" in bad.json()["detail"]
+    big = client.post("/v1/ask", files={"image": ("x.png", b"x" * 1_000_001)}, data=form)
+    assert big.status_code == 413
+    info = client.get("/v1/info").json()
+    assert info["cloud"]["vlm_id"] == info["vlm_id"]
+
+
+def test_the_edge_service_says_502_when_the_cloud_is_down(runtime, image):
+    client = TestClient(create_edge_app(EdgeAgent(runtime, f"http://127.0.0.1:{free_port()}", timeout_s=2)))
+    r = client.post("/v1/ask", files={"image": ("s.png", open(image, "rb").read())},
+                    data={"question": Q, "mode": "full-cloud"})
+    assert r.status_code == 502 and "unreachable" in r.json()["detail"]
+    assert "cloud_error" in client.get("/v1/info").json()
+
+
+def test_the_ask_command_starts_a_cloud_and_prints_the_record(image):
+    out = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--image", image, "--question",
+                          "how many objects are there ?", "--mode", "progressive", "--k", "2",
+                          "--bandwidth-mbps", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["k"] == 2 and record["answer"] and record["payload_bytes"] > 0
+    bad = subprocess.run([sys.executable, "-m", "edge_agent", "ask", "--image", image, "--question",
+                          "x", "--mode", "full-edge", "--bandwidth-mbps", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "bandwidth" in bad.stderr
