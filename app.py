@@ -3,26 +3,29 @@
 `python app.py` starts the cloud backend and the edge agent as child processes on loopback and
 talks to the agent over real HTTP (the agent talks to the cloud through the shaped link);
 `--edge-url` uses a running agent instead. Model, link and service code live in progvlm/ and
-edge_agent/.
+edge_agent/; this file lays out the page and formats what the agent returns.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
 
 import gradio as gr
+import pandas as pd
 
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
-from progvlm.examples import ground_truth, load_examples
+from progvlm.examples import ground_truth, load_examples, pixel_digest
 from progvlm.images import ImageInputError
 from progvlm.metrics import SemanticConsistency
 from progvlm.questions import unknown_words
 
 EXAMPLES = load_examples()
 MODES = ["full-cloud", "full-edge", "progressive", "auto"]
-BANDWIDTHS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 50, 100]
+BANDWIDTHS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 50, 100]  # Mbps, log-spaced presets
 NUM_LAYERS = 4
+GENERIC_QUESTIONS = ["describe the scene .", "how many objects are there ?"]
 EDGE = {"client": None}  # set by connect(): the agent this page talks to
 consistency = SemanticConsistency()
 
@@ -31,89 +34,181 @@ def connect(edge_url: str):
     EDGE["client"] = EdgeAgentClient(edge_url)
 
 
-def _row(record: dict, truth: str | None, reference: str | None) -> list:
-    name = record["mode"] + (f" k={record['k']}" if "k" in record else "")
-    if record.get("partial"):
-        name += f" (cut: {record['layers_used']} layers)"
-    correct = "n/a" if truth is None else ("✓" if record["answer"] == truth else "✗")
-    cons = "" if reference is None else f"{consistency(record['answer'], reference):.3f}"
+@functools.lru_cache(maxsize=1)
+def _layer_models():
+    """The bundled VLM and MAE, loaded here only to draw the layer picture."""
+    from progvlm.backends.tiny import TinyVLMBackend
+    from progvlm.models.mae import DEFAULT_MAE, load_mae
+    return TinyVLMBackend.load(), load_mae(DEFAULT_MAE)
+
+
+# ---- formatting what the agent returns ------------------------------------------------------
+def _title(record: dict) -> str:
+    mode = record["mode"]
+    if "k" in record:
+        mode += f" · k={record['k']}"
+    return mode
+
+
+def card(record: dict | None, truth: str | None, reference: str | None, mode: str,
+         live: dict | None = None) -> str:
+    if live is not None:
+        return (f"### {mode}\n**{live['answer']}**\n\n_refining: {live['layers']} of "
+                f"{live.get('k', '?')} layers received_")
+    if record is None:
+        return f"### {mode}\n_not run_"
+    lines = [f"### {_title(record)}", f"**{record['answer']}**", ""]
+    if truth is not None:
+        lines.append(f"ground truth: {truth} → {'✓ correct' if record['answer'] == truth else '✗ wrong'}  ")
+    if reference is not None:
+        lines.append(f"consistency: {consistency(record['answer'], reference):.3f}  ")
+    lines.append(f"payload: **{record['payload_bytes']} bytes**  ")
     projected = " (projected)" if record["projected_stages"] else ""
-    return [name, record["answer"], correct, cons, record["payload_bytes"],
-            f"{record['total_ms']:.1f}{projected}"]
+    lines.append(f"end to end: **{record['total_ms']:.1f} ms**{projected}")
+    if record.get("partial"):
+        lines.append(f"\n⚠ {record.get('note', 'partial answer')}")
+    if "auto" in record:
+        a = record["auto"]
+        lines.append(f"\nauto: predicted {a['predicted_chosen_ms']:.0f} ms, actual "
+                     f"{a['actual_ms']:.0f} ms, budget {a['budget_ms']:.0f} ms"
+                     + ("" if a["fits_budget"] else " (no k fits; sent k=1)"))
+    return "\n".join(lines)
 
 
+# The record's stages, grouped for the chart (a stacked bar stays readable with few colours)
+STAGE_GROUPS = {"edge_preprocess": "edge: preprocess + vision", "edge_vision": "edge: preprocess + vision",
+                "edge_language": "edge: language model", "mae_encode": "edge: encode (MAE / JPEG)",
+                "serialize": "edge: encode (MAE / JPEG)", "uplink": "uplink",
+                "cloud_image_decode": "cloud: decode + vision", "cloud_vision": "cloud: decode + vision",
+                "cloud_mae_decode": "cloud: decode + vision", "cloud_prefill": "cloud: language model",
+                "cloud_generation": "cloud: language model", "cloud_language": "cloud: language model",
+                "cloud_earlier_layers": "cloud: earlier layers' answers", "downlink": "downlink",
+                "overhead": "protocol overhead"}
+
+
+def breakdown(records: dict) -> pd.DataFrame:
+    rows = []
+    for r in records.values():
+        for stage, ms in r["stage_ms"].items():
+            group = STAGE_GROUPS.get(stage, stage)
+            if stage in r["projected_stages"]:
+                group += " (projected)"
+            rows.append({"mode": _title(r), "stage": group, "ms": ms})
+    # every group appears for every mode (0 where absent): the chart fixes its colours from
+    # the first data it is given, and the first update holds one mode only
+    for r in records.values():
+        for group in dict.fromkeys(STAGE_GROUPS.values()):
+            rows.append({"mode": _title(r), "stage": group, "ms": 0.0})
+    frame = pd.DataFrame(rows, columns=["mode", "stage", "ms"])
+    return frame.groupby(["mode", "stage"], as_index=False, sort=False)["ms"].sum()
+
+
+def suggested(image):
+    """The picked example's own questions (with ground truth), or generic ones for an upload."""
+    choices = GENERIC_QUESTIONS
+    if image is not None:
+        try:
+            digest = pixel_digest(image)
+            for ex in EXAMPLES:
+                if ex.setdefault("digest", pixel_digest(ex["path"])) == digest:
+                    choices = [q["question"] for q in ex["questions"]]
+        except ImageInputError:
+            pass
+    return gr.update(choices=choices, value=None)
+
+
+# ---- the comparison -----------------------------------------------------------------------
 def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, modes: list[str],
-            budget_ms: float):
-    """Every chosen mode for one image and question. Yields the table as answers arrive (the
-    progressive row refines layer by layer), then the compression ladder."""
+            budget_ms: float, progress=gr.Progress()):
+    """Every chosen mode for one image and question, over the edge agent. Yields the page as
+    answers arrive (the progressive card refines layer by layer), then the ladder and map."""
     if image is None:
         raise gr.Error("Pick an example scene or upload an image first.")
     if not question or not question.strip():
-        raise gr.Error("Type a question, or click one of the example questions.")
+        raise gr.Error("Type a question, or pick one of the suggested questions.")
     if not modes:
         raise gr.Error("Choose at least one mode to compare.")
     client = EDGE["client"]
     options = dict(bandwidth_mbps=float(bandwidth_mbps), rtt_ms=float(rtt_ms))
     notes = []
     if unknown_words(question):
-        notes.append(f"Words the bundled model has never seen: {', '.join(unknown_words(question))}.")
+        notes.append(f"Words the bundled model has never seen: {', '.join(unknown_words(question))}. "
+                     "It knows only its scene vocabulary (shapes, colours, sizes, counts, positions).")
+    records, cards = {}, {m: card(None, None, None, m) for m in MODES}
+
+    def page(ladder=None, picture=None):
+        return (*[cards[m] for m in MODES], breakdown(records), ladder or [], picture,
+                "\n\n".join(notes), list(records.values()))
     try:
         truth = ground_truth(image, question, EXAMPLES)
+        progress(0.05, desc="full-edge reference (uncompressed tokens)")
         # the answer from uncompressed visual tokens: the reference for semantic consistency
         reference = client.ask(image, question, mode="full-edge")["answer"]
-        rows, records = [], {}
-        for mode in modes:
-            extra = {"k": int(k)} if mode == "progressive" else {"budget_ms": float(budget_ms)} if mode == "auto" else {}
+        for i, mode in enumerate(modes):
+            progress(0.1 + 0.6 * i / len(modes), desc=f"running {mode}")
+            extra = ({"k": int(k)} if mode == "progressive"
+                     else {"budget_ms": float(budget_ms)} if mode == "auto" else {})
             for item in client.ask_stream(image, question, mode=mode, **options, **extra):
                 if item["type"] == "refinement":
-                    live = [f"{mode} ({item['layers']} layers so far)", item["answer"], "", "", "", ""]
-                    yield rows + [live], [], "\n".join(notes)
+                    cards[mode] = card(None, None, None, mode, item | extra)
                 else:
                     records[mode] = item["record"]
-                    rows.append(_row(item["record"], truth, reference))
-                    yield rows, [], "\n".join(notes)
+                    cards[mode] = card(item["record"], truth, reference, mode)
+                yield page()
         ladder = []
         for j in range(1, NUM_LAYERS + 1):
+            progress(0.7 + 0.2 * j / NUM_LAYERS, desc=f"compression ladder k={j}")
             r = client.ask(image, question, mode="progressive", k=j, **options)
             ladder.append([j, r["payload_bytes"], r["answer"], f"{consistency(r['answer'], reference):.3f}"])
+        progress(0.95, desc="what each layer adds")
+        from progvlm.layer_map import layer_residuals, residual_strip
+        picture = residual_strip(image, layer_residuals(*_layer_models(), image))
     except (EdgeAgentError, ImageInputError) as e:
         raise gr.Error(str(e)) from None
-    if "auto" in records:
-        a = records["auto"]["auto"]
-        notes.append(f"auto chose k={a['chosen_k']}: predicted {a['predicted_chosen_ms']:.0f} ms, "
-                     f"actual {a['actual_ms']:.0f} ms (budget {a['budget_ms']:.0f} ms).")
-    yield rows, ladder, "\n".join(notes)
+    yield page(ladder, picture)
 
 
 with gr.Blocks(title="progvlm") as demo:
-    gr.Markdown("# progvlm: progressive semantic communication for edge–cloud VLMs\n"
-                "A camera device asks a vision–language model about a frame. Compare sending the "
-                "JPEG (full-cloud), running everything on the device (full-edge), and sending "
-                "k progressive MAE layers of the visual tokens (progressive, auto). Times are "
-                "measured on this host through a shaped link; the imx95-emulated profile's are "
-                "projected and marked so.")
+    gr.Markdown(
+        "# progvlm: progressive semantic communication for edge–cloud VLMs\n"
+        "A camera device asks a vision–language model about a frame. Compare sending the JPEG "
+        "(**full-cloud**), running everything on the device (**full-edge**), and sending k "
+        "progressive MAE layers of the visual tokens (**progressive**, **auto**). Bytes really "
+        "cross a link paced to your bandwidth and RTT; times are measured on this host (stages "
+        "of an emulated i.MX95 profile would be marked *projected*).")
     with gr.Row():
-        with gr.Column():
-            image = gr.Image(type="filepath", label="Camera frame")
+        with gr.Column(scale=2):
+            image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
+            gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
+                        label="Example scenes (ground truth known)")
             question = gr.Textbox(label="Question", value="describe the scene .")
-            with gr.Row():
-                bandwidth = gr.Dropdown(BANDWIDTHS, value=1, label="Uplink bandwidth (Mbps)")
-                rtt = gr.Number(value=20, minimum=0, maximum=2000, label="RTT (ms)")
+            questions = gr.Radio(GENERIC_QUESTIONS, label="Suggested questions", value=None)
+        with gr.Column(scale=1):
+            bandwidth = gr.Dropdown(BANDWIDTHS, value=1, label="Uplink bandwidth (Mbps)")
+            rtt = gr.Number(value=20, minimum=0, maximum=2000, label="RTT (ms)")
             k = gr.Slider(1, NUM_LAYERS, value=2, step=1, label="Progressive layers k")
             modes = gr.CheckboxGroup(MODES, value=MODES, label="Modes to compare")
             budget = gr.Number(value=300, minimum=1, label="auto: latency budget (ms)")
             run = gr.Button("Run", variant="primary")
-        with gr.Column():
-            table = gr.Dataframe(headers=["mode", "answer", "correct", "consistency",
-                                          "payload bytes", "end-to-end ms"],
-                                 label="Side by side", interactive=False)
-            ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
-                                  label="Compression ladder", interactive=False)
-            notes = gr.Markdown()
-    gr.Examples(examples=[[ex["path"], q["question"]] for ex in EXAMPLES for q in ex["questions"][:2]],
-                inputs=[image, question], label="Example scenes and questions")
+    with gr.Row(equal_height=True):
+        cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
+                 for m in MODES]
+    chart = gr.BarPlot(x="mode", y="ms", color="stage", title="Latency breakdown (stacked stages)",
+                       y_title="ms", label="Latency breakdown")
+    with gr.Row():
+        ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
+                              label="Compression ladder (this image and question)", interactive=False)
+        picture = gr.Image(label="What each layer leaves unreconstructed, k = 1 … 4 "
+                                 "(bright: the next layer still has work there)", interactive=False,
+                           elem_id="layer-map")
+    notes = gr.Markdown(elem_id="notes")
+    with gr.Accordion("Raw records from the edge agent", open=False):
+        raw = gr.JSON(label="records")
+
+    image.change(suggested, image, questions, api_name=False)
+    questions.change(lambda q: q or gr.update(), questions, question, api_name=False)
     inputs = [image, question, bandwidth, rtt, k, modes, budget]
-    run.click(compare, inputs, [table, ladder, notes], api_name="compare")
+    run.click(compare, inputs, [*cards, chart, ladder, picture, notes, raw], api_name="compare")
 
 
 def main():

@@ -132,7 +132,10 @@ class EdgeAgent:
             data = pack(self.runtime.mae_fingerprint, self.runtime.num_tokens, L, layers[:k])
             if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
                 raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
-            ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement)
+            # a caller that watches the refinements gets one per layer; otherwise the cloud
+            # answers only the newest complete layer (the final answer comes sooner)
+            ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement,
+                                        refine=on_refinement is not None)
             self._add_link_and_cloud(stages, ex)
             reply = ex.reply
             record.update(answer=reply["answer"], k=k, layers_used=reply["layers"],

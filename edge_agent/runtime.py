@@ -55,7 +55,8 @@ class PyTorchRuntime(EdgeRuntime):
     name = "pytorch"
 
     def __init__(self, backend, mae):
-        import torch  # noqa: F401  (this runtime needs it; the module does not)
+        import torch  # this runtime needs it; the module does not
+        self.default_threads = torch.get_num_threads()
         if mae.cfg.vlm_id != backend.model_id:
             raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, "
                              f"not to {backend.model_id}")

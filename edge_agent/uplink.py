@@ -6,13 +6,17 @@ bandwidth through `progvlm.link.paced_chunks`, and the reply's bytes are held ba
 of that bandwidth would have delivered them. Connections are kept alive between requests, as a
 device with a steady uplink would. Each stage time is measured wall time:
 
-    uplink    first byte leaves (after RTT/2) … last byte handed to the socket
+    uplink    RTT/2 + the transfer, until the cloud has the last byte: a kernel buffer in front
+              of a slow real link takes the bytes long before they arrive, so the end is the
+              later of the paced sending and, over HTTP, the cloud's first-to-last-byte receive
+              time, or, over the WebSocket, the peer's acknowledgement of the last byte
     downlink  reply bytes paced at the bandwidth + RTT/2
     overhead  the rest of the measured exchange (HTTP framing, JSON, waiting for the cloud's lock)
 """
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect as ws_connect
+
+try:  # the send-queue ioctl (Unix); without it the uplink ends when the last byte is handed over
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
 
 from progvlm.bitstream import parse
 from progvlm.link import LinkProfile, paced_chunks, paced_segments
@@ -99,14 +109,16 @@ class CloudLink:
         t_reply = time.perf_counter()
         self._pace_reply(len(response.content), link, t_reply)
         t_end = time.perf_counter()
-        return Exchange(reply, _ms(sent["t"] - t0), _ms(t_end - t_reply), _ms(t_end - t0))
+        uplink = max(sent["t"] - t0, link.rtt_ms / 2000 + reply.get("receive_ms", 0.0) / 1e3)
+        return Exchange(reply, _ms(uplink), _ms(t_end - t_reply), _ms(t_end - t0))
 
     def progressive(self, bitstream: bytes, question: str, link: LinkProfile,
                     cut_after_layer: int | None = None, on_refinement=None,
-                    grace_s: float = 2.0) -> Exchange:
+                    grace_s: float = 2.0, refine: bool = True) -> Exchange:
         """Stream the layers in order; the cloud answers after each complete layer. With
         `cut_after_layer` = j the uplink dies after layer j (fault injection): the answer is
-        the cloud's answer from layers 1..j, and the exchange says so."""
+        the cloud's answer from layers 1..j, and the exchange says so. Without `refine`, the
+        cloud skips answering a layer whose successor has already arrived."""
         stream = parse(bitstream)
         sent_layers = len(stream.layers) if cut_after_layer is None else cut_after_layer
         ends = [_prefix_bytes(stream, j) for j in range(sent_layers + 1)]
@@ -146,10 +158,10 @@ class CloudLink:
             thread.start()
             try:
                 time.sleep(link.rtt_ms / 2000)
-                ws.send(json.dumps({"question": question}))
+                ws.send(json.dumps({"question": question, "refine": refine}))
                 for chunk in paced_segments(segments, link):
                     ws.send(chunk)
-                t_sent = time.perf_counter()
+                t_sent = _delivered(ws.socket, self.timeout_s)
                 if cut_after_layer is None:
                     ws.send(json.dumps({"end": True}))
                     thread.join(self.timeout_s)
@@ -186,6 +198,23 @@ class CloudLink:
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
+
+
+def _delivered(sock, timeout_s: float) -> float:
+    """When the peer has acknowledged every byte sent on `sock` (Linux: the send queue, unsent
+    plus unacknowledged, reaches 0). A kernel buffer in front of a slow real link takes the
+    bytes long before they arrive; this waits for the link. Elsewhere: now."""
+    if fcntl is None:
+        return time.perf_counter()
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return time.perf_counter()
+        if queued == 0 or time.perf_counter() > deadline:
+            return time.perf_counter()
+        time.sleep(0.0002)
 
 
 def _prefix_bytes(stream, layers: int) -> int:

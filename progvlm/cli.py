@@ -61,6 +61,9 @@ def _add_train_mae(sub):
     p.add_argument("--scenes", type=int, default=12000, help="generated scenes (bundled VLM)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation loss")
+    p.add_argument("--rate-lambda", default=None,
+                   help="λ per stage, comma-separated (default 0.2,0.1,0.05,0.02): how much a bit "
+                        "costs in the code assignment; lower spends more bytes on that layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -107,6 +110,22 @@ def _add_serve_cloud(sub):
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
 
 
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="the paper-style experiment: rate–accuracy, latency vs "
+                       "bandwidth, headline ratios, load, information floor",
+                       description="One seeded run: rate–accuracy of progressive k against JPEG "
+                       "(model and camera size), raw tokens and pooling; every mode's latency at "
+                       "0.1–50 Mbps through the real shaped link to a cloud backend child process; "
+                       "the 1 Mbps breakdown and headline ratios; cloud load with 1/4/16 clients; "
+                       "the scene-graph information floor. Writes CSV/JSON, PNG plots and "
+                       "summary.md. Default run ≈ 10–15 min on 2 cores; --quick ≈ 2–4 min.")
+    p.add_argument("--quick", action="store_true", help="fewer questions, qualities and images (CI)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default: docs/bench; runs/bench-quick with --quick)")
+    p.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m progvlm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `python -m progvlm <command> --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae, _add_ask,
-                _add_make_examples, _add_serve_cloud):
+                _add_make_examples, _add_serve_cloud, _add_bench):
         add(sub)
     return parser
 
@@ -177,12 +196,21 @@ def cmd_eval_vlm(a) -> int:
 
 
 def cmd_train_mae(a) -> int:
+    from .models.mae import MAEConfig
     log = lambda m: print(m, file=sys.stderr)
+    cfg = MAEConfig()
+    if a.rate_lambda:
+        try:
+            cfg.rate_lambda = [float(x) for x in a.rate_lambda.split(",")]
+        except ValueError:
+            print(f"error: --rate-lambda takes numbers separated by commas, got {a.rate_lambda!r}",
+                  file=sys.stderr)
+            return 2
     if a.vlm == "bundled":
         from .training.train_mae import train_mae
         summary = train_mae(_load_backend(None), a.out, a.workdir, steps=a.steps, batch=a.batch,
                             num_scenes=a.scenes, lr=a.lr, seed=a.seed, distill=a.distill,
-                            resume=not a.no_resume, log=log)
+                            cfg=cfg, resume=not a.no_resume, log=log)
     else:
         from .backends.hf import HFVLMBackend
         from .training.train_mae import train_mae_on_images
@@ -191,7 +219,7 @@ def cmd_train_mae(a) -> int:
             return 2
         summary = train_mae_on_images(HFVLMBackend.load(a.vlm), a.images, a.out, a.workdir,
                                       steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
-                                      resume=not a.no_resume, log=log)
+                                      cfg=cfg, resume=not a.no_resume, log=log)
     _emit(summary, a.json, [f"MAE {summary['fingerprint']} ({summary['parameters']:,} parameters) "
                             f"for {summary['mae']['vlm_id']} in {a.out}"])
     return 0
@@ -259,6 +287,22 @@ def cmd_serve_cloud(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import run_bench
+    out = a.out or Path("runs/bench-quick" if a.quick else "docs/bench")
+    headline = run_bench(out, seed=a.seed, quick=a.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    t = headline["time_1mbps_ms"]
+    _emit(headline, a.json, [
+        f"results in {out}/ (summary.md, results.json, CSV, PNG)",
+        f"k* = {headline['k_star']} (consistency {headline['k_star_consistency']:.3f}), "
+        f"{headline['k_star_bytes_mean']:.1f} bytes = {100 * headline['bytes_vs_jpeg_q90_model']:.2f}% of "
+        f"JPEG q90, {100 * headline['bytes_vs_raw_fp16']:.3f}% of raw fp16 tokens",
+        f"1 Mbps: progressive {t['progressive']:.0f} ms, full-cloud {t['full_cloud']:.0f} ms, "
+        f"full-edge {t['full_edge_host']:.0f} ms (host), {t['full_edge_imx95_projected']:.0f} ms "
+        "(imx95, projected)"])
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -267,4 +311,5 @@ def main(argv=None) -> int:
         return 2
     return {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
             "eval-mae": cmd_eval_mae, "ask": cmd_ask,
-            "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud}[a.command](a)
+            "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud,
+            "bench": cmd_bench}[a.command](a)

@@ -17,6 +17,7 @@ and one at a time keeps every stage time honest.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import logging
@@ -125,18 +126,23 @@ def _authorised(header: str | None, token: str | None) -> bool:
     return header is not None and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> tuple[bytes, float]:
+    """The body, and the ms from its first byte to its last as this side saw them: the sender
+    cannot tell when a shaped link (or a kernel buffer in front of one) has delivered."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"body of {declared} bytes is over the limit of {limit}")
     body = bytearray()
+    t_first = None
     async for chunk in request.stream():
+        if chunk and t_first is None:
+            t_first = time.perf_counter()
         body += chunk
         if len(body) > limit:  # chunked uploads declare no length: count as they come
             raise RequestError(413, f"body over the limit of {limit} bytes")
     if not body:
         raise RequestError(400, "empty body")
-    return bytes(body)
+    return bytes(body), _ms(t_first, time.perf_counter())
 
 
 def create_app(backend, mae, token: str | None = None,
@@ -173,20 +179,23 @@ def create_app(backend, mae, token: str | None = None,
     @app.post("/v1/full")
     async def full(request: Request, question: str | None = Query(None)):
         question = _check_question(question)
-        body = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(model.full, body, question) | {"received_bytes": len(body)}
+        body, receive_ms = await _read_body(request, max_body_bytes)
+        return await run_in_threadpool(model.full, body, question) | {
+            "received_bytes": len(body), "receive_ms": receive_ms}
 
     @app.post("/v1/progressive")
     async def progressive(request: Request, question: str | None = Query(None)):
         question = _check_question(question)
-        body = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(model.progressive, body, question) | {"received_bytes": len(body)}
+        body, receive_ms = await _read_body(request, max_body_bytes)
+        return await run_in_threadpool(model.progressive, body, question) | {
+            "received_bytes": len(body), "receive_ms": receive_ms}
 
     @app.websocket("/v1/progressive/stream")
     async def progressive_stream(ws: WebSocket):
-        """Text message {"question": …}; then the bitstream in binary messages, as the link
+        """Text message {"question": …, "refine": true|false}; then the bitstream in binary messages, as the link
         delivers it; then {"end": true}. After each newly complete layer the server sends
-        {"type": "refinement", "layers": j, "answer", "stage_ms", "t_ms"}; at the end
+        {"type": "refinement", "layers": j, "answer", "stage_ms", "received_ms" (first byte to
+        layer j complete), "t_ms"}; at the end
         {"type": "final", …, "partial"}; on bad input {"type": "error", "status", "detail"}."""
         await ws.accept()
         if not _authorised(ws.headers.get("authorization"), token):
@@ -207,26 +216,55 @@ def create_app(backend, mae, token: str | None = None,
 async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
     first = await ws.receive_json()
     question = _check_question(first.get("question") if isinstance(first, dict) else None)
-    buffer, answered, t_first, last = bytearray(), 0, None, None
-    while True:
-        message = await ws.receive()
-        if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", 1000))
-        if message.get("bytes") is None:  # a text message: the end of the stream
-            break
-        t_first = t_first or time.perf_counter()
-        buffer += message["bytes"]
-        if len(buffer) > limit:
-            raise RequestError(413, f"stream over the limit of {limit} bytes")
-        try:
-            layers = len(_parse_prefix(bytes(buffer), model).layers)
-        except TruncatedStream:
-            continue
-        if layers > answered:
-            last = await run_in_threadpool(model.progressive, bytes(buffer), question)
-            answered = layers
-            await ws.send_json({"type": "refinement", "layers": layers, "answer": last["answer"],
-                                "stage_ms": last["stage_ms"], "t_ms": _ms(t_first, time.perf_counter())})
+    # refine (default): answer every layer as it completes. Without it, a layer whose successor
+    # is already waiting is not answered: nobody needs the stale answer, and it would delay
+    # the final one.
+    refine = bool(first.get("refine", True))
+    # A reader task stamps every message as it arrives, so that answering layer j (in a worker
+    # thread) neither delays reading layer j+1 nor inflates its measured arrival time.
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def read():
+        while True:
+            message = await ws.receive()
+            await inbox.put((time.perf_counter(), message))
+            if message["type"] == "websocket.disconnect" or message.get("bytes") is None:
+                return
+    reader = asyncio.create_task(read())
+    buffer, answered, t_first, last, pending = bytearray(), 0, None, None, None
+
+    async def answer(state):
+        nonlocal answered, pending
+        data, layers, arrived = state
+        reply = await run_in_threadpool(model.progressive, data, question)
+        answered, pending = layers, None
+        await ws.send_json({"type": "refinement", "layers": layers, "answer": reply["answer"],
+                            "stage_ms": reply["stage_ms"], "received_ms": _ms(t_first, arrived),
+                            "t_ms": _ms(t_first, time.perf_counter())})
+        return reply
+    try:
+        while True:
+            arrived, message = await inbox.get()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            if message.get("bytes") is None:  # a text message: the end of the stream
+                if pending:
+                    last = await answer(pending)
+                break
+            t_first = t_first or arrived
+            buffer += message["bytes"]
+            if len(buffer) > limit:
+                raise RequestError(413, f"stream over the limit of {limit} bytes")
+            try:
+                layers = len(_parse_prefix(bytes(buffer), model).layers)
+            except TruncatedStream:
+                continue
+            if layers > answered:
+                pending = (bytes(buffer), layers, arrived)
+                if refine or inbox.empty():
+                    last = await answer(pending)
+    finally:
+        reader.cancel()
     if last is None:
         raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
     await ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],

@@ -56,8 +56,11 @@ def _mean(xs):
     return float(np.mean(xs)) if len(xs) else float("nan")
 
 
-def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90)):
-    """Per-k bytes, token cosine, accuracy and consistency; baselines from the same scenes."""
+def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
+                 camera_jpeg_qualities=()):
+    """Per-k bytes, token cosine, accuracy and consistency; baselines from the same scenes.
+    JPEG baselines: `jpeg_q{q}` encodes the frame at the model's input size; `jpeg_camera_q{q}`
+    at camera size (the device sends what it captured; the cloud resizes)."""
     import torch.nn.functional as F
 
     from . import baselines
@@ -116,6 +119,13 @@ def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualit
                 base_bytes.setdefault(f"jpeg_q{q}", []).append(n)
                 dec_imgs.append(img)
             answer_all(f"jpeg_q{q}", dict(zip(ids, backend.edge_half_batch(dec_imgs))))
+        for q in camera_jpeg_qualities:
+            dec_imgs = []
+            for f in frames:
+                n, img = baselines.jpeg(f, q)
+                base_bytes.setdefault(f"jpeg_camera_q{q}", []).append(n)
+                dec_imgs.append(img)
+            answer_all(f"jpeg_camera_q{q}", dict(zip(ids, backend.edge_half_batch(dec_imgs))))
         if progress:
             progress(len(ids))
 

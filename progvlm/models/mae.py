@@ -47,7 +47,7 @@ class MAEConfig:
     decoder_layers: int = 2
     decoder_heads: int = 4
     # λ per stage: how many "typical distortions" one bit is worth in the code assignment
-    rate_lambda: list = field(default_factory=lambda: [0.3, 0.1, 0.05, 0.02])
+    rate_lambda: list = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
 
     def to_dict(self) -> dict:
         return asdict(self)

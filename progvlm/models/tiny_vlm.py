@@ -7,7 +7,8 @@ The language model reads the visual tokens as a prefix of input embeddings, as L
 VLMs do, so the split between edge (vision half) and cloud (language half) sits exactly at the
 visual tokens. Training-only parts (unused at inference, listed so nobody mistakes them for the
 model's interface): the per-cell alignment of visual tokens with the LM's attribute words, a
-column/row head, and the attention capture of two LM heads taught where to look. Together they
+column/row head, the attention capture of two LM heads taught where to look, and a relation
+probe on the LM's state. Together they
 make the model trainable in half an hour on a CPU (see README, "what was tried").
 """
 from __future__ import annotations

@@ -7,6 +7,10 @@ What makes it converge on 2 CPU cores (measured; see README "Training the bundle
     the LM's own word embeddings (visual tokens and question words share one space);
   * attention supervision: one LM head is taught to look at the cells of the objects each
     answer word is about (the "binding" a small LM otherwise takes thousands of steps to find);
+  * a training-only relation probe: where an answer is about two objects, the LM's state
+    after the focus layer must say whether A is left of / above B, and which relation the
+    question names. Without it "is A left of B" stays at chance however long training runs
+    (the yes/no answer flips with the relation word, an XOR that gives no gradient to start);
   * every image carries one question of each type, and its visual prefix runs through the
     LM once for all of them.
 """

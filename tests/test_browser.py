@@ -1,0 +1,94 @@
+"""A real browser on the demo: headless Chromium (Debian's) driven by Playwright picks an
+example, runs the comparison, waits for every card, and checks the shown answers and bytes
+against the named API's response for the same inputs. Saves a screenshot.
+
+Skipped where Chromium or Playwright is missing, unless PROGVLM_REQUIRE_BROWSER=1 (CI sets it).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from progvlm.services import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOT = ROOT / "tests" / "artifacts" / "demo.png"
+MODES = ["full-cloud", "full-edge", "progressive", "auto"]
+
+
+def _missing() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return "no chromium (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed"
+    return None
+
+
+@pytest.fixture(scope="module")
+def page_url():
+    reason = _missing()
+    if reason:
+        if os.environ.get("PROGVLM_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser test required but {reason}")
+        pytest.skip(reason)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail("app.py did not serve its page: " + proc.stderr.read().decode()[-2000:])
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import sync_playwright
+
+    from progvlm.examples import load_examples
+    example = load_examples()[2]
+    question = example["questions"][0]["question"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(page_url)
+        page.get_by_text("Example scenes").wait_for()
+        page.locator(".gallery-item, [data-testid='example'], table.gallery td").nth(2).click()
+        page.get_by_label(question, exact=True).check(timeout=30_000)  # a suggested question
+        page.get_by_role("button", name="Run").click()
+        cards = {m: page.locator(f"#card-{m}") for m in MODES}
+        for m in MODES:
+            cards[m].get_by_text("payload:").wait_for(timeout=120_000)
+        page.locator("#layer-map img").wait_for(timeout=120_000)  # the last output to arrive
+        shown = {m: cards[m].inner_text() for m in MODES}
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        browser.close()
+
+    result = Client(page_url, verbose=False).predict(
+        handle_file(example["path"]), question, 1, 20, 2, MODES, 300, api_name="/compare")
+    records = result[-1]
+    assert [r["mode"] for r in records] == MODES
+    for record in records:
+        text = shown[record["mode"]]
+        assert record["answer"] in text, (record["mode"], text)
+        assert f"payload: {record['payload_bytes']} bytes" in text, (record["mode"], text)
+    assert SCREENSHOT.stat().st_size > 10_000
