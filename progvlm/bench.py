@@ -34,8 +34,9 @@ AUTO_BUDGET_MS = 150.0
 def _write_csv(path: Path, rows: list[dict]):
     if not rows:
         return
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows may differ (stages per mode)
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)
 

@@ -36,6 +36,7 @@ log = logging.getLogger("progvlm.cloud")
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 12-MP JPEG fits; a bitstream is ~100 bytes
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
 MAX_QUESTION_CHARS = 500
+SILENT_CUT_S = 0.5  # an unrefined stream with layers still to come, silent this long: cut
 
 
 class RequestError(Exception):
@@ -193,9 +194,11 @@ def create_app(backend, mae, token: str | None = None,
     @app.websocket("/v1/progressive/stream")
     async def progressive_stream(ws: WebSocket):
         """Text message {"question": …, "refine": true|false}; then the bitstream in binary messages, as the link
-        delivers it; then {"end": true}. After each newly complete layer the server sends
+        delivers it; then {"end": true}. With refine (the default), after each newly complete
+        layer the server sends
         {"type": "refinement", "layers": j, "answer", "stage_ms", "received_ms" (first byte to
-        layer j complete), "t_ms"}; at the end
+        layer j complete), "t_ms"}; without, one such message for the newest layer once all
+        announced layers are in, the stream ends, or the uplink stays silent SILENT_CUT_S; at the end
         {"type": "final", …, "partial"}; on bad input {"type": "error", "status", "detail"}."""
         await ws.accept()
         if not _authorised(ws.headers.get("authorization"), token):
@@ -216,9 +219,9 @@ def create_app(backend, mae, token: str | None = None,
 async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
     first = await ws.receive_json()
     question = _check_question(first.get("question") if isinstance(first, dict) else None)
-    # refine (default): answer every layer as it completes. Without it, a layer whose successor
-    # is already waiting is not answered: nobody needs the stale answer, and it would delay
-    # the final one.
+    # refine (default): answer every layer as it completes. Without it, answer once: when all
+    # the announced layers are in, at the end of the stream, or when the uplink has been silent
+    # for SILENT_CUT_S with layers unanswered (a cut link) - earlier answers would only delay it.
     refine = bool(first.get("refine", True))
     # A reader task stamps every message as it arrives, so that answering layer j (in a worker
     # thread) neither delays reading layer j+1 nor inflates its measured arrival time.
@@ -244,7 +247,12 @@ async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
         return reply
     try:
         while True:
-            arrived, message = await inbox.get()
+            try:
+                wait = SILENT_CUT_S if pending and not refine else None
+                arrived, message = await asyncio.wait_for(inbox.get(), wait)
+            except asyncio.TimeoutError:
+                last = await answer(pending)
+                continue
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
             if message.get("bytes") is None:  # a text message: the end of the stream
@@ -256,12 +264,13 @@ async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
             if len(buffer) > limit:
                 raise RequestError(413, f"stream over the limit of {limit} bytes")
             try:
-                layers = len(_parse_prefix(bytes(buffer), model).layers)
+                stream = _parse_prefix(bytes(buffer), model)
             except TruncatedStream:
                 continue
+            layers = len(stream.layers)
             if layers > answered:
                 pending = (bytes(buffer), layers, arrived)
-                if refine or inbox.empty():
+                if refine or layers == stream.k:
                     last = await answer(pending)
     finally:
         reader.cancel()

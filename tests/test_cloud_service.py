@@ -1,5 +1,6 @@
 """The cloud backend over HTTP: answers equal the library's, every fault gets a 4xx reason."""
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -120,6 +121,26 @@ def test_a_stream_that_ends_early_is_answered_and_marked_partial(client, parts, 
         ws.send_json({"end": True})
         final = ws.receive_json()
     assert (final["layers"], final["layers_announced"], final["partial"]) == (2, 4, True)
+
+
+def test_an_unwatched_stream_is_answered_once_even_when_cut(client, parts, example):
+    data = parts[1].compress(example[1], 4)
+    ends = _layer_ends(data)
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q, "refine": False})
+        start = 0
+        for end in ends:  # layer by layer, as a slow link delivers them
+            ws.send_bytes(data[start:end])
+            start = end
+        assert ws.receive_json()["layers"] == 4  # no answers for layers 1..3
+        ws.send_json({"end": True})
+        assert ws.receive_json()["type"] == "final"
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q, "refine": False})
+        ws.send_bytes(data[:ends[1]])  # then silence: the uplink was cut after layer 2
+        t0 = time.monotonic()
+        msg = ws.receive_json()
+    assert msg["layers"] == 2 and 0.4 < time.monotonic() - t0 < 3
 
 
 def test_the_stream_rejects_a_wrong_token_and_a_corrupt_stream(client, parts, example):

@@ -188,17 +188,13 @@ class MAE(nn.Module):
 
     def encode_indices(self, tokens: torch.Tensor) -> np.ndarray:
         """tokens (N, D) → code indices (L, N). The same assignment rule as training, with the
-        small per-stage steps in NumPy: on the edge, per-op overhead is most of the cost."""
-        cb, cb_sq, bit_cost = self._encoder_tables()
+        small per-stage steps in NumPy (progvlm/edge_codec.py, which a board runs without
+        PyTorch): on the edge, per-op overhead is most of the cost."""
+        return self.edge_codec().indices(self._latent(tokens))
+
+    def _latent(self, tokens: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            z = self.encode_latent(tokens.float()).numpy()
-        indices, residual = [], z
-        for layer in range(len(cb)):
-            cost = cb_sq[layer] - 2.0 * residual @ cb[layer].T + bit_cost[layer]
-            idx = cost.argmin(1)
-            indices.append(idx)
-            residual = residual - cb[layer][idx]
-        return np.stack(indices)
+            return self.encode_latent(tokens.float()).numpy()
 
     def compress(self, tokens: torch.Tensor, k: int | None = None) -> bytes:
         """tokens (N, D) → bitstream with layers 1..k (default: all L)."""
@@ -209,10 +205,7 @@ class MAE(nn.Module):
         if tuple(tokens.shape) != (self.cfg.num_tokens, self.cfg.token_dim):
             raise ValueError(f"expected tokens of shape ({self.cfg.num_tokens}, "
                              f"{self.cfg.token_dim}), got {tuple(tokens.shape)}")
-        idx = self.encode_indices(tokens)
-        models = self._stage_models()
-        layers = [models[l].encode(idx[l]) for l in range(k)]
-        return bitstream.pack(self._fingerprint(), self.cfg.num_tokens, L, layers)
+        return self.edge_codec().compress(self._latent(tokens), k)
 
     @torch.no_grad()
     def decompress(self, data: bytes) -> tuple[torch.Tensor, bitstream.Bitstream]:
@@ -239,14 +232,12 @@ class MAE(nn.Module):
             self._cached_models = self.stage_models()
         return self._cached_models
 
-    def _encoder_tables(self):
-        if getattr(self, "_cached_enc", None) is None:
-            q = self.rvq
-            cb = q.codebooks.numpy().copy()
-            bit_cost = [(q.rate_lambda[l] * q.typical_dist[l] * q.code_bits(l)).numpy()
-                        for l in range(len(cb))]
-            self._cached_enc = (cb, (cb ** 2).sum(-1), bit_cost)
-        return self._cached_enc
+    def edge_codec(self):
+        """The edge's NumPy half of compress (tables, assignment, entropy coding, framing)."""
+        if getattr(self, "_cached_codec", None) is None:
+            from ..edge_codec import MAEEncoderTables
+            self._cached_codec = MAEEncoderTables.from_mae(self)
+        return self._cached_codec
 
     def _fingerprint(self):
         if getattr(self, "_cached_fp", None) is None:
@@ -254,7 +245,7 @@ class MAE(nn.Module):
         return self._cached_fp
 
     def invalidate_caches(self):
-        self._cached_models = self._cached_enc = self._cached_fp = None
+        self._cached_models = self._cached_codec = self._cached_fp = None
 
 
 def load_mae(folder) -> MAE:

@@ -84,7 +84,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         if past is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal and T > 1))
         else:
             pk, pv = past
             P = pk.shape[2]

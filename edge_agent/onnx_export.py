@@ -1,0 +1,89 @@
+"""Export the device's models for ONNX Runtime: what a board runs without PyTorch.
+
+    vision.onnx        pixels (1, 3, S, S) → visual tokens (1, N, D)
+    mae_encoder.onnx   visual tokens (N, D) → latent (N, d)
+    language.onnx      visual tokens (1, N, D) + text ids (1, T) → next-token logits (1, V)
+                       (full-edge; one greedy step over the whole prompt, no KV cache: the
+                       answers here are a few tokens long)
+    mae_tables.*       the MAE's coding tables (progvlm/edge_codec.py)
+    manifest.json      model ids, shapes, vocabulary and the sha256 of every file
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from progvlm.edge_codec import META_FILE, TABLES_FILE, MAEEncoderTables
+from progvlm.questions import VOCAB
+
+OPSET = 17
+FILES = ("vision.onnx", "mae_encoder.onnx", "language.onnx", TABLES_FILE, META_FILE)
+
+
+class _Language(nn.Module):
+    """Visual tokens + prompt ids → logits of the next token (the cloud half, one step)."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, tokens, ids):
+        hidden, _ = self.vlm.lm.forward_embeds(self.vlm._prompt(tokens, ids))
+        return self.vlm.lm.logits(hidden[:, -1])
+
+
+class _Vision(nn.Module):
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, pixels):
+        return self.vlm.visual_tokens(pixels)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, mae):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, tokens):
+        return self.mae.encode_latent(tokens)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_onnx(out: str | Path, vlm_folder=None, mae_folder=None) -> dict:
+    from progvlm.backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
+    from progvlm.models.mae import DEFAULT_MAE, load_mae
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS)
+    mae = load_mae(mae_folder or DEFAULT_MAE)
+    if mae.cfg.vlm_id != backend.model_id:
+        raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, not {backend.model_id}")
+    vlm, cfg = backend.model.eval(), backend.cfg
+    S, N, D = cfg.image_size, cfg.num_tokens, cfg.token_dim
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        export = dict(dynamo=False, opset_version=OPSET, do_constant_folding=True)
+        torch.onnx.export(_Vision(vlm), (torch.zeros(1, 3, S, S),), str(out / "vision.onnx"),
+                          input_names=["pixels"], output_names=["tokens"], **export)
+        torch.onnx.export(_Encoder(mae.eval()), (torch.zeros(N, D),), str(out / "mae_encoder.onnx"),
+                          input_names=["tokens"], output_names=["latent"], **export)
+        torch.onnx.export(_Language(vlm), (torch.zeros(1, N, D), torch.ones(1, 8, dtype=torch.long)),
+                          str(out / "language.onnx"), input_names=["tokens", "ids"],
+                          output_names=["logits"], dynamic_axes={"ids": {1: "text_len"}}, **export)
+    MAEEncoderTables.from_mae(mae).save(out)
+    manifest = {"format": "progvlm-edge-onnx/1", "vlm_id": backend.model_id,
+                "mae_fingerprint": mae.fingerprint().hex(), "image_size": S, "num_tokens": N,
+                "token_dim": D, "num_layers": mae.cfg.num_layers, "max_text_len": cfg.max_text_len,
+                "vocab": VOCAB, "opset": OPSET, "sha256": {f: sha256(out / f) for f in FILES}}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return {k: v for k, v in manifest.items() if k != "vocab"}

@@ -1,0 +1,73 @@
+"""The MAE's edge side without PyTorch: latent → progressive bitstream, in NumPy.
+
+What a board needs besides the ONNX encoder (tokens → latent): the residual codebooks, each
+code's cost in bits times λ (the entropy-constrained assignment), the per-stage code
+frequencies (the range coder's model) and the MAE's fingerprint. `MAE.compress` and
+`MAEEncoderTables.compress` give byte-identical streams for the same latent.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from . import bitstream, entropy
+
+TABLES_FILE, META_FILE = "mae_tables.safetensors", "mae_tables.json"
+
+
+class MAEEncoderTables:
+    def __init__(self, codebooks: np.ndarray, bit_cost: np.ndarray, usage: np.ndarray,
+                 fingerprint: bytes, num_tokens: int):
+        self.codebooks = np.ascontiguousarray(codebooks, np.float32)  # (L, K, d)
+        self.codebook_sq = (self.codebooks ** 2).sum(-1)  # (L, K)
+        self.bit_cost = np.ascontiguousarray(bit_cost, np.float32)  # (L, K)
+        self.usage = np.asarray(usage, np.float64)  # (L, K)
+        self.fingerprint = bytes(fingerprint)
+        self.num_tokens = int(num_tokens)
+        self.num_layers = len(self.codebooks)
+        self._models = [entropy.StageModel(u) for u in self.usage]
+
+    @classmethod
+    def from_mae(cls, mae) -> "MAEEncoderTables":
+        q = mae.rvq
+        bit_cost = np.stack([(q.rate_lambda[l] * q.typical_dist[l] * q.code_bits(l)).numpy()
+                             for l in range(len(q.codebooks))])
+        return cls(q.codebooks.numpy().copy(), bit_cost, q.usage.double().numpy(),
+                   mae.fingerprint(), mae.cfg.num_tokens)
+
+    def save(self, folder: str | Path):
+        folder = Path(folder)
+        save_file({"codebooks": self.codebooks, "bit_cost": self.bit_cost, "usage": self.usage},
+                  str(folder / TABLES_FILE))
+        (folder / META_FILE).write_text(json.dumps({"fingerprint": self.fingerprint.hex(),
+                                                    "num_tokens": self.num_tokens}))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MAEEncoderTables":
+        folder = Path(folder)
+        t = load_file(str(folder / TABLES_FILE))
+        meta = json.loads((folder / META_FILE).read_text())
+        return cls(t["codebooks"], t["bit_cost"], t["usage"], bytes.fromhex(meta["fingerprint"]),
+                   meta["num_tokens"])
+
+    def indices(self, latent: np.ndarray) -> np.ndarray:
+        """latent (N, d) → code indices (L, N): argmin distortion + λ·bits, stage by stage."""
+        residual, out = np.asarray(latent, np.float32), []
+        for layer in range(self.num_layers):
+            cost = self.codebook_sq[layer] - 2.0 * residual @ self.codebooks[layer].T + self.bit_cost[layer]
+            idx = cost.argmin(1)
+            out.append(idx)
+            residual = residual - self.codebooks[layer][idx]
+        return np.stack(out)
+
+    def compress(self, latent: np.ndarray, k: int) -> bytes:
+        if not 1 <= k <= self.num_layers:
+            raise ValueError(f"k must be in 1..{self.num_layers}, got {k}")
+        if latent.shape[0] != self.num_tokens:
+            raise ValueError(f"expected a latent of {self.num_tokens} tokens, got {latent.shape[0]}")
+        idx = self.indices(latent)
+        layers = [self._models[l].encode(idx[l]) for l in range(k)]
+        return bitstream.pack(self.fingerprint, self.num_tokens, self.num_layers, layers)
