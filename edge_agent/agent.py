@@ -116,7 +116,7 @@ class EdgeAgent:
                     answer = self._timed(stages, "edge_language", self.runtime.language, tokens, question)
                 else:
                     everything = self._timed(stages, "mae_encode", self.runtime.mae_encode, tokens, L)
-        projected = [s for s in stages] if self.profile.projected else []
+        projected = list(stages) if self.profile.projected else []
 
         if mode == "full-edge":
             record.update(answer=answer, payload_bytes=0)
@@ -133,7 +133,7 @@ class EdgeAgent:
             if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
                 raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
             # a caller that watches the refinements gets one per layer; otherwise the cloud
-            # answers only the newest complete layer (the final answer comes sooner)
+            # answers once, when the layers are in (the final answer comes sooner)
             ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement,
                                         refine=on_refinement is not None)
             self._add_link_and_cloud(stages, ex)

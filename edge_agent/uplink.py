@@ -8,15 +8,14 @@ device with a steady uplink would. Each stage time is measured wall time:
 
     uplink    RTT/2 + the transfer, until the cloud has the last byte: a kernel buffer in front
               of a slow real link takes the bytes long before they arrive, so the end is the
-              later of the paced sending and, over HTTP, the cloud's first-to-last-byte receive
-              time, or, over the WebSocket, the peer's acknowledgement of the last byte
+              later of the paced sending and the cloud's first-to-last-byte receive time (for a
+              watched stream, where the cloud computes while layers arrive, the sending alone)
     downlink  reply bytes paced at the bandwidth + RTT/2
     overhead  the rest of the measured exchange (HTTP framing, JSON, waiting for the cloud's lock)
 """
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,12 +24,6 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect as ws_connect
-
-try:  # the send-queue ioctl (Unix); without it the uplink ends when the last byte is handed over
-    import fcntl
-    import termios
-except ImportError:
-    fcntl = termios = None
 
 from progvlm.bitstream import parse
 from progvlm.link import LinkProfile, paced_chunks, paced_segments
@@ -161,7 +154,7 @@ class CloudLink:
                 ws.send(json.dumps({"question": question, "refine": refine}))
                 for chunk in paced_segments(segments, link):
                     ws.send(chunk)
-                t_sent = _delivered(ws.socket, self.timeout_s)
+                t_sent = time.perf_counter()
                 if cut_after_layer is None:
                     ws.send(json.dumps({"end": True}))
                     thread.join(self.timeout_s)
@@ -188,7 +181,10 @@ class CloudLink:
         reply = final or {"type": "final", "layers": last["layers"], "answer": last["answer"],
                           "layers_announced": stream.k, "partial": last["layers"] < stream.k}
         reply["stage_ms"] = last["stage_ms"]
-        return Exchange(reply, _ms(t_sent - t0), last["downlink_ms"],
+        uplink = t_sent - t0
+        if not refine:  # the cloud computed nothing while layers arrived: its receive time is clean
+            uplink = max(uplink, link.rtt_ms / 2000 + last.get("received_ms", 0.0) / 1e3)
+        return Exchange(reply, _ms(uplink), last["downlink_ms"],
                         max(last["edge_t_ms"], _ms(time.perf_counter() - t0)), refinements,
                         cut_after_layer)
 
@@ -198,23 +194,6 @@ class CloudLink:
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-
-
-def _delivered(sock, timeout_s: float) -> float:
-    """When the peer has acknowledged every byte sent on `sock` (Linux: the send queue, unsent
-    plus unacknowledged, reaches 0). A kernel buffer in front of a slow real link takes the
-    bytes long before they arrive; this waits for the link. Elsewhere: now."""
-    if fcntl is None:
-        return time.perf_counter()
-    deadline = time.perf_counter() + timeout_s
-    while True:
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        except OSError:
-            return time.perf_counter()
-        if queued == 0 or time.perf_counter() > deadline:
-            return time.perf_counter()
-        time.sleep(0.0002)
 
 
 def _prefix_bytes(stream, layers: int) -> int:

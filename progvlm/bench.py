@@ -56,8 +56,11 @@ def rate_accuracy(backend, mae, seed: int, questions: int, quick: bool, log) -> 
     from .evaluate import eval_questions, evaluate_mae
     qualities = QUICK_JPEG_QUALITIES if quick else JPEG_QUALITIES
     log(f"rate–accuracy: {questions} questions, JPEG q {qualities} at model and camera size")
-    rep = evaluate_mae(backend, mae, seed, questions, jpeg_qualities=qualities,
-                       camera_jpeg_qualities=qualities)
+    from tqdm import tqdm
+    scene_count = len(eval_questions(seed, questions)[0])
+    with tqdm(total=scene_count, desc="rate–accuracy", unit="scene") as bar:
+        rep = evaluate_mae(backend, mae, seed, questions, progress=bar.update,
+                           jpeg_qualities=qualities, camera_jpeg_qualities=qualities)
     rows = [{"method": f"progressive k={r['k']}", "family": "progressive", "bytes": r["bytes_mean"],
              "accuracy": r["accuracy"], "consistency": r["consistency"]} for r in rep["per_k"]]
     for name, b in rep["baselines"].items():
@@ -240,7 +243,7 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, log=print) -> dict:
     backend, mae = runtime.backend, runtime.mae
     L = mae.cfg.num_layers
 
-    rows, rep = rate_accuracy(backend, mae, seed, 140 if quick else 700, quick, log)
+    rows, rep = rate_accuracy(backend, mae, seed, 140 if quick else 1000, quick, log)
     _write_csv(out / "rate_accuracy.csv", rows)
     plot_rate_accuracy(rows, out / "rate_accuracy.png")
     k_star = smallest_good_k(rep)

@@ -118,7 +118,7 @@ def _add_bench(sub):
                        "0.1–50 Mbps through the real shaped link to a cloud backend child process; "
                        "the 1 Mbps breakdown and headline ratios; cloud load with 1/4/16 clients; "
                        "the scene-graph information floor. Writes CSV/JSON, PNG plots and "
-                       "summary.md. Default run ≈ 10–15 min on 2 cores; --quick ≈ 2–4 min.")
+                       "summary.md. Default run ≈ 5 min on 2 cores (at most 15); --quick ≈ 1–2 min.")
     p.add_argument("--quick", action="store_true", help="fewer questions, qualities and images (CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,

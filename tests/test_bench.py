@@ -1,0 +1,36 @@
+"""The benchmark command: runs in CI time with --quick, writes its results, prints its JSON."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from progvlm.bench import scene_graph_bits
+from progvlm.data import EVAL_STREAM, scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_information_floor_counts_the_scene_graph():
+    one, *_ = [s for s in scenes(EVAL_STREAM, 0, 50) if len(s.objects) == 1]
+    three, *_ = [s for s in scenes(EVAL_STREAM, 0, 50) if len(s.objects) == 3]
+    per_object = math.log2(6) + math.log2(4) + 1 + 6
+    assert math.isclose(scene_graph_bits(one), 2 + per_object)
+    assert math.isclose(scene_graph_bits(three) - scene_graph_bits(one), 2 * per_object)
+
+
+def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "progvlm", "bench", "--quick", "--json", "--seed", "3",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    headline = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 1 <= headline["k_star"] <= 4 and headline["k_star_consistency"] >= 0.97
+    assert 0 < headline["bytes_vs_raw_fp16"] < headline["bytes_vs_jpeg_q90_model"] < 1
+    assert [r["clients"] for r in headline["load"]] == [1, 4, 16]
+    assert all(r["failed"] == 0 and r["requests"] > 0 for r in headline["load"])
+    for name in ("summary.md", "results.json", "rate_accuracy.csv", "latency.csv", "load.csv",
+                 "breakdown_1mbps.csv", "rate_accuracy.png", "latency_vs_bandwidth.png",
+                 "breakdown_1mbps.png"):
+        assert (tmp_path / name).stat().st_size > 100, name
+    latency = (tmp_path / "latency.csv").read_text()
+    assert "imx95-emulated (projected)" in latency and "full-cloud" in latency
