@@ -1,8 +1,13 @@
 """Device profiles: where the edge's compute times come from.
 
-    host            measured on this machine, as is
+    host            measured on this machine with one thread, as is
     imx95-emulated  measured on this machine with one thread, then multiplied by a compute-speed
                     factor: PROJECTED, and labelled so in every record and in the UI
+
+Both run the device's compute on one thread: in the demo, the tests and the benchmark the edge
+and the cloud share this host's cores, and a second thread per process only makes each steal
+the other's core (measured: the cloud's generation took 27 ms right after the edge's compute
+with two threads each, 9 ms with one each).
 
 The factor (7.0) is an assumption, not a measurement: the i.MX95's application cores are
 Cortex-A55s (in-order, up to 1.8 GHz), and public single-core benchmark scores of A55 devices
@@ -41,7 +46,7 @@ def _imx95_factor() -> float:
 
 def get_profile(name: str) -> DeviceProfile:
     if name == "host":
-        return DeviceProfile("host", 1.0, None, "measured on this host")
+        return DeviceProfile("host", 1.0, 1, "measured on this host (1 thread)")
     if name == "imx95-emulated":
         factor = _imx95_factor()
         return DeviceProfile("imx95-emulated", factor, 1,

@@ -108,6 +108,8 @@ def _add_serve_cloud(sub):
     p.add_argument("--vlm", type=Path, default=None, help="VLM folder (default: assets/tiny_vlm)")
     p.add_argument("--mae", type=Path, default=None, help="MAE folder (default: assets/mae)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    p.add_argument("--threads", type=int, default=1,
+                   help="compute threads (default 1: the demo shares this host with the edge agent)")
 
 
 def _add_bench(sub):
@@ -283,7 +285,7 @@ def cmd_make_examples(a) -> int:
 def cmd_serve_cloud(a) -> int:
     import os
     from .cloud_service import TOKEN_ENV, serve
-    serve(a.host, a.port, os.environ.get(TOKEN_ENV) or None, a.vlm, a.mae, a.max_body_bytes)
+    serve(a.host, a.port, os.environ.get(TOKEN_ENV) or None, a.vlm, a.mae, a.max_body_bytes, a.threads)
     return 0
 
 

@@ -292,8 +292,12 @@ def _parse_prefix(data: bytes, model: CloudModel):
 
 
 def serve(host: str, port: int, token: str | None = None, vlm_folder=None, mae_folder=None,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "warning"):
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning"):
+    """Run the service. One compute thread by default: on a host shared with the edge (the
+    demo, the tests, the benchmark) more threads only steal the edge's core."""
+    import torch
     import uvicorn
+    torch.set_num_threads(threads)
     from .backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
     from .models.mae import DEFAULT_MAE, load_mae
     app = create_app(TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS),

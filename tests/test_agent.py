@@ -44,7 +44,8 @@ def cloud_url(runtime):
 
 @pytest.fixture(scope="module")
 def agent(runtime, cloud_url):
-    return EdgeAgent(runtime, cloud_url, TOKEN)
+    yield EdgeAgent(runtime, cloud_url, TOKEN)  # (its profile sets one torch thread)
+    runtime.set_threads(runtime.default_threads)
 
 
 @pytest.fixture(scope="module")
