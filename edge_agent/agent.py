@@ -63,10 +63,10 @@ class EdgeAgent:
         self.runtime.language(tokens, "describe the scene .", max_new_tokens=2)
 
     # ---- the device's stages, timed ------------------------------------------------------
-    def _timed(self, stages: dict, name: str, fn, *args):
+    def _timed(self, stages: dict, factor: float, name: str, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
-        stages[name] = _ms(time.perf_counter() - t0) * self.profile.compute_factor
+        stages[name] = _ms(time.perf_counter() - t0) * factor
         return out
 
     def _jpeg(self, image) -> bytes:
@@ -77,8 +77,15 @@ class EdgeAgent:
     # ---- one request -----------------------------------------------------------------------
     def ask(self, image, question: str, mode: str = "progressive", k: int | None = None,
             bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
-            cut_after_layer: int | None = None, on_refinement=None) -> dict:
+            cut_after_layer: int | None = None, on_refinement=None,
+            device_profile: str | None = None) -> dict:
+        """`device_profile` (host, imx95-emulated) overrides the agent's own for this request;
+        both run on one thread, so only the scaling and the labels change."""
         L = self.runtime.num_layers
+        try:
+            profile = get_profile(device_profile) if device_profile else self.profile
+        except ValueError as e:
+            raise AskError(str(e)) from None
         if mode not in MODES:
             raise AskError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not isinstance(question, str) or not question.strip():
@@ -102,21 +109,22 @@ class EdgeAgent:
         t_start = time.perf_counter()
         stages: dict[str, float] = {}
         record = {"mode": mode, "question": question, "runtime": self.runtime.name,
-                  "device_profile": self.profile.name, "timing_source": self.profile.source,
+                  "device_profile": profile.name, "timing_source": profile.source,
                   "link": {"bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms}}
         with self._device:
-            image = self._timed(stages, "edge_preprocess", load_image, image)
+            factor = profile.compute_factor
+            image = self._timed(stages, factor, "edge_preprocess", load_image, image)
             if mode == "full-cloud":
-                payload = self._timed(stages, "serialize", self._jpeg, image)
+                payload = self._timed(stages, factor, "serialize", self._jpeg, image)
             else:
-                pixels = self._timed(stages, "edge_preprocess_model", self.runtime.preprocess, image)
+                pixels = self._timed(stages, factor, "edge_preprocess_model", self.runtime.preprocess, image)
                 stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
-                tokens = self._timed(stages, "edge_vision", self.runtime.vision, pixels)
+                tokens = self._timed(stages, factor, "edge_vision", self.runtime.vision, pixels)
                 if mode == "full-edge":
-                    answer = self._timed(stages, "edge_language", self.runtime.language, tokens, question)
+                    answer = self._timed(stages, factor, "edge_language", self.runtime.language, tokens, question)
                 else:
-                    everything = self._timed(stages, "mae_encode", self.runtime.mae_encode, tokens, L)
-        projected = list(stages) if self.profile.projected else []
+                    everything = self._timed(stages, factor, "mae_encode", self.runtime.mae_encode, tokens, L)
+        projected = list(stages) if profile.projected else []
 
         if mode == "full-edge":
             record.update(answer=answer, payload_bytes=0)

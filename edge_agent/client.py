@@ -24,21 +24,25 @@ class EdgeAgentClient:
             raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None
 
     @staticmethod
-    def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, stream) -> dict:
+    def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, device_profile,
+              stream) -> dict:
         form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
                 "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false"}
-        for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer)):
+        for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer),
+                            ("device_profile", device_profile)):
             if value is not None:
                 form[name] = str(value)
         return form
 
     def ask_stream(self, image: str | Path | bytes, question: str, mode: str = "progressive",
                    k: int | None = None, bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0,
-                   budget_ms: float | None = None, cut_after_layer: int | None = None) -> Iterator[dict]:
+                   budget_ms: float | None = None, cut_after_layer: int | None = None,
+                   device_profile: str | None = None) -> Iterator[dict]:
         """Yield the agent's lines: {"type": "refinement", …} as layers are answered, then
         {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, True)
+        form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer,
+                          device_profile, True)
         try:
             with self._http.stream("POST", "/v1/ask", files={"image": ("image", data)}, data=form) as r:
                 if r.status_code != 200:

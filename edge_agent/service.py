@@ -3,7 +3,7 @@
     GET  /healthz
     GET  /v1/info   runtime, device profile, model ids, the cloud it talks to and whether it answers
     POST /v1/ask    multipart: image (file), question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                    cut_after_layer (fault injection), stream
+                    cut_after_layer (fault injection), device_profile, stream
                     → one JSON record (edge_agent/agent.py); with stream=true, NDJSON lines:
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
@@ -71,13 +71,14 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Fa
                   mode: str = Form("progressive"), k: int | None = Form(None),
                   bandwidth_mbps: float = Form(1.0), rtt_ms: float = Form(20.0),
                   budget_ms: float | None = Form(None), cut_after_layer: int | None = Form(None),
-                  stream: bool = Form(False)):
+                  device_profile: str | None = Form(None), stream: bool = Form(False)):
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
                                 status_code=413)
         args = dict(image=data, question=question, mode=mode, k=k, bandwidth_mbps=bandwidth_mbps,
-                    rtt_ms=rtt_ms, budget_ms=budget_ms, cut_after_layer=cut_after_layer)
+                    rtt_ms=rtt_ms, budget_ms=budget_ms, cut_after_layer=cut_after_layer,
+                    device_profile=device_profile)
         if not stream:
             try:
                 return await run_in_threadpool(agent.ask, **args)

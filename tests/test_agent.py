@@ -146,6 +146,14 @@ def test_a_wrong_token_is_refused(runtime, cloud_url, image):
         agent.ask(image, Q, "progressive", k=1)
 
 
+def test_a_request_can_ask_for_the_emulated_device(agent, image):
+    r = agent.ask(image, Q, "full-edge", device_profile="imx95-emulated")
+    assert r["device_profile"] == "imx95-emulated" and r["projected_stages"] == list(r["stage_ms"])
+    assert agent.ask(image, Q, "full-edge")["projected_stages"] == []
+    with pytest.raises(AskError, match="unknown device profile"):
+        agent.ask(image, Q, "full-edge", device_profile="raspberry")
+
+
 def test_the_imx95_profile_labels_its_scaled_times_projected(runtime, cloud_url, image):
     agent = EdgeAgent(runtime, cloud_url, TOKEN, get_profile("imx95-emulated"))
     r = agent.ask(image, Q, "progressive", k=1)

@@ -46,6 +46,16 @@ def test_compare_shows_every_mode_the_chart_ladder_and_picture(app):
     assert picture.size[0] > 4 * picture.size[1] - 40  # four panels side by side
 
 
+def test_the_emulated_device_is_marked_projected(app):
+    ex = app.EXAMPLES[1]
+    *_, last = app.compare(ex["path"], "describe the scene .", 1, 20, 2, ["full-edge", "progressive"],
+                           300, "imx95-emulated")
+    *cards, chart, _, _, _, records = last
+    assert all(r["device_profile"] == "imx95-emulated" and r["projected_stages"] for r in records)
+    assert "(projected)" in cards[1] and "(projected)" in cards[2]
+    assert any(stage.endswith("(projected)") for stage in chart["stage"])
+
+
 def test_progressive_answers_refine_live(app):
     ex = app.EXAMPLES[2]
     updates = list(app.compare(ex["path"], "describe the scene .", 1, 20, 3, ["progressive"], 300))

@@ -84,7 +84,7 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
         browser.close()
 
     result = Client(page_url, verbose=False).predict(
-        handle_file(example["path"]), question, 1, 20, 2, MODES, 300, api_name="/compare")
+        handle_file(example["path"]), question, 1, 20, 2, MODES, 300, "host", api_name="/compare")
     records = result[-1]
     assert [r["mode"] for r in records] == MODES
     for record in records:
