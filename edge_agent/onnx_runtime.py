@@ -1,7 +1,8 @@
 """The edge runtime on ONNX Runtime and NumPy: no PyTorch anywhere in its imports.
 
 Loads a folder made by `python -m edge_agent export` and checks it against its manifest
-(every file present, every sha256 right) before running anything.
+(every file present, every sha256 right, the same vocabulary as this code) before running
+anything: a board that runs a half-copied or stale export would answer wrongly, not fail.
 """
 from __future__ import annotations
 
@@ -12,14 +13,58 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from progvlm.edge_codec import MAEEncoderTables
-from progvlm.questions import BOS, EOS, SEP, decode_ids, encode_words
+from progvlm.edge_codec import META_FILE, TABLES_FILE, MAEEncoderTables
+from progvlm.questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID, decode_ids, encode_words
 
 from .runtime import EdgeRuntime
+
+FORMAT = "progvlm-edge-onnx/1"
+MODELS = ("vision", "mae_encoder", "language")
+REQUIRED_FILES = tuple(f"{m}.onnx" for m in MODELS) + (TABLES_FILE, META_FILE)
+REQUIRED_KEYS = ("vlm_id", "mae_fingerprint", "image_size", "num_tokens", "num_layers",
+                 "max_text_len", "vocab", "sha256")
+EXPORT_HINT = "make one with `python -m edge_agent export --out FOLDER`"
 
 
 class ExportError(ValueError):
     """An export folder that cannot be used; str(e) says what is wrong with it."""
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ExportError(f"{folder} is not an ONNX export (no manifest.json); {EXPORT_HINT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"corrupt export: {path} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a {FORMAT} manifest; {EXPORT_HINT}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ExportError(f"incomplete manifest {path}: no {', '.join(missing)}")
+    unlisted = [f for f in REQUIRED_FILES if f not in manifest["sha256"]]
+    if unlisted:
+        raise ExportError(f"incomplete manifest {path}: no checksum for {', '.join(unlisted)}")
+    if manifest["vocab"] != VOCAB:
+        raise ExportError("the export's vocabulary differs from this progvlm's: re-export with "
+                          "the progvlm version copied to the board")
+    return manifest
+
+
+def _check_files(folder: Path, sha256: dict):
+    for name, digest in sha256.items():
+        f = folder / name
+        if not f.is_file():
+            raise ExportError(f"incomplete export: {name} is missing from {folder}")
+        if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+            raise ExportError(f"corrupt export: {name} does not match its sha256 in the manifest")
+
+
+def question_ids(question: str) -> list[int]:
+    """<bos> words <sep>: the prompt layout of progvlm.models.tiny_vlm.question_ids (which
+    imports torch, so it is restated here)."""
+    return [WORD_TO_ID[BOS]] + encode_words(question) + [WORD_TO_ID[SEP]]
 
 
 class OnnxRuntime(EdgeRuntime):
@@ -32,33 +77,28 @@ class OnnxRuntime(EdgeRuntime):
         self.num_layers = manifest["num_layers"]
         self.num_tokens = manifest["num_tokens"]
         self.image_size = manifest["image_size"]
-        self.vocab = manifest["vocab"]
+        self.max_text_len = manifest["max_text_len"]
         self.codec = MAEEncoderTables.load(folder)
+        if self.codec.fingerprint != self.mae_fingerprint:
+            raise ExportError(f"corrupt export: the coding tables are for MAE "
+                              f"{self.codec.fingerprint.hex()}, the manifest names "
+                              f"{self.mae_fingerprint.hex()}")
         self.default_threads = threads or 0  # 0: ONNX Runtime's own choice
         self.set_threads(self.default_threads)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> "OnnxRuntime":
         folder = Path(folder)
-        path = folder / "manifest.json"
-        if not path.is_file():
-            raise ExportError(f"{folder} is not an ONNX export (no manifest.json); make one with "
-                              "`python -m edge_agent export --out FOLDER`")
-        manifest = json.loads(path.read_text())
-        for name, digest in manifest["sha256"].items():
-            f = folder / name
-            if not f.is_file():
-                raise ExportError(f"incomplete export: {name} is missing from {folder}")
-            if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-                raise ExportError(f"corrupt export: {name} does not match its sha256 in the manifest")
+        manifest = _read_manifest(folder)
+        _check_files(folder, manifest["sha256"])
         return cls(folder, manifest, threads)
 
     def set_threads(self, threads: int):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.sessions = {name: ort.InferenceSession(str(self.folder / f"{name}.onnx"), options,
-                                                    providers=["CPUExecutionProvider"])
-                         for name in ("vision", "mae_encoder", "language")}
+        self.sessions = {m: ort.InferenceSession(str(self.folder / f"{m}.onnx"), options,
+                                                 providers=["CPUExecutionProvider"])
+                         for m in MODELS}
 
     def vision(self, pixels):
         return self.sessions["vision"].run(None, {"pixels": np.asarray(pixels, np.float32)})[0][0]
@@ -68,17 +108,19 @@ class OnnxRuntime(EdgeRuntime):
         return self.codec.compress(latent, k)
 
     def language(self, tokens, question, max_new_tokens=32):
-        word_to_id = {w: i for i, w in enumerate(self.vocab)}
-        ids = [word_to_id[BOS]] + encode_words(question) + [word_to_id[SEP]]
-        limit = self.manifest["max_text_len"]
-        if len(ids) >= limit:
-            raise ValueError(f"question too long: {len(ids) - 2} words, this model reads at most {limit - 3}")
+        """Greedy decoding as TinyVLM.generate does it, re-running the whole prompt per token
+        (no KV cache in the graph: answers are a few words, the prompt under 32 ids)."""
+        ids = question_ids(question)
+        if len(ids) >= self.max_text_len:
+            raise ValueError(f"question too long: {len(ids) - 2} words, this model reads at "
+                             f"most {self.max_text_len - 3}")
         batch = np.asarray(tokens, np.float32)[None]
         answer = []
-        for _ in range(min(max_new_tokens, limit - len(ids))):
-            logits = self.sessions["language"].run(None, {"tokens": batch, "ids": np.asarray([ids], np.int64)})[0]
+        for _ in range(min(max_new_tokens, self.max_text_len - len(ids))):
+            logits = self.sessions["language"].run(None, {"tokens": batch,
+                                                          "ids": np.asarray([ids], np.int64)})[0]
             nxt = int(logits[0].argmax())
-            if nxt == word_to_id[EOS]:
+            if nxt == WORD_TO_ID[EOS]:
                 break
             answer.append(nxt)
             ids.append(nxt)

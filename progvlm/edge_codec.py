@@ -32,9 +32,11 @@ class MAEEncoderTables:
 
     @classmethod
     def from_mae(cls, mae) -> "MAEEncoderTables":
+        """The tables of a PyTorch MAE. The bit costs come from the torch expression of
+        ResidualVQ.assign, evaluated in the same order, so they are the same float32 values."""
         q = mae.rvq
-        bit_cost = np.stack([(q.rate_lambda[l] * q.typical_dist[l] * q.code_bits(l)).numpy()
-                             for l in range(len(q.codebooks))])
+        bit_cost = np.stack([(q.rate_lambda[l] * q.rate_scale * q.typical_dist[l]
+                              * q.code_bits(l)).numpy() for l in range(len(q.codebooks))])
         return cls(q.codebooks.numpy().copy(), bit_cost, q.usage.double().numpy(),
                    mae.fingerprint(), mae.cfg.num_tokens)
 
@@ -54,7 +56,8 @@ class MAEEncoderTables:
                    meta["num_tokens"])
 
     def indices(self, latent: np.ndarray) -> np.ndarray:
-        """latent (N, d) → code indices (L, N): argmin distortion + λ·bits, stage by stage."""
+        """latent (N, d) → code indices (L, N): argmin distortion + λ·bits, stage by stage.
+        |r|² is left out of the distortion: it is the same for every code of a token."""
         residual, out = np.asarray(latent, np.float32), []
         for layer in range(self.num_layers):
             cost = self.codebook_sq[layer] - 2.0 * residual @ self.codebooks[layer].T + self.bit_cost[layer]
@@ -64,10 +67,12 @@ class MAEEncoderTables:
         return np.stack(out)
 
     def compress(self, latent: np.ndarray, k: int) -> bytes:
+        """latent (N, d) → bitstream with layers 1..k (what MAE.compress sends)."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in 1..{self.num_layers}, got {k}")
-        if latent.shape[0] != self.num_tokens:
-            raise ValueError(f"expected a latent of {self.num_tokens} tokens, got {latent.shape[0]}")
+        expected = (self.num_tokens, self.codebooks.shape[2])
+        if tuple(latent.shape) != expected:
+            raise ValueError(f"expected a latent of shape {expected}, got {tuple(latent.shape)}")
         idx = self.indices(latent)
         layers = [self._models[l].encode(idx[l]) for l in range(k)]
         return bitstream.pack(self.fingerprint, self.num_tokens, self.num_layers, layers)

@@ -12,11 +12,15 @@ import torch
 from edge_agent.onnx_export import export_onnx
 from edge_agent.onnx_runtime import ExportError, OnnxRuntime
 from edge_agent.runtime import PyTorchRuntime
+from progvlm import bitstream
 from progvlm.examples import load_examples
 from progvlm.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN_TOLERANCE = 1e-3  # max |ONNX − PyTorch| over the visual tokens (measured ≈ 1e-5; |T| ≈ 1–10)
+# max |ONNX − PyTorch| over the visual tokens: measured 1.1e-5 on the examples, where |token|
+# reaches 31 (float32 rounding of a different operation order); 1e-4 leaves ~9× margin
+TOKEN_TOLERANCE = 1e-4
+EXAMPLES = load_examples()
 
 
 @pytest.fixture(scope="module")
@@ -31,43 +35,93 @@ def runtimes(export_dir):
     return PyTorchRuntime.bundled(), OnnxRuntime.load(export_dir)
 
 
-def test_the_export_matches_pytorch_on_every_example(runtimes):
+@pytest.fixture(scope="module")
+def tokens(runtimes):
+    """Per example: (PyTorch tokens, ONNX tokens) of the same preprocessed frame."""
     torch_rt, onnx_rt = runtimes
-    assert onnx_rt.model_id == torch_rt.model_id and onnx_rt.mae_fingerprint == torch_rt.mae_fingerprint
-    identical = 0
-    for ex in load_examples():
+    out = []
+    for ex in EXAMPLES:
         pixels = onnx_rt.preprocess(load_image(ex["path"]))
-        a, b = torch_rt.vision(pixels), onnx_rt.vision(pixels)
-        assert np.abs(a - b).max() <= TOKEN_TOLERANCE
-        stream = onnx_rt.mae_encode(b, 4)
-        tokens, bs = torch_rt.mae.decompress(stream)  # the PyTorch cloud decodes it
-        assert len(bs.layers) == 4 and tokens.shape == (64, 128)
-        identical += stream == torch_rt.mae_encode(a, 4)
-        for q in ex["questions"]:
-            assert onnx_rt.language(b, q["question"]) == torch_rt.language(a, q["question"])
-    # near-ties in the code assignment may flip under 1e-5 differences; most streams are equal
-    assert identical >= len(load_examples()) - 1
+        out.append((torch_rt.vision(pixels), onnx_rt.vision(pixels)))
+    return out
 
 
-def test_the_codec_gives_the_bytes_of_the_pytorch_mae_for_the_same_latent(runtimes):
+def test_the_export_names_the_same_models(runtimes):
     torch_rt, onnx_rt = runtimes
-    tokens = torch_rt.vision(torch_rt.preprocess(load_image(load_examples()[1]["path"])))
-    latent = torch_rt.mae.encode_latent(torch.from_numpy(tokens)).detach().numpy()
-    for k in (1, 4):
-        assert onnx_rt.codec.compress(latent, k) == torch_rt.mae.compress(torch.from_numpy(tokens), k)
+    for attr in ("model_id", "mae_fingerprint", "num_layers", "num_tokens", "image_size"):
+        assert getattr(onnx_rt, attr) == getattr(torch_rt, attr), attr
 
 
-def test_the_board_runtime_runs_without_torch(export_dir):
+def test_visual_tokens_match_pytorch(tokens):
+    for a, b in tokens:
+        assert b.shape == a.shape == (64, 128) and b.dtype == np.float32
+        assert np.abs(a - b).max() <= TOKEN_TOLERANCE
+
+
+def test_onnx_streams_decode_in_pytorch_and_equal_its_streams(runtimes, tokens):
+    torch_rt, onnx_rt = runtimes
+    identical = 0
+    for a, b in tokens:
+        for k in range(1, onnx_rt.num_layers + 1):
+            stream = onnx_rt.mae_encode(b, k)
+            decoded, bs = torch_rt.mae.decompress(stream)  # the PyTorch cloud decodes it
+            assert len(bs.layers) == k and decoded.shape == (64, 128)
+            identical += stream == torch_rt.mae_encode(a, k)
+    # latents differ by ~1e-5, so a near-tie in the code assignment may flip; measured: none
+    assert identical >= len(tokens) * onnx_rt.num_layers - 1
+
+
+def test_the_numpy_coder_reproduces_the_pytorch_assignment_rule(runtimes, tokens):
+    """Independent of progvlm/edge_codec.py: ResidualVQ.quantise (the training rule), the
+    stage models and the framing, against MAEEncoderTables.compress on the same latent."""
+    torch_rt, onnx_rt = runtimes
+    mae, identical = torch_rt.mae, 0
+    for a, _ in tokens:
+        with torch.inference_mode():
+            latent = mae.encode_latent(torch.from_numpy(a))
+            idx = mae.rvq.quantise(latent)[0].numpy()
+        models = mae.stage_models()
+        reference = bitstream.pack(mae.fingerprint(), 64, 4, [models[l].encode(idx[l]) for l in range(4)])
+        identical += onnx_rt.codec.compress(latent.numpy(), 4) == reference
+    # the NumPy cost leaves out |r|² (constant per token): float rounding may flip a near-tie
+    assert identical >= len(tokens) - 1
+
+
+def test_full_edge_answers_equal_pytorch_on_every_suggested_question(runtimes, tokens):
+    torch_rt, onnx_rt = runtimes
+    for ex, (a, b) in zip(EXAMPLES, tokens):
+        for q in ex["questions"]:
+            assert onnx_rt.language(b, q["question"]) == torch_rt.language(a, q["question"]), q
+
+
+def test_prompt_lengths_at_the_limits_match_pytorch(runtimes, tokens):
+    torch_rt, onnx_rt = runtimes
+    a, b = tokens[0]
+    longest = " ".join(["red"] * 29)  # <bos> 29 words <sep>: 31 of max_text_len 32
+    for question in ("", longest, "describe the scene .", "what colour is the zebra ?"):
+        for max_new in (1, 32):
+            assert onnx_rt.language(b, question, max_new) == torch_rt.language(a, question, max_new)
+    with pytest.raises(ValueError, match="question too long"):
+        onnx_rt.language(b, longest + " red")
+
+
+def test_the_board_runtime_runs_without_torch(export_dir, runtimes):
+    torch_rt, _ = runtimes
+    path = EXAMPLES[2]["path"]
     code = ("import sys; sys.modules['torch'] = None\n"
             "from edge_agent.onnx_runtime import OnnxRuntime\n"
             "from progvlm.images import load_image\n"
             f"rt = OnnxRuntime.load({str(export_dir)!r})\n"
-            f"t = rt.vision(rt.preprocess(load_image({load_examples()[2]['path']!r})))\n"
+            f"t = rt.vision(rt.preprocess(load_image({path!r})))\n"
             "print(len(rt.mae_encode(t, 2)), rt.language(t, 'describe the scene .'))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
-    nbytes, answer = out.stdout.split(" ", 1)
-    assert int(nbytes) > 12 and answer.strip()
+    nbytes, answer = out.stdout.strip().split(" ", 1)
+    assert int(nbytes) > 12
+    expected = torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path))),
+                                 "describe the scene .")
+    assert answer == expected
 
 
 def test_a_broken_export_folder_is_refused_clearly(export_dir, tmp_path):
@@ -82,18 +136,25 @@ def test_a_broken_export_folder_is_refused_clearly(export_dir, tmp_path):
     with open(broken / "vision.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(ExportError, match="vision.onnx does not match"):
+    with pytest.raises(ExportError, match="vision.onnx does not match its sha256"):
         OnnxRuntime.load(broken)
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    assert set(manifest["sha256"]) >= {"vision.onnx", "mae_encoder.onnx", "language.onnx"}
+    del manifest["sha256"]["mae_tables.safetensors"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="no checksum for mae_tables.safetensors"):
+        OnnxRuntime.load(broken)
+    (broken / "manifest.json").write_text('{"format": ')
+    with pytest.raises(ExportError, match="not valid JSON"):
+        OnnxRuntime.load(broken)
 
 
 def test_the_agent_runs_on_the_onnx_runtime(runtimes):
     from edge_agent.agent import EdgeAgent
     from edge_agent.profiles import get_profile
     torch_rt, onnx_rt = runtimes
-    path = load_examples()[3]["path"]
-    record = EdgeAgent(onnx_rt, profile=get_profile("imx95-emulated")).ask(path, "describe the scene .", "full-edge")
+    path = EXAMPLES[3]["path"]
+    record = EdgeAgent(onnx_rt, profile=get_profile("imx95-emulated")).ask(
+        path, "describe the scene .", "full-edge")
     assert record["runtime"] == "onnxruntime" and record["projected_stages"]
     assert record["answer"] == torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path))),
                                                  "describe the scene .")
