@@ -69,8 +69,7 @@ def export_onnx(out: str | Path, vlm_folder=None, mae_folder=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     backend = TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS)
     mae = load_mae(mae_folder or DEFAULT_MAE)
-    if mae.cfg.vlm_id != backend.model_id:
-        raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, not {backend.model_id}")
+    mae.check_belongs_to(backend)
     vlm, cfg = backend.model.eval(), backend.cfg
     S, N, D = cfg.image_size, cfg.num_tokens, cfg.token_dim
     with warnings.catch_warnings(), torch.no_grad():

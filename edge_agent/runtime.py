@@ -57,9 +57,7 @@ class PyTorchRuntime(EdgeRuntime):
     def __init__(self, backend, mae):
         import torch  # this runtime needs it; the module does not
         self.default_threads = torch.get_num_threads()
-        if mae.cfg.vlm_id != backend.model_id:
-            raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, "
-                             f"not to {backend.model_id}")
+        mae.check_belongs_to(backend)
         self.backend, self.mae = backend, mae
         self.model_id = backend.model_id
         self.mae_fingerprint = mae.fingerprint()

@@ -236,9 +236,10 @@ def cmd_eval_mae(a) -> int:
         return 2
     backend = _load_backend(a.weights)
     mae = load_mae(a.mae or DEFAULT_MAE)
-    if mae.cfg.vlm_id != backend.model_id:
-        print(f"error: the MAE was trained for {mae.cfg.vlm_id}, not {backend.model_id}",
-              file=sys.stderr)
+    try:
+        mae.check_belongs_to(backend)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     with tqdm(desc="eval-mae", unit="scene", file=sys.stderr) as bar:

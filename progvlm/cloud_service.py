@@ -53,9 +53,7 @@ class CloudModel:
     """The server's compute: decode what arrives, run the VLM, time every stage."""
 
     def __init__(self, backend, mae):
-        if mae.cfg.vlm_id != backend.model_id:
-            raise ValueError(f"MAE {mae.fingerprint().hex()} belongs to {mae.cfg.vlm_id}, "
-                             f"not to {backend.model_id}")
+        mae.check_belongs_to(backend)
         self.backend, self.mae = backend, mae
         self.fingerprint = mae.fingerprint()
         self._lock = threading.Lock()

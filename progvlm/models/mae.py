@@ -182,6 +182,12 @@ class MAE(nn.Module):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.digest()[:bitstream.FINGERPRINT_BYTES]
 
+    def check_belongs_to(self, backend):
+        """Raise ValueError unless this MAE was trained on `backend`'s visual tokens."""
+        if self.cfg.vlm_id != backend.model_id:
+            raise ValueError(f"MAE {self.fingerprint().hex()} belongs to {self.cfg.vlm_id}, "
+                             f"not to {backend.model_id}")
+
     def stage_models(self) -> list[entropy.StageModel]:
         return [entropy.StageModel(self.rvq.usage[l].double().numpy())
                 for l in range(self.cfg.num_layers)]
