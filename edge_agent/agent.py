@@ -138,6 +138,7 @@ class EdgeAgent:
             if mode == "auto":
                 k, record["auto"] = self._choose_k(stages, layers, link, budget_ms)
             data = pack(self.runtime.mae_fingerprint, self.runtime.num_tokens, L, layers[:k])
+            sent = parse(data)
             if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
                 raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
             # a caller that watches the refinements gets one per layer; otherwise the cloud
@@ -148,8 +149,9 @@ class EdgeAgent:
             reply = ex.reply
             record.update(answer=reply["answer"], k=k, layers_used=reply["layers"],
                           partial=reply["partial"], payload_bytes=len(data),
-                          layer_bytes=[len(p) + 2 for p in layers[:k]],
-                          header_bytes=len(data) - sum(len(p) + 2 for p in layers[:k]),
+                          layer_bytes=[b - a for a, b in zip([sent.header_bytes] + sent.layer_ends(),
+                                                             sent.layer_ends())],
+                          header_bytes=sent.header_bytes,
                           refinements=[{"layers": r["layers"], "answer": r["answer"],
                                         "edge_t_ms": r["edge_t_ms"]} for r in ex.refinements])
             if cut_after_layer is not None:

@@ -111,12 +111,15 @@ class CloudLink:
         """Stream the layers in order; the cloud answers after each complete layer. With
         `cut_after_layer` = j the uplink dies after layer j (fault injection): the answer is
         the cloud's answer from layers 1..j, and the exchange says so. Without `refine`, the
-        cloud skips answering a layer whose successor has already arrived."""
+        cloud answers once, when the layers are in (or the uplink falls silent)."""
         stream = parse(bitstream)
-        sent_layers = len(stream.layers) if cut_after_layer is None else cut_after_layer
-        ends = [_prefix_bytes(stream, j) for j in range(sent_layers + 1)]
-        # header + layer 1 travel as one segment, then one segment per layer
-        segments = [bitstream[a:b] for a, b in zip([0] + ends[1:-1], ends[1:])] or [bitstream[:ends[0]]]
+        ends = stream.layer_ends()
+        if cut_after_layer is not None and not 0 <= cut_after_layer <= len(ends):
+            raise ValueError(f"cut_after_layer must be in 0..{len(ends)}, got {cut_after_layer}")
+        # header + layer 1 travel as one segment, then one segment per layer (a cut at 0 sends
+        # the header alone)
+        cuts = (ends if cut_after_layer is None else ends[:cut_after_layer]) or [stream.header_bytes]
+        segments = [bitstream[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
         url = _ws_url(self.base_url) + "/v1/progressive/stream"
         try:
             ws = ws_connect(url, additional_headers=self.headers, open_timeout=self.timeout_s,
@@ -194,16 +197,6 @@ class CloudLink:
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-
-
-def _prefix_bytes(stream, layers: int) -> int:
-    """Bytes of the wire form up to the end of layer `layers` (header included)."""
-    from progvlm.bitstream import pack_header
-    if not 0 <= layers <= len(stream.layers):
-        raise ValueError(f"cut_after_layer must be in 0..{len(stream.layers)}, got {layers}")
-    header = len(pack_header(stream.fingerprint, stream.num_tokens, stream.num_layers,
-                             [len(p) for p in stream.layers]))
-    return header + sum(len(p) + 2 for p in stream.layers[:layers])
 
 
 def _ws_url(base_url: str) -> str:

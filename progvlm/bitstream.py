@@ -67,6 +67,15 @@ class Bitstream:
     num_layers: int  # L of the MAE that wrote it
     k: int  # layers announced in the header
     layers: list[bytes]  # the complete layers present, in order (≤ k)
+    header_bytes: int  # the header's size in the wire form
+
+    def layer_ends(self) -> list[int]:
+        """Offsets in the wire form where each present layer ends (its checksum included)."""
+        ends, end = [], self.header_bytes
+        for payload in self.layers:
+            end += len(payload) + _CRC.size
+            ends.append(end)
+        return ends
 
     @property
     def truncated(self) -> bool:
@@ -127,6 +136,7 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
         raise BitstreamError(f"wrong MAE fingerprint: the stream was written by MAE {fp.hex()}, "
                              f"this decoder is {expected_fingerprint.hex()}")
     pos += _CRC.size
+    header_bytes = pos
     layers = []
     for i, length in enumerate(lengths):
         end = pos + length + _CRC.size
@@ -142,4 +152,4 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
         raise TruncatedStream("truncated stream: not even layer 1 is complete")
     if len(layers) == k and pos != len(data):
         raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
-    return Bitstream(fp, n, L, k, layers)
+    return Bitstream(fp, n, L, k, layers, header_bytes)

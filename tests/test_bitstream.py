@@ -24,6 +24,7 @@ def test_cut_at_or_inside_a_layer_decodes_the_complete_prefix():
     layers, data = _stream()
     header = len(pack_header(FP, 64, 4, [len(p) for p in layers]))
     ends = np.cumsum([len(p) + 2 for p in layers]) + header
+    assert parse(data).header_bytes == header and parse(data).layer_ends() == list(ends)
     for j, end in enumerate(ends[:-1], start=1):
         for cut in (end, end + 1):  # at the boundary, and one byte into the next layer
             bs = parse(data[:cut])

@@ -179,14 +179,8 @@ def test_concurrent_requests_get_the_answers_of_sequential_ones(parts):
 
 def _layer_ends(data: bytes) -> list[int]:
     """Byte offsets where layers 1..k end in the wire form."""
-    from progvlm.bitstream import pack_header, parse
-    bs = parse(data)
-    end = len(pack_header(bs.fingerprint, bs.num_tokens, bs.num_layers, [len(p) for p in bs.layers]))
-    ends = []
-    for p in bs.layers:
-        end += len(p) + 2
-        ends.append(end)
-    return ends
+    from progvlm.bitstream import parse
+    return parse(data).layer_ends()
 
 
 def _other_fingerprint(data: bytes) -> bytes:
