@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
-from progvlm.examples import ground_truth, load_examples, pixel_digest
+from progvlm.examples import find_example, ground_truth, load_examples
 from progvlm.images import ImageInputError
 from progvlm.metrics import SemanticConsistency
 from progvlm.questions import unknown_words
@@ -108,12 +108,11 @@ def suggested(image):
     choices = GENERIC_QUESTIONS
     if image is not None:
         try:
-            digest = pixel_digest(image)
-            for ex in EXAMPLES:
-                if ex.setdefault("digest", pixel_digest(ex["path"])) == digest:
-                    choices = [q["question"] for q in ex["questions"]]
-        except ImageInputError:
-            pass
+            example = find_example(image, EXAMPLES)
+        except ImageInputError:  # a bad upload: compare() will say so
+            example = None
+        if example:
+            choices = [q["question"] for q in example["questions"]]
     return gr.update(choices=choices, value=None)
 
 

@@ -1,10 +1,14 @@
 """The bundled example scenes (assets/examples): camera frames with their ground truth."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .data import EVAL_STREAM, scene_seed
+from .images import load_image
 from .questions import describe, suggested_questions
 from .scenes import Scene, generate_scene, render_scene
 
@@ -37,19 +41,23 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[dict]:
 
 def pixel_digest(image) -> str:
     """A digest of an image's RGB pixels: the same scene however the file was copied or named."""
-    import hashlib
-    import numpy as np
-    from .images import load_image
     return hashlib.sha256(np.asarray(load_image(image)).tobytes()).hexdigest()
 
 
-def ground_truth(image, question: str, examples: list[dict] | None = None) -> str | None:
-    """The exact answer where `image` is a bundled example and `question` one of its questions."""
+def find_example(image, examples: list[dict] | None = None) -> dict | None:
+    """The bundled example whose pixels `image` has, or None (an upload)."""
     examples = load_examples() if examples is None else examples
     digest = pixel_digest(image)
     for item in examples:
         if item.setdefault("digest", pixel_digest(item["path"])) == digest:
-            for q in item["questions"]:
-                if q["question"].strip() == question.strip():
-                    return q["answer"]
+            return item
+    return None
+
+
+def ground_truth(image, question: str, examples: list[dict] | None = None) -> str | None:
+    """The exact answer where `image` is a bundled example and `question` one of its questions."""
+    item = find_example(image, examples)
+    for q in item["questions"] if item else ():
+        if q["question"].strip() == question.strip():
+            return q["answer"]
     return None
