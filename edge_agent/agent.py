@@ -22,7 +22,7 @@ from progvlm.link import LinkProfile
 
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
-from .uplink import CloudError, CloudLink
+from .uplink import CloudError, CloudLink, to_ms
 
 MODES = ("full-cloud", "full-edge", "progressive", "auto")
 JPEG_QUALITY = 90
@@ -32,10 +32,6 @@ REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's predicti
 
 class AskError(ValueError):
     """A request the agent cannot serve as asked; str(e) says why."""
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1e3, 3)
 
 
 class EdgeAgent:
@@ -66,7 +62,7 @@ class EdgeAgent:
     def _timed(self, stages: dict, factor: float, name: str, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
-        stages[name] = _ms(time.perf_counter() - t0) * factor
+        stages[name] = to_ms(time.perf_counter() - t0) * factor
         return out
 
     def _jpeg(self, image) -> bytes:
@@ -163,7 +159,7 @@ class EdgeAgent:
         record["stage_ms"] = {name: round(v, 3) for name, v in stages.items()}
         record["projected_stages"] = projected
         record["total_ms"] = round(sum(stages.values()), 3)
-        record["wall_ms"] = _ms(time.perf_counter() - t_start)
+        record["wall_ms"] = to_ms(time.perf_counter() - t_start)
         if mode == "auto":
             record["auto"]["actual_ms"] = record["total_ms"]
         return record

@@ -50,7 +50,7 @@ class Exchange:
         return max(0.0, self.wall_ms - self.uplink_ms - self.downlink_ms - cloud_ms)
 
 
-def _ms(seconds: float) -> float:
+def to_ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
@@ -103,7 +103,7 @@ class CloudLink:
         self._pace_reply(len(response.content), link, t_reply)
         t_end = time.perf_counter()
         uplink = max(sent["t"] - t0, link.rtt_ms / 2000 + reply.get("receive_ms", 0.0) / 1e3)
-        return Exchange(reply, _ms(uplink), _ms(t_end - t_reply), _ms(t_end - t0))
+        return Exchange(reply, to_ms(uplink), to_ms(t_end - t_reply), to_ms(t_end - t0))
 
     def progressive(self, bitstream: bytes, question: str, link: LinkProfile,
                     cut_after_layer: int | None = None, on_refinement=None,
@@ -136,8 +136,8 @@ class CloudLink:
                 for message in ws:
                     msg = json.loads(message)
                     # as the edge sees it: after the reply's serialisation and propagation
-                    msg["downlink_ms"] = _ms(link.rtt_ms / 2000 + link.serialisation_s(len(message)))
-                    msg["edge_t_ms"] = round(_ms(time.perf_counter() - t0) + msg["downlink_ms"], 3)
+                    msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(len(message)))
+                    msg["edge_t_ms"] = round(to_ms(time.perf_counter() - t0) + msg["downlink_ms"], 3)
                     if msg.get("type") == "refinement":
                         refinements.append(msg)
                         if on_refinement:
@@ -187,8 +187,8 @@ class CloudLink:
         uplink = t_sent - t0
         if not refine:  # the cloud computed nothing while layers arrived: its receive time is clean
             uplink = max(uplink, link.rtt_ms / 2000 + last.get("received_ms", 0.0) / 1e3)
-        return Exchange(reply, _ms(uplink), last["downlink_ms"],
-                        max(last["edge_t_ms"], _ms(time.perf_counter() - t0)), refinements,
+        return Exchange(reply, to_ms(uplink), last["downlink_ms"],
+                        max(last["edge_t_ms"], to_ms(time.perf_counter() - t0)), refinements,
                         cut_after_layer)
 
     @staticmethod

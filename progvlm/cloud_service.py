@@ -175,19 +175,19 @@ def create_app(backend, mae, token: str | None = None,
     def info():
         return model.info()
 
-    @app.post("/v1/full")
-    async def full(request: Request, question: str | None = Query(None)):
+    async def answer_body(request: Request, question: str | None, compute) -> dict:
         question = _check_question(question)
         body, receive_ms = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(model.full, body, question) | {
+        return await run_in_threadpool(compute, body, question) | {
             "received_bytes": len(body), "receive_ms": receive_ms}
+
+    @app.post("/v1/full")
+    async def full(request: Request, question: str | None = Query(None)):
+        return await answer_body(request, question, model.full)
 
     @app.post("/v1/progressive")
     async def progressive(request: Request, question: str | None = Query(None)):
-        question = _check_question(question)
-        body, receive_ms = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(model.progressive, body, question) | {
-            "received_bytes": len(body), "receive_ms": receive_ms}
+        return await answer_body(request, question, model.progressive)
 
     @app.websocket("/v1/progressive/stream")
     async def progressive_stream(ws: WebSocket):
