@@ -28,7 +28,7 @@ class MAEEncoderTables:
         self.fingerprint = bytes(fingerprint)
         self.num_tokens = int(num_tokens)
         self.num_layers = len(self.codebooks)
-        self._models = [entropy.StageModel(u) for u in self.usage]
+        self.stage_models = [entropy.StageModel(u) for u in self.usage]  # the range coder's model
 
     @classmethod
     def from_mae(cls, mae) -> "MAEEncoderTables":
@@ -74,5 +74,5 @@ class MAEEncoderTables:
         if tuple(latent.shape) != expected:
             raise ValueError(f"expected a latent of shape {expected}, got {tuple(latent.shape)}")
         idx = self.indices(latent)
-        layers = [self._models[l].encode(idx[l]) for l in range(k)]
+        layers = [self.stage_models[l].encode(idx[l]) for l in range(k)]
         return bitstream.pack(self.fingerprint, self.num_tokens, self.num_layers, layers)

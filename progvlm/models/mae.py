@@ -222,7 +222,7 @@ class MAE(nn.Module):
             raise bitstream.BitstreamError(
                 f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not match this MAE "
                 f"(N={self.cfg.num_tokens}, L={self.cfg.num_layers})")
-        models = self._stage_models()
+        models = self.edge_codec().stage_models  # the coder's own models: one pair of tables
         try:
             idx = torch.from_numpy(np.stack([models[l].decode(p, self.cfg.num_tokens)
                                              for l, p in enumerate(bs.layers)]))
@@ -233,13 +233,9 @@ class MAE(nn.Module):
         return self.decode_latent(latent, k)[0], bs
 
     # cached per instance (the weights are frozen once trained); invalidate_caches() after loading
-    def _stage_models(self):
-        if getattr(self, "_cached_models", None) is None:
-            self._cached_models = self.stage_models()
-        return self._cached_models
-
     def edge_codec(self):
-        """The edge's NumPy half of compress (tables, assignment, entropy coding, framing)."""
+        """The MAE's coding tables in NumPy: the edge's half of compress (assignment, entropy
+        coding, framing), and the range coder's models that decompress uses too."""
         if getattr(self, "_cached_codec", None) is None:
             from ..edge_codec import MAEEncoderTables
             self._cached_codec = MAEEncoderTables.from_mae(self)
@@ -251,7 +247,7 @@ class MAE(nn.Module):
         return self._cached_fp
 
     def invalidate_caches(self):
-        self._cached_models = self._cached_codec = self._cached_fp = None
+        self._cached_codec = self._cached_fp = None
 
 
 def load_mae(folder) -> MAE:
