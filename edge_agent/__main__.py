@@ -18,19 +18,31 @@ from progvlm.images import ImageInputError
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
 
 
-def make_runtime(kind: str, model_dir: Path | None):
+def make_runtime(kind: str, model_dir: Path | None, vlm: str | None = None, mae: Path | None = None):
     if kind == "pytorch":
         from .runtime import PyTorchRuntime
-        return PyTorchRuntime.bundled()
+        return PyTorchRuntime.load(vlm, mae)
     if kind == "onnx":
         from .onnx_runtime import OnnxRuntime
         if model_dir is None:
             raise SystemExit("error: --runtime onnx needs --model-dir (made by `python -m edge_agent export`)")
+        if vlm is not None or mae is not None:
+            raise SystemExit("error: --runtime onnx reads its models from --model-dir; --vlm and "
+                             "--mae apply to the export (`python -m edge_agent export --vlm … --mae …`)")
         return OnnxRuntime.load(model_dir)
     raise SystemExit(f"error: unknown runtime {kind!r}")
 
 
+def _add_model_options(p):
+    p.add_argument("--vlm", default=None,
+                   help="VLM: 'bundled', a model folder or a Hub id (default: $PROGVLM_VLM or bundled)")
+    p.add_argument("--mae", type=Path, default=None,
+                   help="MAE folder made by train-mae for that VLM (default: $PROGVLM_MAE, or the "
+                        "bundled MAE for the bundled VLM)")
+
+
 def _add_device_options(p):
+    _add_model_options(p)
     p.add_argument("--runtime", choices=("pytorch", "onnx"), default="pytorch",
                    help="pytorch (host) or onnx (ONNX Runtime, no PyTorch needed)")
     p.add_argument("--model-dir", type=Path, default=None, help="ONNX export folder (--runtime onnx)")
@@ -74,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the board and run `python -m edge_agent serve --runtime onnx "
                             "--model-dir FOLDER` there (no PyTorch needed).")
     export.add_argument("--out", type=Path, required=True)
+    _add_model_options(export)
 
     enc = sub.add_parser("encode", help="image → progressive bitstream of k layers",
                          description="Run the VLM's edge half and the MAE encoder on one image "
@@ -82,26 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--image", required=True, type=Path)
     enc.add_argument("--k", type=int, default=None, help="layers to send (default: all)")
     enc.add_argument("--out", type=Path, required=True, help="where to write the bitstream")
+    _add_model_options(enc)
     return parser
 
 
 def cmd_ask(a) -> int:
     from progvlm.services import cloud_service
-    from .agent import AskError, CloudError, EdgeAgent
+    from .agent import AskError, CloudError, EdgeAgent, PairingError
     from .profiles import get_profile
     token = os.environ.get(TOKEN_ENV) or None
     child = None
     cloud_url = a.cloud_url
-    if cloud_url is None and a.mode != "full-edge":
-        child = cloud_service(token=token)
-        print(f"starting a cloud backend at {child.url} for this request …", file=sys.stderr)
-        child.start()
-        cloud_url = child.url
     try:
-        agent = EdgeAgent(make_runtime(a.runtime, a.model_dir), cloud_url, token, get_profile(a.profile))
+        runtime = make_runtime(a.runtime, a.model_dir, a.vlm, a.mae)
+        if cloud_url is None and a.mode != "full-edge":
+            # the same models as this device; an ONNX export names the VLM, not its folder
+            child = cloud_service(token=token, vlm=a.vlm, mae=a.mae)
+            print(f"starting a cloud backend at {child.url} for this request …", file=sys.stderr)
+            child.start()
+            cloud_url = child.url
+        agent = EdgeAgent(runtime, cloud_url, token, get_profile(a.profile))
         record = agent.ask(a.image, a.question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
                            a.budget_ms, a.cut_after_layer)
-    except (ImageInputError, AskError, CloudError, ValueError) as e:
+    except (ImageInputError, AskError, CloudError, PairingError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -116,31 +132,42 @@ def cmd_serve(a) -> int:
     from .agent import EdgeAgent
     from .profiles import get_profile
     from .service import create_app
-    agent = EdgeAgent(make_runtime(a.runtime, a.model_dir), a.cloud_url,
-                      os.environ.get(TOKEN_ENV) or None, get_profile(a.profile))
+    from .agent import PairingError
+    from progvlm.transport import CloudError
+    try:
+        agent = EdgeAgent(make_runtime(a.runtime, a.model_dir, a.vlm, a.mae), a.cloud_url,
+                          os.environ.get(TOKEN_ENV) or None, get_profile(a.profile))
+    except (PairingError, CloudError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     uvicorn.run(create_app(agent), host=a.host, port=a.port, log_level="warning")
     return 0
 
 
 def cmd_export(a) -> int:
     from .onnx_export import export_onnx
-    print(json.dumps(export_onnx(a.out), indent=1))
+    try:
+        print(json.dumps(export_onnx(a.out, a.vlm, a.mae), indent=1))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_encode(a) -> int:
-    from .runtime import PyTorchRuntime
-    from .device import EdgeDevice
-    device = EdgeDevice(PyTorchRuntime.bundled())
+    from progvlm.images import load_image
+    from progvlm.split import load_split
     try:
-        result = device.encode(a.image, a.k or device.runtime.num_layers)
+        split = load_split(a.vlm, a.mae)
+        frame = split.edge(load_image(a.image), a.k)
     except (ImageInputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    a.out.write_bytes(result.bitstream)
-    print(json.dumps({"out": str(a.out), "bytes": len(result.bitstream), "k": result.k,
-                      "layer_payload_bytes": result.layer_bytes, "stage_ms": result.stage_ms,
-                      "timing": "host CPU, measured"}))
+    data = split.pack(frame)
+    a.out.write_bytes(data)
+    print(json.dumps({"out": str(a.out), "bytes": len(data), "k": frame.k, "vlm_id": split.vlm.model_id,
+                      "layer_payload_bytes": [len(p) for p in frame.layers], "grid": frame.grid,
+                      "stage_ms": frame.stage_ms, "timing": "host CPU, measured"}))
     return 0
 
 

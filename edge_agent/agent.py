@@ -16,13 +16,13 @@ import math
 import threading
 import time
 
-from progvlm.bitstream import pack, parse
+from progvlm.bitstream import parse
 from progvlm.images import load_image, resize_for_model
 from progvlm.link import LinkProfile
+from progvlm.transport import CloudError, CloudLink, to_ms
 
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
-from .uplink import CloudError, CloudLink, to_ms
 
 MODES = ("full-cloud", "full-edge", "progressive", "auto")
 JPEG_QUALITY = 90
@@ -34,12 +34,27 @@ class AskError(ValueError):
     """A request the agent cannot serve as asked; str(e) says why."""
 
 
+class PairingError(RuntimeError):
+    """The cloud runs another VLM or MAE than this device: their answers cannot be compared."""
+
+
+def check_same_models(edge: dict, cloud: dict, cloud_url: str):
+    """Refuse a cloud whose VLM or MAE differs from the edge's, naming both."""
+    for key, what in (("vlm_id", "VLM"), ("mae_fingerprint", "MAE")):
+        if edge.get(key) != cloud.get(key):
+            raise PairingError(f"the cloud at {cloud_url} runs {what} {cloud.get(key)}, this "
+                               f"device runs {what} {edge.get(key)}: start both with the same "
+                               "--vlm and --mae")
+
+
 class EdgeAgent:
     def __init__(self, runtime: EdgeRuntime, cloud_url: str | None = None, token: str | None = None,
                  profile: DeviceProfile | None = None, timeout_s: float = 10.0):
         self.runtime = runtime
         self.profile = profile or get_profile("host")
         self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
+        if self.cloud is not None:  # before any request: the two halves must be one model
+            check_same_models(runtime.info(), self.cloud.info(), self.cloud.base_url)
         self._device = threading.Lock()  # one camera, one frame at a time
         # auto's model of what it cannot measure before sending: the cloud's compute and the
         # protocol overhead, learned from the answers so far (priors until the first one)
@@ -54,9 +69,9 @@ class EdgeAgent:
         lazy initialisation, which no later request would."""
         from PIL import Image
         blank = Image.new("RGB", (self.runtime.image_size,) * 2)
-        tokens = self.runtime.vision(self.runtime.preprocess(blank))
+        tokens, grid = self.runtime.vision(self.runtime.preprocess(blank))
         self.runtime.mae_encode(tokens, self.runtime.num_layers)
-        self.runtime.language(tokens, "describe the scene .", max_new_tokens=2)
+        self.runtime.language(tokens, "describe the scene .", grid, max_new_tokens=2)
 
     # ---- the device's stages, timed ------------------------------------------------------
     def _timed(self, stages: dict, factor: float, name: str, fn, *args):
@@ -64,6 +79,10 @@ class EdgeAgent:
         out = fn(*args)
         stages[name] = to_ms(time.perf_counter() - t0) * factor
         return out
+
+    def _domain_note(self, image) -> str | None:
+        check = getattr(self.runtime, "domain_note", None)
+        return check(image) if check else None
 
     def _jpeg(self, image) -> bytes:
         buf = io.BytesIO()
@@ -105,22 +124,31 @@ class EdgeAgent:
         t_start = time.perf_counter()
         stages: dict[str, float] = {}
         record = {"mode": mode, "question": question, "runtime": self.runtime.name,
+                  "vlm_id": self.runtime.model_id,
                   "device_profile": profile.name, "timing_source": profile.source,
                   "link": {"bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms}}
         with self._device:
             factor = profile.compute_factor
             image = self._timed(stages, factor, "edge_preprocess", load_image, image)
+            # is this frame like what the model knows? (the bundled model: generated scenes)
+            note = self._timed(stages, factor, "edge_domain_check", self._domain_note, image)
+            stages["edge_preprocess"] += stages.pop("edge_domain_check")
             if mode == "full-cloud":
                 payload = self._timed(stages, factor, "serialize", self._jpeg, image)
             else:
                 pixels = self._timed(stages, factor, "edge_preprocess_model", self.runtime.preprocess, image)
                 stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
-                tokens = self._timed(stages, factor, "edge_vision", self.runtime.vision, pixels)
+                tokens, grid = self._timed(stages, factor, "edge_vision", self.runtime.vision, pixels)
                 if mode == "full-edge":
-                    answer = self._timed(stages, factor, "edge_language", self.runtime.language, tokens, question)
+                    answer = self._timed(stages, factor, "edge_language", self.runtime.language,
+                                         tokens, question, grid)
                 else:
-                    everything = self._timed(stages, factor, "mae_encode", self.runtime.mae_encode, tokens, L)
+                    k_coded = L if mode == "auto" else k  # auto needs every layer's size to choose
+                    layers = self._timed(stages, factor, "mae_encode", self.runtime.mae_encode,
+                                         tokens, k_coded)
         projected = list(stages) if profile.projected else []
+        if note:
+            record["domain_note"] = note
 
         if mode == "full-edge":
             record.update(answer=answer, payload_bytes=0)
@@ -130,10 +158,10 @@ class EdgeAgent:
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
             self._add_link_and_cloud(stages, ex)
         else:
-            layers = parse(everything).layers
+            num_tokens = tokens.shape[0]
             if mode == "auto":
-                k, record["auto"] = self._choose_k(stages, layers, link, budget_ms)
-            data = pack(self.runtime.mae_fingerprint, self.runtime.num_tokens, L, layers[:k])
+                k, record["auto"] = self._choose_k(stages, layers, num_tokens, grid, link, budget_ms)
+            data = self.runtime.frame_bytes(layers[:k], num_tokens, grid)
             sent = parse(data)
             if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
                 raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
@@ -174,13 +202,13 @@ class EdgeAgent:
         stages["downlink"] = ex.downlink_ms
         stages["overhead"] = round(ex.overhead_ms(sum(cloud.values())), 3)
 
-    def _choose_k(self, stages: dict, layers: list[bytes], link: LinkProfile, budget_ms: float):
+    def _choose_k(self, stages: dict, layers: list[bytes], num_tokens: int, grid,
+                  link: LinkProfile, budget_ms: float):
         """The largest k whose predicted end-to-end time fits the budget (k = 1 if none does)."""
         edge_ms = sum(stages.values())
         predicted = {}
         for k in range(1, len(layers) + 1):
-            nbytes = len(pack(self.runtime.mae_fingerprint, self.runtime.num_tokens,
-                              len(layers), layers[:k]))
+            nbytes = len(self.runtime.frame_bytes(layers[:k], num_tokens, grid))
             predicted[k] = round(edge_ms + link.rtt_ms + 1e3 * link.serialisation_s(nbytes + REPLY_BYTES_ESTIMATE)
                                  + self.cloud_ms_estimate + self.overhead_ms_estimate, 3)
         fits = [k for k, t in predicted.items() if t <= budget_ms]
@@ -189,4 +217,4 @@ class EdgeAgent:
                    "predicted_chosen_ms": predicted[k], "fits_budget": bool(fits)}
 
 
-__all__ = ["EdgeAgent", "AskError", "CloudError", "MODES"]
+__all__ = ["EdgeAgent", "AskError", "CloudError", "PairingError", "MODES"]

@@ -5,22 +5,22 @@
                     what an aarch64 i.MX95 board runs, without PyTorch installed
 
 Stages, each timed by the agent where it calls them:
-    preprocess  image → model input (NumPy; the same code in both runtimes)
-    vision      model input → visual tokens (N, D) float32
-    mae_encode  visual tokens → bitstream with layers 1..k
-    language    visual tokens + question → answer text (full-edge: the whole VLM on the device)
+    preprocess  image → model input (the backend's own: the processor for transformers VLMs)
+    vision      model input → visual tokens (N, D) and the layout the cloud needs (grid)
+    mae_encode  visual tokens → payloads of layers 1..k (only the layers sent are coded)
+    language    visual tokens + question → answer text (full-edge: the VLM on the device)
+    whole       image + question → answer: the unsplit VLM, the same one the cloud runs
 
 Nothing at module level imports torch: a board without PyTorch imports this file too.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from progvlm.images import model_input
+from progvlm import bitstream
 
 
 class EdgeRuntime(ABC):
@@ -28,63 +28,75 @@ class EdgeRuntime(ABC):
     model_id: str  # the VLM the visual tokens belong to
     mae_fingerprint: bytes
     num_layers: int  # L
-    num_tokens: int  # N
-    image_size: int
+    tokens_per_block: int  # N of one image or tile
+    image_size: int  # the side of the frame the model sees (full-cloud's JPEG)
 
     @abstractmethod
     def set_threads(self, threads: int):
         """Intra-op threads for the compute (a device profile sets this)."""
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return model_input(image, self.image_size)
+    @abstractmethod
+    def preprocess(self, image: Image.Image):
+        """RGB image → the model's input."""
 
     @abstractmethod
-    def vision(self, pixels: np.ndarray) -> np.ndarray:
-        """(1, 3, S, S) float32 → visual tokens (N, D) float32."""
+    def vision(self, model_input):
+        """Model input → (visual tokens (N, D), grid or None)."""
 
     @abstractmethod
-    def mae_encode(self, tokens: np.ndarray, k: int) -> bytes:
-        """Visual tokens → bitstream with layers 1..k."""
+    def mae_encode(self, tokens, k: int) -> list[bytes]:
+        """Visual tokens → payloads of layers 1..k."""
 
     @abstractmethod
-    def language(self, tokens: np.ndarray, question: str, max_new_tokens: int = 32) -> str:
+    def language(self, tokens, question: str, grid=None, max_new_tokens: int = 32) -> str:
         """Visual tokens + question → answer (the language half, run on the device)."""
+
+    def info(self) -> dict:
+        return {"vlm_id": self.model_id, "mae_fingerprint": self.mae_fingerprint.hex(),
+                "num_layers": self.num_layers, "tokens_per_block": self.tokens_per_block}
+
+    def frame_bytes(self, layers: list[bytes], num_tokens: int, grid=None) -> bytes:
+        """The wire form of layers 1..k (progvlm/bitstream.py: versioned, checksummed)."""
+        return bitstream.pack(self.mae_fingerprint, num_tokens, self.num_layers, layers, grid)
 
 
 class PyTorchRuntime(EdgeRuntime):
+    """The edge half of a progvlm.split.Split: any VLM backend with its MAE."""
     name = "pytorch"
 
-    def __init__(self, backend, mae):
+    def __init__(self, split):
         import torch  # this runtime needs it; the module does not
         self.default_threads = torch.get_num_threads()
-        mae.check_belongs_to(backend)
-        self.backend, self.mae = backend, mae
-        self.model_id = backend.model_id
-        self.mae_fingerprint = mae.fingerprint()
-        self.num_layers = mae.cfg.num_layers
-        self.num_tokens = mae.cfg.num_tokens
-        self.image_size = backend.cfg.image_size
+        self.split = split
+        self.model_id = split.vlm.model_id
+        self.mae_fingerprint = split.fingerprint
+        self.num_layers = split.num_layers
+        self.tokens_per_block = split.vlm.tokens_per_block
+        self.image_size = split.vlm.input_size
+
+    @classmethod
+    def load(cls, vlm=None, mae=None) -> "PyTorchRuntime":
+        from progvlm.split import load_split
+        return cls(load_split(vlm, mae))
+
+    def info(self) -> dict:
+        return self.split.info()
 
     def set_threads(self, threads):
         import torch
         torch.set_num_threads(threads)
 
-    @classmethod
-    def bundled(cls, vlm_folder: str | Path | None = None, mae_folder: str | Path | None = None):
-        from progvlm.backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
-        from progvlm.models.mae import DEFAULT_MAE, load_mae
-        return cls(TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS), load_mae(mae_folder or DEFAULT_MAE))
+    def preprocess(self, image):
+        return self.split.vlm.preprocess(image)
 
-    def vision(self, pixels):
-        import torch
-        with torch.inference_mode():
-            return self.backend.model.visual_tokens(torch.from_numpy(pixels))[0].numpy()
+    def vision(self, model_input):
+        return self.split.vlm.vision(model_input)
 
     def mae_encode(self, tokens, k):
-        import torch
-        return self.mae.compress(torch.from_numpy(np.asarray(tokens, np.float32)), k)
+        return self.split.mae.compress(tokens, k)
 
-    def language(self, tokens, question, max_new_tokens=32):
-        import torch
-        return self.backend.cloud_half(torch.from_numpy(np.asarray(tokens, np.float32)),
-                                       question, max_new_tokens).text
+    def language(self, tokens, question, grid=None, max_new_tokens=32):
+        return self.split.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid).text
+
+    def domain_note(self, image):
+        return self.split.vlm.domain_note(image)

@@ -1,8 +1,14 @@
 """The progressive bitstream: a versioned, checksummed binary format for MAE layers.
 
-    header   "PV" | version u8 | MAE fingerprint 4B | N (varint) | L<<4 | k (one byte)
-             | k × layer length (varint) | CRC-16 of the header         (12 bytes for k = 1)
+    header   "PV" | version u8 | MAE fingerprint 4B | N (varint) | [rows u8 | cols u8]
+             | L<<4 | k (one byte) | k × layer length (varint) | CRC-16 of the header
+                                                                  (12 bytes for k = 1, version 1)
     layer i  payload (entropy-coded code indices) | CRC-16 of (i, payload)
+
+The version byte names the header's form: 1 for a fixed layout (no grid field), 2 when the
+tokens come with a tile grid (Idefics3/SmolVLM image splitting: the cloud needs rows × cols to
+rebuild the prompt, and N alone does not tell 2×3 from 3×2). A model with a fixed layout pays
+nothing for the field it does not need.
 
 Layers follow in order, each with its own checksum, so a stream cut anywhere after layer j
 still decodes layers 1..j (and says it was truncated). Every other defect raises
@@ -15,7 +21,9 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"PV"
-VERSION = 1
+VERSION = 1  # fixed layout
+VERSION_GRID = 2  # with a tile grid
+VERSIONS = (VERSION, VERSION_GRID)
 FINGERPRINT_BYTES = 4
 _FIXED = struct.Struct(">2sB4s")  # magic, version, fingerprint; then N, L|k, lengths
 MAX_LAYERS = 15  # L and k share one byte
@@ -68,6 +76,7 @@ class Bitstream:
     k: int  # layers announced in the header
     layers: list[bytes]  # the complete layers present, in order (≤ k)
     header_bytes: int  # the header's size in the wire form
+    grid: tuple[int, int] | None = None  # the tile grid (rows, cols), version 2 only
 
     def layer_ends(self) -> list[int]:
         """Offsets in the wire form where each present layer ends (its checksum included)."""
@@ -82,12 +91,16 @@ class Bitstream:
         return len(self.layers) < self.k
 
 
-def pack_header(fingerprint: bytes, num_tokens: int, num_layers: int, lengths: list[int]) -> bytes:
+def pack_header(fingerprint: bytes, num_tokens: int, num_layers: int, lengths: list[int],
+                grid: tuple[int, int] | None = None) -> bytes:
     if len(fingerprint) != FINGERPRINT_BYTES:
         raise ValueError(f"fingerprint must be {FINGERPRINT_BYTES} bytes")
     if not 1 <= len(lengths) <= num_layers <= MAX_LAYERS or not 0 < num_tokens < 1 << 21:
         raise ValueError(f"bad header fields: N={num_tokens}, L={num_layers}, k={len(lengths)}")
-    head = _FIXED.pack(MAGIC, VERSION, fingerprint) + _varint(num_tokens)
+    if grid is not None and not all(isinstance(g, int) and 0 <= g < 256 for g in grid):
+        raise ValueError(f"grid must be two integers in 0..255, got {grid!r}")
+    head = _FIXED.pack(MAGIC, VERSION if grid is None else VERSION_GRID, fingerprint)
+    head += _varint(num_tokens) + (bytes(grid) if grid is not None else b"")
     head += bytes([num_layers << 4 | len(lengths)]) + b"".join(_varint(n) for n in lengths)
     return head + _CRC.pack(_crc(head))
 
@@ -97,8 +110,9 @@ def pack_layer(index: int, payload: bytes) -> bytes:
     return payload + _CRC.pack(_crc(bytes([index]) + payload))
 
 
-def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[bytes]) -> bytes:
-    return pack_header(fingerprint, num_tokens, num_layers, [len(p) for p in layers]) + b"".join(
+def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[bytes],
+         grid: tuple[int, int] | None = None) -> bytes:
+    return pack_header(fingerprint, num_tokens, num_layers, [len(p) for p in layers], grid) + b"".join(
         pack_layer(i, p) for i, p in enumerate(layers))
 
 
@@ -111,10 +125,16 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
     magic, version, fp = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError(f"not a progvlm bitstream (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise BitstreamError(f"unsupported bitstream version {version} (this decoder reads "
-                             f"version {VERSION})")
+                             f"versions {', '.join(map(str, VERSIONS))})")
     n, pos = _read_varint(data, _FIXED.size)
+    grid = None
+    if version == VERSION_GRID:
+        if pos + 2 > len(data):
+            raise TruncatedStream("truncated header: stream ends inside the grid field")
+        grid = (data[pos], data[pos + 1])
+        pos += 2
     if pos >= len(data):
         raise TruncatedStream("truncated header: stream ends before the layer count")
     L, k = data[pos] >> 4, data[pos] & 0x0F
@@ -152,4 +172,4 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
         raise TruncatedStream("truncated stream: not even layer 1 is complete")
     if len(layers) == k and pos != len(data):
         raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
-    return Bitstream(fp, n, L, k, layers, header_bytes)
+    return Bitstream(fp, n, L, k, layers, header_bytes, grid)

@@ -14,6 +14,18 @@ from pathlib import Path
 import torch
 
 
+def _add_vlm(p, mae: bool = True):
+    """--vlm SPEC and --mae FOLDER: the same two options on every entry point."""
+    p.add_argument("--vlm", "--weights", dest="vlm", default=None,
+                   help="VLM: 'bundled', a model folder or a Hugging Face Hub id "
+                        "(default: $PROGVLM_VLM, else bundled)")
+    if mae:
+        p.add_argument("--mae", type=Path, default=None,
+                       help="MAE folder made by train-mae for that VLM (default: $PROGVLM_MAE, "
+                            "else the bundled MAE when it belongs to the VLM)")
+
+
+
 def _add_train_vlm(sub):
     p = sub.add_parser("train-vlm", help="train the bundled default VLM on generated scenes (resumable)",
                        description="Train the bundled VLM on procedurally generated scenes. "
@@ -41,7 +53,7 @@ def _add_eval_vlm(sub):
                        "tokens; plus the time of the edge half and the cloud half.")
     p.add_argument("--questions", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--weights", type=Path, default=None, help="model folder (default: bundled)")
+    _add_vlm(p, mae=False)
     p.add_argument("--json", action="store_true")
 
 
@@ -78,8 +90,7 @@ def _add_eval_mae(sub):
                        "about each k's bytes) on the same scenes, and the edge timing.")
     p.add_argument("--questions", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--weights", type=Path, default=None, help="VLM folder (default: bundled)")
-    p.add_argument("--mae", type=Path, default=None, help="MAE folder (default: bundled)")
+    _add_vlm(p)
     p.add_argument("--json", action="store_true")
 
 
@@ -88,7 +99,7 @@ def _add_ask(sub):
                        description="Run the whole VLM on one image and one question.")
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--question", required=True)
-    p.add_argument("--weights", type=Path, default=None)
+    _add_vlm(p, mae=False)
     p.add_argument("--json", action="store_true")
 
 
@@ -105,8 +116,7 @@ def _add_serve_cloud(sub):
                        "Bearer <token>'. The model runs one request at a time (a lock).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
-    p.add_argument("--vlm", type=Path, default=None, help="VLM folder (default: assets/tiny_vlm)")
-    p.add_argument("--mae", type=Path, default=None, help="MAE folder (default: assets/mae)")
+    _add_vlm(p)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
@@ -140,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_backend(weights: Path | None):
-    from .backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
-    return TinyVLMBackend.load(weights or DEFAULT_WEIGHTS)
+def _load_backend(spec: str | None):
+    from .backends import load_vlm
+    return load_vlm(spec)
 
 
 def _emit(result: dict, as_json: bool, lines: list[str]):
@@ -182,7 +192,7 @@ def cmd_eval_vlm(a) -> int:
     if a.questions < 1:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
-    backend = _load_backend(a.weights)
+    backend = _load_backend(a.vlm)
     t0 = time.time()
     with tqdm(desc="eval-vlm", unit="scene", file=sys.stderr) as bar:
         rep = evaluate_backend(backend, a.seed, a.questions, progress=bar.update)
@@ -230,20 +240,15 @@ def cmd_train_mae(a) -> int:
 def cmd_eval_mae(a) -> int:
     from tqdm import tqdm
     from .evaluate import evaluate_mae
-    from .models.mae import DEFAULT_MAE, load_mae
+    from .split import load_split
     if a.questions < 1:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
-    backend = _load_backend(a.weights)
-    mae = load_mae(a.mae or DEFAULT_MAE)
-    try:
-        mae.check_belongs_to(backend)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    split = load_split(a.vlm, a.mae)
+    backend, mae = split.vlm, split.mae
     t0 = time.time()
     with tqdm(desc="eval-mae", unit="scene", file=sys.stderr) as bar:
-        rep = evaluate_mae(backend, mae, a.seed, a.questions, progress=bar.update)
+        rep = evaluate_mae(split, a.seed, a.questions, progress=bar.update)
     rep["seconds"] = round(time.time() - t0, 1)
     lines = [f"MAE {rep['mae_fingerprint']}, L={rep['L']}, seed {a.seed}, {rep['questions']} "
              f"questions on {rep['scenes']} scenes; uncompressed accuracy "
@@ -269,7 +274,7 @@ def cmd_ask(a) -> int:
     except ImageInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    backend = _load_backend(a.weights)
+    backend = _load_backend(a.vlm)
     ans = backend.answer(image, a.question)
     _emit({"question": a.question, "answer": ans.text, "model": backend.model_id}, a.json,
           [] if a.json else [ans.text])
@@ -312,7 +317,16 @@ def main(argv=None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
-    return {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
+    from .backends import VLMSpecError
+    from .split import SplitError
+    try:
+        return _COMMANDS[a.command](a)
+    except (VLMSpecError, SplitError) as e:  # a VLM or MAE that cannot be loaded: say why
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+_COMMANDS = {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
             "eval-mae": cmd_eval_mae, "ask": cmd_ask,
             "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud,
-            "bench": cmd_bench}[a.command](a)
+            "bench": cmd_bench}

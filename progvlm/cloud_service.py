@@ -1,7 +1,7 @@
 """The cloud backend: the VLM's language half and the MAE decoder behind HTTP (FastAPI).
 
     GET  /healthz                  liveness (open, no token)
-    GET  /v1/info                  VLM id, MAE fingerprint, L, N, D
+    GET  /v1/info                  VLM id, MAE fingerprint, L, N, D (the agent checks them at start)
     POST /v1/full?question=…       body: an image (JPEG from the edge) → the whole VLM
     POST /v1/progressive?question= body: a bitstream (layers 1..k, or a prefix of it) → MAE decode
                                    with the complete layers present → language half
@@ -28,8 +28,9 @@ from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from .bitstream import BitstreamError, TruncatedStream, parse
+from .bitstream import BitstreamError, TruncatedStream
 from .images import ImageInputError, load_image
+from .split import Split
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -52,10 +53,9 @@ def _ms(t0: float, t1: float) -> float:
 class CloudModel:
     """The server's compute: decode what arrives, run the VLM, time every stage."""
 
-    def __init__(self, backend, mae):
-        mae.check_belongs_to(backend)
-        self.backend, self.mae = backend, mae
-        self.fingerprint = mae.fingerprint()
+    def __init__(self, split: Split):
+        self.split = split
+        self.fingerprint = split.fingerprint
         self._lock = threading.Lock()
 
     def warm_up(self):
@@ -64,25 +64,19 @@ class CloudModel:
         buf = io.BytesIO()
         Image.new("RGB", (64, 64)).save(buf, "PNG")
         self.full(buf.getvalue(), "describe the scene .")
-        tokens = self.backend.edge_half(Image.new("RGB", (64, 64)))
-        self.progressive(self.mae.compress(tokens), "describe the scene .")
+        self.progressive(self.split.pack(self.split.edge(Image.new("RGB", (64, 64)))),
+                         "describe the scene .")
 
     def info(self) -> dict:
-        c = self.mae.cfg
-        return {"vlm_id": self.backend.model_id, "mae_fingerprint": self.fingerprint.hex(),
-                "num_layers": c.num_layers, "num_tokens": c.num_tokens, "token_dim": c.token_dim,
+        return {**self.split.info(),
                 "concurrency": "one request at a time under a lock, first come first served"}
 
-    def _language(self, tokens, question: str, stages: dict) -> str:
-        t0 = time.perf_counter()
+    def _answer(self, stages: dict, fn, *args) -> str:
         try:
-            answer = self.backend.cloud_half(tokens, question)
+            answer = fn(*args)
         except ValueError as e:  # e.g. a question longer than the model reads
             raise RequestError(400, str(e)) from None
-        if answer.stage_ms:
-            stages.update({k: round(v, 3) for k, v in answer.stage_ms.items()})
-        else:
-            stages["language_ms"] = _ms(t0, time.perf_counter())
+        stages.update({k: round(v, 3) for k, v in answer.stage_ms.items()})
         return answer.text
 
     def full(self, image_bytes: bytes, question: str) -> dict:
@@ -93,21 +87,29 @@ class CloudModel:
             except ImageInputError as e:
                 raise RequestError(400, f"bad image: {e}") from None
             t1 = time.perf_counter()
-            tokens = self.backend.edge_half(image)
-            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
-            return {"answer": self._language(tokens, question, stages), "stage_ms": stages}
+            tokens, grid = self.split.vlm.edge_half_with_grid(image)
+            t2 = time.perf_counter()
+            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, t2)}
+
+            def language():
+                answer = self.split.vlm.cloud_half(tokens, question, grid=grid)
+                answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t2, time.perf_counter())}
+                return answer
+            return {"answer": self._answer(stages, language), "stage_ms": stages}
 
     def progressive(self, data: bytes, question: str) -> dict:
         with self._lock:
-            t0 = time.perf_counter()
             try:
-                tokens, bs = self.mae.decompress(data)
+                frame = self.split.unpack(data)
             except BitstreamError as e:
                 raise RequestError(400, f"bad bitstream: {e}") from None
-            stages = {"mae_decode_ms": _ms(t0, time.perf_counter())}
-            return {"answer": self._language(tokens, question, stages), "stage_ms": stages,
-                    "layers_used": len(bs.layers), "layers_announced": bs.k,
-                    "partial": bs.truncated}
+            stages: dict = {}
+            try:
+                text = self._answer(stages, self.split.cloud, frame, question)
+            except BitstreamError as e:
+                raise RequestError(400, f"bad bitstream: {e}") from None
+            return {"answer": text, "stage_ms": stages, "layers_used": frame.k,
+                    "layers_announced": frame.layers_announced, "partial": frame.partial}
 
 
 def _check_question(question: str | None) -> str:
@@ -144,9 +146,9 @@ async def _read_body(request: Request, limit: int) -> tuple[bytes, float]:
     return bytes(body), _ms(t_first, time.perf_counter())
 
 
-def create_app(backend, mae, token: str | None = None,
+def create_app(split: Split, token: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    model = CloudModel(backend, mae)
+    model = CloudModel(split)
     app = FastAPI(title="progvlm cloud backend", version="1")
     app.state.model = model
 
@@ -265,10 +267,10 @@ async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
                 stream = _parse_prefix(bytes(buffer), model)
             except TruncatedStream:
                 continue
-            layers = len(stream.layers)
+            layers = stream.k
             if layers > answered:
                 pending = (bytes(buffer), layers, arrived)
-                if refine or layers == stream.k:
+                if refine or layers == stream.layers_announced:
                     last = await answer(pending)
     finally:
         reader.cancel()
@@ -282,23 +284,22 @@ async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
 
 def _parse_prefix(data: bytes, model: CloudModel):
     try:
-        return parse(data, expected_fingerprint=model.fingerprint)
+        return model.split.unpack(data)
     except TruncatedStream:
         raise
     except BitstreamError as e:
         raise RequestError(400, f"bad bitstream: {e}") from None
 
 
-def serve(host: str, port: int, token: str | None = None, vlm_folder=None, mae_folder=None,
+def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning"):
-    """Run the service. One compute thread by default: on a host shared with the edge (the
-    demo, the tests, the benchmark) more threads only steal the edge's core."""
+    """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
+    thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
+    more threads only steal the edge's core."""
     import torch
     import uvicorn
+    from .split import load_split
     torch.set_num_threads(threads)
-    from .backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
-    from .models.mae import DEFAULT_MAE, load_mae
-    app = create_app(TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS),
-                     load_mae(mae_folder or DEFAULT_MAE), token, max_body_bytes)
+    app = create_app(load_split(vlm, mae), token, max_body_bytes)
     app.state.model.warm_up()
     uvicorn.run(app, host=host, port=port, log_level=log_level)

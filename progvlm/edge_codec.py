@@ -1,9 +1,12 @@
-"""The MAE's edge side without PyTorch: latent → progressive bitstream, in NumPy.
+"""The MAE's coding tables in NumPy: latent ⇄ per-layer payloads, the one place where the
+code-assignment rule and the range coding live.
 
 What a board needs besides the ONNX encoder (tokens → latent): the residual codebooks, each
 code's cost in bits times λ (the entropy-constrained assignment), the per-stage code
-frequencies (the range coder's model) and the MAE's fingerprint. `MAE.compress` and
-`MAEEncoderTables.compress` give byte-identical streams for the same latent.
+frequencies (the range coder's model) and the MAE's fingerprint. `MAE.compress` (PyTorch host),
+the ONNX edge and the cloud's `MAE.decompress` all go through this class, so their payloads are
+byte-identical for the same latent. Framing (header, checksums) is not done here: it is applied
+once, at the transport (progvlm/bitstream.py, progvlm/split.py).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from . import bitstream, entropy
+from . import entropy
 
 TABLES_FILE, META_FILE = "mae_tables.safetensors", "mae_tables.json"
 
@@ -55,24 +58,31 @@ class MAEEncoderTables:
         return cls(t["codebooks"], t["bit_cost"], t["usage"], bytes.fromhex(meta["fingerprint"]),
                    meta["num_tokens"])
 
-    def indices(self, latent: np.ndarray) -> np.ndarray:
-        """latent (N, d) → code indices (L, N): argmin distortion + λ·bits, stage by stage.
-        |r|² is left out of the distortion: it is the same for every code of a token."""
+    def indices(self, latent: np.ndarray, k: int | None = None) -> np.ndarray:
+        """latent (N, d) → code indices (k, N) of stages 1..k (default L): argmin distortion +
+        λ·bits, stage by stage. |r|² is left out of the distortion: it is the same for every
+        code of a token."""
         residual, out = np.asarray(latent, np.float32), []
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers if k is None else k):
             cost = self.codebook_sq[layer] - 2.0 * residual @ self.codebooks[layer].T + self.bit_cost[layer]
             idx = cost.argmin(1)
             out.append(idx)
             residual = residual - self.codebooks[layer][idx]
         return np.stack(out)
 
-    def compress(self, latent: np.ndarray, k: int) -> bytes:
-        """latent (N, d) → bitstream with layers 1..k (what MAE.compress sends)."""
-        if not 1 <= k <= self.num_layers:
-            raise ValueError(f"k must be in 1..{self.num_layers}, got {k}")
-        expected = (self.num_tokens, self.codebooks.shape[2])
-        if tuple(latent.shape) != expected:
-            raise ValueError(f"expected a latent of shape {expected}, got {tuple(latent.shape)}")
-        idx = self.indices(latent)
-        layers = [self.stage_models[l].encode(idx[l]) for l in range(k)]
-        return bitstream.pack(self.fingerprint, self.num_tokens, self.num_layers, layers)
+    def encode_layers(self, latent: np.ndarray, k: int) -> list[bytes]:
+        """latent (M, d), M a multiple of the block size N → the payloads of layers 1..k.
+        Only the k stages sent are assigned and coded."""
+        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_layers:
+            raise ValueError(f"k must be an integer in 1..{self.num_layers}, got {k!r}")
+        d = self.codebooks.shape[2]
+        if latent.ndim != 2 or latent.shape[1] != d or latent.shape[0] % self.num_tokens \
+                or not latent.shape[0]:
+            raise ValueError(f"expected a latent of shape (a multiple of {self.num_tokens}, {d}), "
+                             f"got {tuple(latent.shape)}")
+        idx = self.indices(latent, k)
+        return [self.stage_models[l].encode(idx[l]) for l in range(k)]
+
+    def decode_indices(self, layers: list[bytes], count: int) -> np.ndarray:
+        """Payloads of layers 1..k → code indices (k, count); EntropyDecodeError if corrupt."""
+        return np.stack([self.stage_models[l].decode(p, count) for l, p in enumerate(layers)])

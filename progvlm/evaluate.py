@@ -56,7 +56,7 @@ def _mean(xs):
     return float(np.mean(xs)) if len(xs) else float("nan")
 
 
-def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
+def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
                  camera_jpeg_qualities=()):
     """Per-k bytes, token cosine, accuracy and consistency; baselines from the same scenes.
     JPEG baselines: `jpeg_q{q}` encodes the frame at the model's input size; `jpeg_camera_q{q}`
@@ -66,7 +66,9 @@ def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualit
     from . import baselines
     from .images import resize_for_model
     from .metrics import SemanticConsistency
+    from .split import Frame
 
+    backend, mae = split.vlm, split.mae
     sim = SemanticConsistency()
     scene_list, items = eval_questions(seed, count)
     by_scene: dict[int, list[int]] = {}
@@ -100,11 +102,11 @@ def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualit
         for k in range(1, L + 1):
             dec = {}
             for s in ids:
-                data = mae.compress(T[s], k)
-                t_hat, bs = mae.decompress(data)
+                frame = Frame(mae.compress(T[s], k), len(T[s]))
+                t_hat = split.decode(split.unpack(split.pack(frame)))  # through the wire form
                 dec[s] = t_hat
-                rec[k]["bytes"].append(len(data))
-                rec[k]["layer_bytes"].append([len(p) for p in bs.layers])
+                rec[k]["bytes"].append(len(split.pack(frame)))
+                rec[k]["layer_bytes"].append([len(p) for p in frame.layers])
                 rec[k]["cos"].append(F.cosine_similarity(t_hat, T[s], dim=-1).mean().item())
             answer_all(f"k={k}", dec)
         raw = {}
@@ -115,7 +117,7 @@ def evaluate_mae(backend, mae, seed: int, count: int, progress=None, jpeg_qualit
         for q in jpeg_qualities:
             dec_imgs = []
             for s, f in zip(ids, frames):
-                n, img = baselines.jpeg(resize_for_model(f, backend.cfg.image_size), q)
+                n, img = baselines.jpeg(resize_for_model(f, backend.input_size), q)
                 base_bytes.setdefault(f"jpeg_q{q}", []).append(n)
                 dec_imgs.append(img)
             answer_all(f"jpeg_q{q}", dict(zip(ids, backend.edge_half_batch(dec_imgs))))
@@ -187,7 +189,7 @@ def median_ms(first, second, repeats: int) -> tuple[float, float]:
 
 def edge_vs_mae_timing(backend, mae, scene, repeats: int = 30) -> dict:
     """Median batch-1 wall times on this host: the edge half, and MAE compress of all L
-    layers (encoder, quantisation, entropy coding, framing): what the edge pays per frame."""
+    layers (encoder, quantisation, entropy coding): what the edge pays per frame."""
     frame = render_scene(scene)
     e, m = median_ms(lambda: backend.edge_half(frame), mae.compress, repeats)
     return {"edge_half_ms": round(e, 3), "mae_compress_ms": round(m, 3),

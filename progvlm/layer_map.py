@@ -13,15 +13,20 @@ from PIL import Image
 from .images import load_image, to_rgb
 
 
-def layer_residuals(backend, mae, image) -> np.ndarray:
-    """(L, G, G) relative residual per patch after k = 1..L layers (the bundled VLM's grid)."""
-    tokens = backend.edge_half(load_image(image))
-    grid = int(round(tokens.shape[0] ** 0.5))
+def layer_residuals(split, image) -> np.ndarray | None:
+    """(L, G, G) relative residual per patch after k = 1..L layers, over the last block of
+    tokens (the whole image; with Idefics3 tiling, the global view comes last). None when a
+    block is not a square grid of patches (no patch layout to draw)."""
+    tokens, _ = split.vlm.edge_half_with_grid(load_image(image))
+    block = split.mae.cfg.num_tokens
+    grid = int(round(block ** 0.5))
+    if grid * grid != block:
+        return None
     norms = tokens.norm(dim=-1).clamp_min(1e-6)
     out = []
-    for k in range(1, mae.cfg.num_layers + 1):
-        decoded, _ = mae.decompress(mae.compress(tokens, k))
-        out.append(((tokens - decoded).norm(dim=-1) / norms).reshape(grid, grid))
+    for k in range(1, split.num_layers + 1):
+        decoded = split.mae.decompress(split.mae.compress(tokens, k), tokens.shape[0])
+        out.append(((tokens - decoded).norm(dim=-1) / norms)[-block:].reshape(grid, grid))
     return torch.stack(out).numpy()
 
 

@@ -85,17 +85,23 @@ class ChildService:
         self.stop()
 
 
-def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1") -> ChildService:
+def _model_args(vlm, mae) -> list[str]:
+    return ([] if vlm is None else ["--vlm", str(vlm)]) + ([] if mae is None else ["--mae", str(mae)])
+
+
+def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1",
+                  vlm=None, mae=None) -> ChildService:
     port = port or free_port(host)
     env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
-    return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port)],
-                        f"http://{host}:{port}", env)
+    return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port),
+                                          *_model_args(vlm, mae)], f"http://{host}:{port}", env)
 
 
 def edge_service(cloud_url: str, port: int | None = None, token: str | None = None,
-                 host: str = "127.0.0.1", runtime: str = "pytorch", profile: str = "host") -> ChildService:
+                 host: str = "127.0.0.1", runtime: str = "pytorch", profile: str = "host",
+                 vlm=None, mae=None) -> ChildService:
     port = port or free_port(host)
     env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
     return ChildService("edge agent", ["-m", "edge_agent", "serve", "--host", host, "--port", str(port),
-                                       "--cloud-url", cloud_url, "--runtime", runtime, "--profile", profile],
-                        f"http://{host}:{port}", env)
+                                       "--cloud-url", cloud_url, "--runtime", runtime, "--profile", profile,
+                                       *_model_args(vlm, mae)], f"http://{host}:{port}", env)

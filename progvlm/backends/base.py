@@ -1,11 +1,17 @@
 """The interface every VLM backend implements: the split at the visual tokens.
 
-    edge half:   image → visual tokens (N × D float tensor), what the language model consumes
-    cloud half:  visual tokens + question → answer
+    edge half:   image → visual tokens (N × D float tensor), what the language model consumes,
+                 plus the layout the cloud needs to rebuild the prompt (the Idefics3 tile grid;
+                 None for most families)
+    cloud half:  visual tokens (+ layout) + question → answer
     whole model: image + question → answer, the unsplit reference
 
-For every backend, cloud_half(edge_half(image), q) must generate exactly the tokens that
-answer(image, q) generates (tests/test_split.py checks this).
+For every backend, cloud_half(*edge_half_with_grid(image), q) generates exactly the tokens that
+answer(image, q) generates (tests/test_hf_backend.py, tests/test_tiny_vlm.py check this).
+
+Visual tokens come in blocks of `tokens_per_block` (one image, or one tile of a split image):
+the MAE codes block by block, so a backend whose token count varies with the image (tiling)
+still has one MAE.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+
+Grid = tuple[int, int] | None  # Idefics3 tiles (rows, cols); None where the layout is fixed
 
 
 @dataclass
@@ -29,18 +37,45 @@ class VLMBackend(ABC):
     model_id: str
     #: visual token width D
     token_dim: int
+    #: tokens of one image or tile: the MAE's block size
+    tokens_per_block: int
+
+    #: the side of the square frame the model sees (full-cloud sends a JPEG of this size)
+    input_size: int
+
+    # ---- the split: the edge half in two timed stages ----------------------------------------
+    @abstractmethod
+    def preprocess(self, image: Image.Image):
+        """RGB image → the model's input (the backend's own resizing and normalisation)."""
 
     @abstractmethod
+    def vision(self, model_input) -> tuple[torch.Tensor, Grid]:
+        """Model input → visual tokens (N, D) and the layout the cloud needs (None: fixed)."""
+
+    def edge_half_with_grid(self, image: Image.Image) -> tuple[torch.Tensor, Grid]:
+        return self.vision(self.preprocess(image))
+
     def edge_half(self, image: Image.Image) -> torch.Tensor:
         """RGB image → visual tokens (N, D)."""
+        return self.edge_half_with_grid(image)[0]
 
     @abstractmethod
-    def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32) -> Answer:
+    def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32,
+                   grid: Grid = None) -> Answer:
         """Visual tokens (N, D) + question → answer."""
 
     @abstractmethod
     def answer(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
         """The whole model, unsplit."""
+
+    # ---- what the page and the records show ---------------------------------------------------
+    def describe(self) -> dict:
+        return {"vlm_id": self.model_id, "tokens_per_block": self.tokens_per_block,
+                "token_dim": self.token_dim, "family": getattr(self, "family", type(self).__name__)}
+
+    def domain_note(self, image: Image.Image) -> str | None:
+        """A warning when the image is outside what this model knows (None: no warning)."""
+        return None
 
     # Batched forms; backends override them where batching pays.
     def edge_half_batch(self, images: list[Image.Image]) -> list[torch.Tensor]:

@@ -96,6 +96,27 @@ class HFVLMBackend(VLMBackend):
             self.images_kwargs["do_image_splitting"] = bool(image_splitting)
         self._llava_expansion: str | None = None
 
+    @property
+    def tokens_per_block(self) -> int:
+        """Visual tokens of one image (LLaVA) or one tile (Idefics3/SmolVLM)."""
+        if self.family == "llava":
+            return self._llava_tokens()
+        return int(self.processor.image_seq_len)
+
+    @property
+    def input_size(self) -> int:
+        """The longest side the vision encoder sees per image (per tile when splitting)."""
+        ip = self.processor.image_processor
+        if self.family == "llava":
+            crop = getattr(ip, "crop_size", None) or getattr(ip, "size", {})
+            return int(crop.get("height") or crop.get("shortest_edge"))
+        size = ip.max_image_size if self.images_kwargs.get("do_image_splitting") is False \
+            or not getattr(ip, "do_image_splitting", False) else ip.size
+        return int(size["longest_edge"])
+
+    def _llava_tokens(self) -> int:
+        return self._expansion(0, None).count(self.image_token)
+
     @classmethod
     def load(cls, model_id_or_folder: str | Path, local_files_only: bool = True,
              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -201,18 +222,17 @@ class HFVLMBackend(VLMBackend):
                     rows, cols = max(rows, r), max(cols, c)
         return rows, cols
 
-    @torch.no_grad()
-    def edge_half_with_grid(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int] | None]:
-        """Visual tokens plus the Idefics3 tile grid (None for LLaVA) needed by cloud_half."""
-        # The prompt does not change pixel_values; it goes through the processor so that the
-        # image kwargs are merged exactly as in answer().
-        inputs = self._processor_inputs(image, "")
-        tokens = self._image_features(inputs)
-        grid = self._grid(inputs["input_ids"]) if self.family == "idefics3" else None
-        return tokens, grid
+    def preprocess(self, image: Image.Image):
+        """The processor's pixels for one image. The prompt does not change pixel_values; it
+        goes through the processor so that the image kwargs are merged exactly as in answer()."""
+        return self._processor_inputs(image, "")
 
-    def edge_half(self, image: Image.Image) -> torch.Tensor:
-        return self.edge_half_with_grid(image)[0]
+    @torch.no_grad()
+    def vision(self, model_input) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """Visual tokens plus the Idefics3 tile grid (None for LLaVA) needed by cloud_half."""
+        tokens = self._image_features(model_input)
+        grid = self._grid(model_input["input_ids"]) if self.family == "idefics3" else None
+        return tokens, grid
 
     @torch.no_grad()
     def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32,

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..data import pixels_from_uint8
-from ..images import resize_for_model, to_rgb
+from ..images import model_input, resize_for_model, to_rgb
 from ..models.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
 from ..questions import decode_ids, encode_words, WORD_TO_ID, EOS
 from .base import Answer, VLMBackend
@@ -37,7 +37,9 @@ class TinyVLMBackend(VLMBackend):
         self.cfg = model.cfg
         self.model_id = model_id
         self.token_dim = self.cfg.token_dim
-        self.num_tokens = self.cfg.num_tokens
+        self.num_tokens = self.tokens_per_block = self.cfg.num_tokens
+        self.family = "bundled"
+        self.input_size = self.cfg.image_size
 
     @classmethod
     def load(cls, folder: str | Path = DEFAULT_WEIGHTS) -> "TinyVLMBackend":
@@ -61,12 +63,22 @@ class TinyVLMBackend(VLMBackend):
         frames = np.stack([np.asarray(resize_for_model(to_rgb(im), size)) for im in images])
         return pixels_from_uint8(frames)
 
+    def preprocess(self, image):
+        # NumPy (progvlm.images.model_input): the ONNX edge runs the very same code
+        return torch.from_numpy(model_input(image, self.cfg.image_size))
+
+    @torch.no_grad()
+    def vision(self, model_input):
+        return self.model.visual_tokens(torch.as_tensor(model_input))[0], None
+
     @torch.no_grad()
     def edge_half_batch(self, images):
         return list(self.model.visual_tokens(self.pixels(images)))
 
-    def edge_half(self, image):
-        return self.edge_half_batch([image])[0]
+    def domain_note(self, image):
+        from ..domain import check_scene_domain
+        check = check_scene_domain(image)
+        return None if check.in_domain else check.reason
 
     @torch.no_grad()
     def cloud_half_batch(self, tokens, questions, max_new_tokens: int = 32):
@@ -84,7 +96,9 @@ class TinyVLMBackend(VLMBackend):
         return out
 
     @torch.no_grad()
-    def cloud_half(self, tokens, question, max_new_tokens: int = 32):
+    def cloud_half(self, tokens, question, max_new_tokens: int = 32, grid=None):
+        if grid is not None:
+            raise ValueError("the bundled VLM has a fixed layout: grid must be None")
         timings = {}
         ids = self.model.generate(tokens[None].float(),
                                   torch.tensor([question_ids(encode_words(question))]),

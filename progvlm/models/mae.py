@@ -202,35 +202,34 @@ class MAE(nn.Module):
         with torch.inference_mode():
             return self.encode_latent(tokens.float()).numpy()
 
-    def compress(self, tokens: torch.Tensor, k: int | None = None) -> bytes:
-        """tokens (N, D) → bitstream with layers 1..k (default: all L)."""
+    def check_tokens(self, tokens: torch.Tensor):
+        N, D = self.cfg.num_tokens, self.cfg.token_dim
+        if tokens.ndim != 2 or tokens.shape[1] != D or tokens.shape[0] % N or not tokens.shape[0]:
+            raise ValueError(f"expected tokens of shape (a multiple of {N}, {D}), "
+                             f"got {tuple(tokens.shape)}")
+
+    def compress(self, tokens: torch.Tensor, k: int | None = None) -> list[bytes]:
+        """tokens (M, D), M a multiple of N (one block per image or tile) → the entropy-coded
+        payloads of layers 1..k (default: all L). Framing happens at the transport."""
         L = self.cfg.num_layers
         k = L if k is None else k
-        if not 1 <= k <= L:
-            raise ValueError(f"k must be in 1..{L}, got {k}")
-        if tuple(tokens.shape) != (self.cfg.num_tokens, self.cfg.token_dim):
-            raise ValueError(f"expected tokens of shape ({self.cfg.num_tokens}, "
-                             f"{self.cfg.token_dim}), got {tuple(tokens.shape)}")
-        return self.edge_codec().compress(self._latent(tokens), k)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L:
+            raise ValueError(f"k must be an integer in 1..{L}, got {k!r}")
+        self.check_tokens(tokens)
+        return self.edge_codec().encode_layers(self._latent(tokens), k)
 
     @torch.no_grad()
-    def decompress(self, data: bytes) -> tuple[torch.Tensor, bitstream.Bitstream]:
-        """bitstream → tokens (N, D) from the complete layers present, and the parsed stream.
-        Raises bitstream.BitstreamError for anything this MAE cannot decode."""
-        bs = bitstream.parse(data, expected_fingerprint=self._fingerprint())
-        if bs.num_tokens != self.cfg.num_tokens or bs.num_layers != self.cfg.num_layers:
-            raise bitstream.BitstreamError(
-                f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not match this MAE "
-                f"(N={self.cfg.num_tokens}, L={self.cfg.num_layers})")
-        models = self.edge_codec().stage_models  # the coder's own models: one pair of tables
-        try:
-            idx = torch.from_numpy(np.stack([models[l].decode(p, self.cfg.num_tokens)
-                                             for l, p in enumerate(bs.layers)]))
-        except entropy.EntropyDecodeError as e:
-            raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
-        k = len(bs.layers)
-        latent = self.rvq.lookup(idx)[None]
-        return self.decode_latent(latent, k)[0], bs
+    def decompress(self, layers: list[bytes], num_tokens: int) -> torch.Tensor:
+        """Payloads of layers 1..k → tokens (num_tokens, D), decoded with k.
+        Raises EntropyDecodeError for payloads this MAE cannot decode."""
+        N, L = self.cfg.num_tokens, self.cfg.num_layers
+        if not 1 <= len(layers) <= L:
+            raise ValueError(f"between 1 and {L} layers needed, got {len(layers)}")
+        if num_tokens <= 0 or num_tokens % N:
+            raise ValueError(f"{num_tokens} tokens is not a whole number of {N}-token blocks")
+        idx = torch.from_numpy(self.edge_codec().decode_indices(layers, num_tokens))
+        latent = self.rvq.lookup(idx).view(num_tokens // N, N, -1)
+        return self.decode_latent(latent, len(layers)).reshape(num_tokens, -1)
 
     # cached per instance (the weights are frozen once trained); invalidate_caches() after loading
     def edge_codec(self):

@@ -1,4 +1,4 @@
-"""The edge's side of the link to the cloud backend: real bytes, paced, over HTTP/WebSocket.
+"""The transport from the edge to the cloud backend: real bytes, paced, over HTTP/WebSocket.
 
 Every request pays the round trip as half before its first byte (the request propagating) and
 half after its reply (the answer propagating back); the bytes themselves leave at the shaped
@@ -25,8 +25,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.sync.client import connect as ws_connect
 
-from progvlm.bitstream import parse
-from progvlm.link import LinkProfile, paced_chunks, paced_segments
+from .bitstream import parse
+from .link import LinkProfile, paced_chunks, paced_segments
 
 
 class CloudError(RuntimeError):

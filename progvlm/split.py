@@ -1,0 +1,160 @@
+"""The edge–cloud boundary of one (VLM, MAE) pair: the object every entry point builds on.
+
+    edge:   Split.edge(image, k)            -> Frame(layers, num_tokens, grid, stage_ms)
+    wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py),
+                                             applied once, by the transport
+    cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms)
+    whole:  Split.whole(image, question)    -> the unsplit VLM (full-edge, full-cloud)
+
+`load_split(vlm_spec, mae_folder)` is the one loader: the agent, the cloud service, evaluation,
+the benchmark and the page all call it, so they all run the same VLM with the same MAE, and a
+pair that does not belong together is refused here, once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import bitstream
+from .backends import MAE_ENV, VLMBackend, load_vlm
+from .backends.base import Answer, Grid
+from .entropy import EntropyDecodeError
+from .models.mae import DEFAULT_MAE, MAE, load_mae
+
+
+class SplitError(ValueError):
+    """A VLM and an MAE that cannot be paired; str(e) says why and what to do."""
+
+
+@dataclass
+class Frame:
+    """One image's progressive layers as the edge made them (no framing yet)."""
+    layers: list[bytes]  # entropy-coded payloads of layers 1..k
+    num_tokens: int  # N of this image (a multiple of the MAE's block)
+    grid: Grid = None  # the tile layout the cloud needs to rebuild the prompt
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    layers_announced: int | None = None  # k in the header: more than len(layers) if cut
+
+    @property
+    def k(self) -> int:
+        return len(self.layers)
+
+    @property
+    def partial(self) -> bool:
+        return self.layers_announced is not None and self.layers_announced > self.k
+
+    def prefix(self, k: int) -> "Frame":
+        if not 1 <= k <= self.k:
+            raise ValueError(f"k must be in 1..{self.k}, got {k}")
+        return replace(self, layers=self.layers[:k], layers_announced=None, stage_ms={})
+
+
+def _ms(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1e3, 3)
+
+
+class Split:
+    def __init__(self, vlm: VLMBackend, mae: MAE):
+        mae.check_belongs_to(vlm)
+        if mae.cfg.token_dim != vlm.token_dim or mae.cfg.num_tokens != vlm.tokens_per_block:
+            raise SplitError(f"MAE {mae.fingerprint().hex()} codes {mae.cfg.num_tokens}×"
+                             f"{mae.cfg.token_dim} blocks; {vlm.model_id} makes "
+                             f"{vlm.tokens_per_block}×{vlm.token_dim}")
+        self.vlm, self.mae = vlm, mae
+        self.fingerprint = mae.fingerprint()
+        self.num_layers = mae.cfg.num_layers
+
+    def info(self) -> dict:
+        """What the page shows and what the agent compares with the cloud's."""
+        return {**self.vlm.describe(), "mae_fingerprint": self.fingerprint.hex(),
+                "num_layers": self.num_layers, "num_tokens": self.mae.cfg.num_tokens}
+
+    # ---- edge ------------------------------------------------------------------------------
+    def edge(self, image: Image.Image, k: int | None = None) -> Frame:
+        """Image → layers 1..k (default L), each stage timed where it runs."""
+        t0 = time.perf_counter()
+        model_input = self.vlm.preprocess(image)
+        t1 = time.perf_counter()
+        tokens, grid = self.vlm.vision(model_input)
+        t2 = time.perf_counter()
+        layers = self.mae.compress(tokens, k)
+        t3 = time.perf_counter()
+        return Frame(layers, tokens.shape[0], grid, {"edge_preprocess": _ms(t0, t1),
+                                                     "edge_vision": _ms(t1, t2),
+                                                     "mae_encode": _ms(t2, t3)})
+
+    # ---- wire ------------------------------------------------------------------------------
+    def pack(self, frame: Frame) -> bytes:
+        return bitstream.pack(self.fingerprint, frame.num_tokens, self.num_layers, frame.layers,
+                              frame.grid)
+
+    def unpack(self, data: bytes) -> Frame:
+        """Wire bytes (a whole stream or a prefix cut after a layer) → Frame. Raises
+        BitstreamError for anything this MAE cannot decode."""
+        bs = bitstream.parse(data, expected_fingerprint=self.fingerprint)
+        if bs.num_layers != self.num_layers or bs.num_tokens % self.mae.cfg.num_tokens:
+            raise bitstream.BitstreamError(
+                f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not fit this MAE "
+                f"(blocks of {self.mae.cfg.num_tokens} tokens, L={self.num_layers})")
+        return Frame(bs.layers, bs.num_tokens, bs.grid, layers_announced=bs.k)
+
+    # ---- cloud -----------------------------------------------------------------------------
+    def decode(self, frame: Frame) -> torch.Tensor:
+        try:
+            return self.mae.decompress(frame.layers, frame.num_tokens)
+        except EntropyDecodeError as e:
+            raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
+
+    def cloud(self, frame: Frame, question: str, max_new_tokens: int = 32) -> Answer:
+        """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
+        t0 = time.perf_counter()
+        tokens = self.decode(frame)
+        t1 = time.perf_counter()
+        answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=frame.grid)
+        stages = {"mae_decode_ms": _ms(t0, t1)}
+        stages.update(answer.stage_ms or {"language_ms": _ms(t1, time.perf_counter())})
+        answer.stage_ms = stages
+        return answer
+
+    def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
+        """The unsplit VLM: full-edge on the device, full-cloud on the server."""
+        return self.vlm.answer(image, question, max_new_tokens)
+
+
+def _mae_trained_for(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text())["mae"]["vlm_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_split(vlm: str | Path | VLMBackend | None = None, mae: str | Path | MAE | None = None) -> Split:
+    """The one loader. `vlm`: a spec (see progvlm.backends) or a backend; None: PROGVLM_VLM or
+    the bundled model. `mae`: a folder or an MAE; None: PROGVLM_MAE, or the bundled MAE when
+    it was trained for this VLM."""
+    backend = vlm if isinstance(vlm, VLMBackend) else load_vlm(vlm)
+    if isinstance(mae, MAE):
+        model = mae
+    else:
+        folder = mae if mae is not None else os.environ.get(MAE_ENV)
+        if folder is None:
+            if _mae_trained_for(DEFAULT_MAE) != backend.model_id:
+                raise SplitError(
+                    f"no MAE given for {backend.model_id}: the bundled MAE is for the bundled "
+                    "VLM. Train one with `python -m progvlm train-mae --vlm SPEC --images DIR` "
+                    f"and pass --mae FOLDER (or set {MAE_ENV})")
+            folder = DEFAULT_MAE
+        try:
+            model = load_mae(folder)
+        except FileNotFoundError as e:
+            raise SplitError(str(e)) from None
+    try:
+        return Split(backend, model)
+    except ValueError as e:
+        raise SplitError(str(e)) from None
