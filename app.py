@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import signal
 import sys
 
@@ -26,20 +27,31 @@ MODES = ["full-cloud", "full-edge", "progressive", "auto"]
 BANDWIDTHS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 50, 100]  # Mbps, log-spaced presets
 NUM_LAYERS = 4
 GENERIC_QUESTIONS = ["describe the scene .", "how many objects are there ?"]
-EDGE = {"client": None}  # set by connect(): the agent this page talks to
+# set by connect(): the agent this page talks to, what it runs, and the VLM/MAE specs
+EDGE = {"client": None, "info": {}, "vlm": None, "mae": None}
 consistency = SemanticConsistency()
 
 
-def connect(edge_url: str):
-    EDGE["client"] = EdgeAgentClient(edge_url)
+def connect(edge_url: str, vlm: str | None = None, mae: str | None = None):
+    EDGE.update(client=EdgeAgentClient(edge_url), vlm=vlm, mae=mae)
+    EDGE["info"] = EDGE["client"].info()
+
+
+def model_banner(info: dict) -> str:
+    """Which VLM and MAE the page is running: the edge agent's own word for it."""
+    if not info:
+        return ""
+    return (f"**VLM** `{info.get('vlm_id')}` · {info.get('tokens_per_block')} × "
+            f"{info.get('token_dim')} visual tokens per image/tile · **MAE** "
+            f"`{info.get('mae_fingerprint')}`, L = {info.get('num_layers')} · runtime "
+            f"{info.get('runtime')}")
 
 
 @functools.lru_cache(maxsize=1)
-def _layer_models():
-    """The bundled VLM and MAE, loaded here only to draw the layer picture."""
-    from progvlm.backends.tiny import TinyVLMBackend
-    from progvlm.models.mae import DEFAULT_MAE, load_mae
-    return TinyVLMBackend.load(), load_mae(DEFAULT_MAE)
+def _layer_split():
+    """The same VLM and MAE as the agent, loaded here only to draw the layer picture."""
+    from progvlm.split import load_split
+    return load_split(EDGE["vlm"], EDGE["mae"])
 
 
 # ---- formatting what the agent returns ------------------------------------------------------
@@ -130,7 +142,8 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
     client = EDGE["client"]
     options = dict(bandwidth_mbps=float(bandwidth_mbps), rtt_ms=float(rtt_ms), device_profile=device)
     notes = []
-    if unknown_words(question):
+    bundled = str(EDGE["info"].get("vlm_id", "progvlm-tiny")).startswith("progvlm-tiny")
+    if bundled and unknown_words(question):
         notes.append(f"Words the bundled model has never seen: {', '.join(unknown_words(question))}. "
                      "It knows only its scene vocabulary (shapes, colours, sizes, counts, positions).")
     records, cards = {}, {m: card(None, None, None, m) for m in MODES}
@@ -153,15 +166,19 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
                 else:
                     records[mode] = item["record"]
                     cards[mode] = card(item["record"], truth, reference, mode)
+                    note = item["record"].get("domain_note")
+                    if note and note not in notes:
+                        notes.append(f"⚠ {note}")
                 yield page()
         ladder = []
-        for j in range(1, NUM_LAYERS + 1):
+        for j in range(1, int(EDGE["info"].get("num_layers", NUM_LAYERS)) + 1):
             progress(0.7 + 0.2 * j / NUM_LAYERS, desc=f"compression ladder k={j}")
             r = client.ask(image, question, mode="progressive", k=j, **options)
             ladder.append([j, r["payload_bytes"], r["answer"], f"{consistency(r['answer'], reference):.3f}"])
         progress(0.95, desc="what each layer adds")
         from progvlm.layer_map import layer_residuals, residual_strip
-        picture = residual_strip(image, layer_residuals(*_layer_models(), image))
+        residuals = layer_residuals(_layer_split(), image)
+        picture = None if residuals is None else residual_strip(image, residuals)
     except (EdgeAgentError, ImageInputError) as e:
         raise gr.Error(str(e)) from None
     yield page(ladder, picture)
@@ -192,6 +209,7 @@ with gr.Blocks(title="progvlm") as demo:
                               info="imx95-emulated: the edge's times × an assumed Cortex-A55 "
                                    "factor (projected, marked so)")
             run = gr.Button("Run", variant="primary")
+    banner = gr.Markdown(elem_id="model-banner")
     with gr.Row(equal_height=True):
         cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
                  for m in MODES]
@@ -207,6 +225,7 @@ with gr.Blocks(title="progvlm") as demo:
     with gr.Accordion("Raw records from the edge agent", open=False):
         raw = gr.JSON(label="records")
 
+    demo.load(lambda: model_banner(EDGE["info"]), None, banner, api_name=False)
     image.change(suggested, image, questions, api_name=False)
     questions.change(lambda q: q or gr.update(), questions, question, api_name=False)
     inputs = [image, question, bandwidth, rtt, k, modes, budget, device]
@@ -219,15 +238,19 @@ def main():
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--edge-url", default=None,
                         help="a running edge agent (default: start a cloud backend and an edge agent here)")
+    parser.add_argument("--vlm", default=os.environ.get("PROGVLM_VLM"),
+                        help="VLM: 'bundled', a model folder or a Hub id (default: $PROGVLM_VLM, else bundled)")
+    parser.add_argument("--mae", default=os.environ.get("PROGVLM_MAE"),
+                        help="MAE folder for that VLM (default: $PROGVLM_MAE, else the bundled MAE)")
     args = parser.parse_args()
     if args.edge_url:
-        connect(args.edge_url)
+        connect(args.edge_url, args.vlm, args.mae)
     else:
         from progvlm.services import cloud_service, edge_service
         print("starting the cloud backend and the edge agent on loopback …", file=sys.stderr)
-        cloud = cloud_service().start()
-        edge = edge_service(cloud.url).start()
-        connect(edge.url)
+        cloud = cloud_service(vlm=args.vlm, mae=args.mae).start()
+        edge = edge_service(cloud.url, vlm=args.vlm, mae=args.mae).start()
+        connect(edge.url, args.vlm, args.mae)
         print(f"cloud backend {cloud.url}, edge agent {edge.url}", file=sys.stderr)
     # SIGTERM ends the app like Ctrl-C does, so the children are stopped on the way out (atexit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -60,16 +60,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_onnx(out: str | Path, vlm_folder=None, mae_folder=None) -> dict:
-    """Write the export into `out` (default weights: the bundled VLM and MAE); returns the
-    manifest without its vocabulary, for printing."""
-    from progvlm.backends.tiny import DEFAULT_WEIGHTS, TinyVLMBackend
-    from progvlm.models.mae import DEFAULT_MAE, load_mae
+def export_onnx(out: str | Path, vlm=None, mae=None) -> dict:
+    """Write the export of a (VLM, MAE) pair into `out` (progvlm.split.load_split: default the
+    bundled VLM and MAE); returns the manifest without its vocabulary, for printing.
+
+    Bundled-format VLMs only: a `transformers` VLM's edge needs its processor and generation
+    loop, which need transformers and PyTorch, so such a device runs `--runtime pytorch`."""
+    from progvlm.backends.tiny import TinyVLMBackend
+    from progvlm.split import load_split
+    split = load_split(vlm, mae)
+    backend, mae = split.vlm, split.mae
+    if not isinstance(backend, TinyVLMBackend):
+        raise ValueError(f"ONNX export covers bundled-format VLMs; {backend.model_id} is a "
+                         "transformers model: run its edge with `--runtime pytorch --vlm SPEC "
+                         "--mae FOLDER` (its processor and generation loop need transformers)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = TinyVLMBackend.load(vlm_folder or DEFAULT_WEIGHTS)
-    mae = load_mae(mae_folder or DEFAULT_MAE)
-    mae.check_belongs_to(backend)
     vlm, cfg = backend.model.eval(), backend.cfg
     S, N, D = cfg.image_size, cfg.num_tokens, cfg.token_dim
     with warnings.catch_warnings(), torch.no_grad():

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from progvlm.edge_codec import META_FILE, TABLES_FILE, MAEEncoderTables
+from progvlm.images import model_input
 from progvlm.questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID, decode_ids, encode_words
 
 from .runtime import EdgeRuntime
@@ -75,7 +76,7 @@ class OnnxRuntime(EdgeRuntime):
         self.model_id = manifest["vlm_id"]
         self.mae_fingerprint = bytes.fromhex(manifest["mae_fingerprint"])
         self.num_layers = manifest["num_layers"]
-        self.num_tokens = manifest["num_tokens"]
+        self.tokens_per_block = manifest["num_tokens"]
         self.image_size = manifest["image_size"]
         self.max_text_len = manifest["max_text_len"]
         self.codec = MAEEncoderTables.load(folder)
@@ -100,14 +101,17 @@ class OnnxRuntime(EdgeRuntime):
                                                  providers=["CPUExecutionProvider"])
                          for m in MODELS}
 
+    def preprocess(self, image):
+        return model_input(image, self.image_size)
+
     def vision(self, pixels):
-        return self.sessions["vision"].run(None, {"pixels": np.asarray(pixels, np.float32)})[0][0]
+        return self.sessions["vision"].run(None, {"pixels": np.asarray(pixels, np.float32)})[0][0], None
 
     def mae_encode(self, tokens, k):
         latent = self.sessions["mae_encoder"].run(None, {"tokens": np.asarray(tokens, np.float32)})[0]
-        return self.codec.compress(latent, k)
+        return self.codec.encode_layers(latent, k)
 
-    def language(self, tokens, question, max_new_tokens=32):
+    def language(self, tokens, question, grid=None, max_new_tokens=32):
         """Greedy decoding as TinyVLM.generate does it, re-running the whole prompt per token
         (no KV cache in the graph: answers are a few words, the prompt under 32 ids)."""
         ids = question_ids(question)

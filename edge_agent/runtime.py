@@ -93,10 +93,16 @@ class PyTorchRuntime(EdgeRuntime):
         return self.split.vlm.vision(model_input)
 
     def mae_encode(self, tokens, k):
-        return self.split.mae.compress(tokens, k)
+        return self.split.mae.compress(_tensor(tokens), k)
 
     def language(self, tokens, question, grid=None, max_new_tokens=32):
-        return self.split.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid).text
+        return self.split.vlm.cloud_half(_tensor(tokens), question, max_new_tokens, grid=grid).text
 
     def domain_note(self, image):
         return self.split.vlm.domain_note(image)
+
+
+def _tensor(tokens):
+    """Visual tokens from either runtime (NumPy from ONNX Runtime, tensors from PyTorch)."""
+    import torch
+    return tokens if torch.is_tensor(tokens) else torch.from_numpy(np.asarray(tokens, np.float32))

@@ -56,8 +56,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Fa
     def info():
         rt = agent.runtime
         out = {"runtime": rt.name, "device_profile": agent.profile.name,
-               "timing_source": agent.profile.source, "vlm_id": rt.model_id,
-               "mae_fingerprint": rt.mae_fingerprint.hex(), "num_layers": rt.num_layers,
+               "timing_source": agent.profile.source, **rt.info(),
                "cloud_url": agent.cloud.base_url if agent.cloud else None}
         if agent.cloud:
             try:

@@ -1,4 +1,7 @@
-"""`python -m progvlm bench`: the paper-style experiment in one seeded run.
+"""`python -m progvlm bench`: the paper-style experiment for the bundled VLM, and a cost
+profile for any VLM.
+
+With the bundled VLM (generated scenes, exact ground truth), one seeded run of:
 
     1. rate–accuracy   progressive k = 1..L, JPEG q 5..95 at model and camera size, raw fp16
                        tokens, token average-pooling: accuracy and consistency against bytes
@@ -9,7 +12,17 @@
     4. load            cloud throughput and p50/p95 latency with 1, 4 and 16 concurrent clients
     5. floor           the bits the scene's ground truth needs, beside the bytes each k sends
 
-Writes CSV/JSON, PNG plots and a Markdown summary to the results folder.
+Writes CSV/JSON, PNG plots and a Markdown summary to the results folder. The edge agent is
+driven through its public interface only: a child process (`progvlm.services.edge_service`)
+asked over HTTP, so progvlm imports nothing from edge_agent.
+
+With `--images DIR` (any VLM; the only choice for a non-bundled one): `run_cost_profile`, the
+cost profile measured on this host (no ground truth, so no accuracy): edge vision time, LM
+time per generated token, MAE encode share of the edge, wire bytes per k, JPEG bytes at
+camera and model size, and end-to-end times of full-edge / full-cloud / progressive computed
+from the measured stage times at any bandwidth, per device profile (handed in by the caller,
+e.g. edge_agent.profiles: host, imx95-emulated, imx95-npu-projected), with the bandwidths
+where the fastest mode changes.
 """
 from __future__ import annotations
 
@@ -52,14 +65,14 @@ def scene_graph_bits(scene) -> float:
 
 
 # ---- 1. rate–accuracy -------------------------------------------------------------------------
-def rate_accuracy(backend, mae, seed: int, questions: int, quick: bool, log) -> tuple[list[dict], dict]:
+def rate_accuracy(split, seed: int, questions: int, quick: bool, log) -> tuple[list[dict], dict]:
     from .evaluate import eval_questions, evaluate_mae
     qualities = QUICK_JPEG_QUALITIES if quick else JPEG_QUALITIES
     log(f"rate–accuracy: {questions} questions, JPEG q {qualities} at model and camera size")
     from tqdm import tqdm
     scene_count = len(eval_questions(seed, questions)[0])
     with tqdm(total=scene_count, desc="rate–accuracy", unit="scene") as bar:
-        rep = evaluate_mae(backend, mae, seed, questions, progress=bar.update,
+        rep = evaluate_mae(split, seed, questions, progress=bar.update,
                            jpeg_qualities=qualities, camera_jpeg_qualities=qualities)
     rows = [{"method": f"progressive k={r['k']}", "family": "progressive", "bytes": r["bytes_mean"],
              "accuracy": r["accuracy"], "consistency": r["consistency"]} for r in rep["per_k"]]
@@ -86,30 +99,37 @@ def smallest_good_k(rep: dict) -> int:
 
 
 # ---- 2. latency over the shaped link ----------------------------------------------------------
-def latency(runtime, cloud_url: str, images: list[str], k_star: int, L: int, log) -> list[dict]:
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.profiles import get_profile
+def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float, rtt_ms: float,
+              **options) -> dict:
+    """One request to the edge agent's HTTP API (POST /v1/ask, edge_agent/service.py) → its record."""
+    form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
+            "rtt_ms": str(rtt_ms)}
+    form.update({name: str(v) for name, v in options.items() if v is not None})
+    r = http.post("/v1/ask", files={"image": ("image", Path(image_path).read_bytes())}, data=form)
+    if r.status_code != 200:
+        raise RuntimeError(f"edge agent refused {mode} at {bandwidth_mbps} Mbps: "
+                           f"{r.status_code} {r.text[:300]}")
+    return r.json()
+
+
+def latency(agent_url: str, images: list[str], k_star: int, L: int, log) -> list[dict]:
+    """Every mode at every bandwidth, asked of the edge agent at `agent_url` (host profile),
+    then again under the imx95-emulated profile (edge stages projected)."""
+    import httpx
     question = "describe the scene ."
     configs = [("full-cloud", {}), ("full-edge", {}), (f"progressive k={k_star}", {"k": k_star}),
                (f"progressive k={L}", {"k": L}), ("auto", {"budget_ms": AUTO_BUDGET_MS})]
-    host = EdgeAgent(runtime, cloud_url)
     rows = []
-    for bw in BANDWIDTHS:
-        log(f"latency at {bw} Mbps")
-        for name, extra in configs:
-            mode = name.split()[0]
-            records = [host.ask(img, question, mode, bandwidth_mbps=bw, rtt_ms=20, **extra) for img in images]
-            rows.append(_latency_row(name, "host", bw, records))
-    # the emulated device last: its profile runs the runtime with one thread
-    imx = EdgeAgent(runtime, cloud_url, profile=get_profile("imx95-emulated"))
-    for bw in BANDWIDTHS:
-        for name, extra in configs:
-            if name == "full-cloud":
-                continue
-            mode = name.split()[0]
-            records = [imx.ask(img, question, mode, bandwidth_mbps=bw, rtt_ms=20, **extra) for img in images]
-            rows.append(_latency_row(name, "imx95-emulated (projected)", bw, records))
-    runtime.set_threads(runtime.default_threads)
+    with httpx.Client(base_url=agent_url, timeout=120.0) as http:
+        for device, label in (("host", "host"), ("imx95-emulated", "imx95-emulated (projected)")):
+            for bw in BANDWIDTHS:
+                log(f"latency at {bw} Mbps ({label})")
+                for name, extra in configs:
+                    if name == "full-cloud" and device != "host":
+                        continue  # nothing of full-cloud runs on the device's compute
+                    records = [ask_agent(http, img, question, name.split()[0], bw, 20,
+                                         device_profile=device, **extra) for img in images]
+                    rows.append(_latency_row(name, label, bw, records))
     return rows
 
 
@@ -124,12 +144,12 @@ def _latency_row(name: str, device: str, bw: float, records: list[dict]) -> dict
 
 
 # ---- 4. load ----------------------------------------------------------------------------------
-def load_test(runtime, cloud_url: str, images: list[str], k_star: int, seconds: float, log) -> list[dict]:
+def load_test(split, cloud_url: str, images: list[str], k_star: int, seconds: float, log) -> list[dict]:
     """N clients, each sending progressive requests back to back over loopback (no shaping)."""
-    from edge_agent.uplink import CloudLink
-    from progvlm.images import load_image
-    from progvlm.link import LinkProfile
-    streams = [runtime.mae_encode(runtime.vision(runtime.preprocess(load_image(p))), k_star) for p in images]
+    from .images import load_image
+    from .link import LinkProfile
+    from .transport import CloudLink
+    streams = [split.pack(split.edge(load_image(p), k_star)) for p in images]
     fast = LinkProfile(10_000.0, 0.0)
     rows = []
     for n in CONCURRENCY:
@@ -234,24 +254,24 @@ def plot_breakdown(rows: list[dict], path: Path):
 
 # ---- the whole run ----------------------------------------------------------------------------
 def run_bench(out: Path, seed: int = 0, quick: bool = False, log=print) -> dict:
-    from edge_agent.runtime import PyTorchRuntime
-    from progvlm.examples import load_examples
-    from progvlm.services import cloud_service
+    from .examples import load_examples
+    from .services import cloud_service, edge_service
+    from .split import load_split
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    runtime = PyTorchRuntime.bundled()
-    backend, mae = runtime.backend, runtime.mae
-    L = mae.cfg.num_layers
+    split = load_split("bundled")
+    L = split.num_layers
 
-    rows, rep = rate_accuracy(backend, mae, seed, 140 if quick else 1000, quick, log)
+    rows, rep = rate_accuracy(split, seed, 140 if quick else 1000, quick, log)
     _write_csv(out / "rate_accuracy.csv", rows)
     plot_rate_accuracy(rows, out / "rate_accuracy.png")
     k_star = smallest_good_k(rep)
 
     images = [e["path"] for e in load_examples()][: 1 if quick else 3]
-    with cloud_service() as cloud:
-        lat = latency(runtime, cloud.url, images, k_star, L, log)
-        load = load_test(runtime, cloud.url, images, k_star, 2.0 if quick else 5.0, log)
+    with cloud_service(vlm="bundled") as cloud, \
+            edge_service(cloud.url, profile="host", vlm="bundled") as agent:
+        lat = latency(agent.url, images, k_star, L, log)
+        load = load_test(split, cloud.url, images, k_star, 2.0 if quick else 5.0, log)
     _write_csv(out / "latency.csv", [{k: v for k, v in r.items() if k != "stages"} for r in lat])
     _write_csv(out / "breakdown_1mbps.csv", [{"mode": r["mode"], "device": r["device"], **r["stages"]}
                                              for r in lat if r["bandwidth_mbps"] == 1])
@@ -325,4 +345,337 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
     for key in dict.fromkeys((r["mode"], r["device"]) for r in lat):
         vals = [f"{r['total_ms']:.0f}" for r in lat if (r["mode"], r["device"]) == key]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- any VLM: the cost profile (timing and bytes, no ground truth) -----------------------------
+COST_QUESTION = "Describe the image."
+ANSWER_TOKENS = 16  # generated tokens per answer in the end-to-end model (an assumption)
+COST_RTT_MS = 20.0
+REPLY_BYTES = 250  # a JSON answer on the downlink (the agent's own estimate)
+COST_BANDWIDTHS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100)
+COST_JPEG_QUALITY = 90  # full-cloud's JPEG, as the agent sends it
+CROSSOVER_RANGE_MBPS = (0.01, 10_000.0)
+
+
+def vision_macs(vlm, model_input) -> float:
+    """Multiply-accumulates of one vision forward (encoder + connector), counted by
+    torch.utils.flop_counter with attention on its math path so that its matmuls count too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vlm.vision(model_input)
+    return counter.get_total_flops() / 2
+
+
+def language_timing(vlm, tokens, grid, question: str, max_new_tokens: int = 32) -> dict:
+    """One greedy answer from visual tokens: prefill ms (up to the second forward call) and the
+    median ms per further generated token (between consecutive forward calls of the model,
+    i.e. one decoding step with its sampling overhead)."""
+    import torch
+    starts: list[float] = []
+    model = getattr(vlm, "model", None)
+    hook = (model.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+            if isinstance(model, torch.nn.Module) else None)
+    t0 = time.perf_counter()
+    try:
+        answer = vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
+    finally:
+        if hook is not None:
+            hook.remove()
+    t1 = time.perf_counter()
+    if len(starts) >= 3:
+        steps = [b - a for a, b in zip(starts[1:], starts[2:])] + [t1 - starts[-1]]
+        prefill, per_token, generated = starts[1] - t0, statistics.median(steps), len(starts)
+    else:  # a backend whose generation the hook cannot see: the mean over its tokens
+        generated = max(1, len(answer.token_ids))
+        prefill = per_token = (t1 - t0) / generated
+    return {"prefill_ms": prefill * 1e3, "per_token_ms": per_token * 1e3,
+            "generated_tokens": generated}
+
+
+def _jpeg_bytes(image, quality: int) -> bytes:
+    import io
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def measure_costs(split, image_paths, edge_threads: int = 1, log=print) -> dict:
+    """Per image, on this host: the edge's stages with `edge_threads` threads (what the device
+    profiles scale), the cloud's stages with all of this host's threads (a stand-in for the
+    server), and the bytes of every payload. Returns medians over the images."""
+    import torch
+
+    from .images import load_image, resize_for_model
+    from .split import Frame
+    vlm, mae, L = split.vlm, split.mae, split.num_layers
+    cloud_threads = torch.get_num_threads()
+    images = [load_image(p) for p in image_paths]
+    if not images:
+        raise ValueError("no images to measure")
+    rows = []
+    try:
+        for i, image in enumerate([images[0]] + images):  # the first pass only warms up
+            r: dict = {}
+            torch.set_num_threads(edge_threads)
+            x, r["edge_preprocess_ms"] = _timed(vlm.preprocess, image)
+            (tokens, grid), r["edge_vision_ms"] = _timed(vlm.vision, x)
+            tokens = tokens.float()
+            for k in range(1, L + 1):
+                layers, r[f"mae_encode_k{k}_ms"] = _timed(mae.compress, tokens, k)
+            wire = {k: split.pack(Frame(layers[:k], tokens.shape[0], grid)) for k in range(1, L + 1)}
+            jpeg_model, r["jpeg_model_encode_ms"] = _timed(
+                lambda: _jpeg_bytes(resize_for_model(image, vlm.input_size), COST_JPEG_QUALITY))
+            jpeg_camera, r["jpeg_camera_encode_ms"] = _timed(_jpeg_bytes, image, COST_JPEG_QUALITY)
+            edge_lm = language_timing(vlm, tokens, grid, COST_QUESTION)
+            r["edge_lm_prefill_ms"], r["edge_lm_per_token_ms"] = edge_lm["prefill_ms"], edge_lm["per_token_ms"]
+            torch.set_num_threads(cloud_threads)
+            for name, data in (("model", jpeg_model), ("camera", jpeg_camera)):
+                decoded, r[f"cloud_jpeg_{name}_decode_ms"] = _timed(load_image, data)
+                x_c, r[f"cloud_preprocess_{name}_ms"] = _timed(vlm.preprocess, decoded)
+            _, r["cloud_vision_ms"] = _timed(vlm.vision, x_c)
+            for k in range(1, L + 1):
+                _, r[f"cloud_mae_decode_k{k}_ms"] = _timed(split.decode, split.unpack(wire[k]))
+            cloud_lm = language_timing(vlm, tokens, grid, COST_QUESTION)
+            r["cloud_lm_prefill_ms"], r["cloud_lm_per_token_ms"] = cloud_lm["prefill_ms"], cloud_lm["per_token_ms"]
+            r["generated_tokens"] = cloud_lm["generated_tokens"]
+            r.update({f"wire_bytes_k{k}": len(w) for k, w in wire.items()},
+                     jpeg_camera_bytes=len(jpeg_camera), jpeg_model_bytes=len(jpeg_model),
+                     raw_fp16_bytes=tokens.numel() * 2, num_tokens=tokens.shape[0],
+                     camera_pixels=image.size[0] * image.size[1])
+            if i == 0:
+                macs = vision_macs(vlm, x)  # once: the count does not depend on the pixels
+                continue
+            rows.append(r)
+            log(f"cost profile: image {i}/{len(images)}: vision {r['edge_vision_ms']:.0f} ms "
+                f"(edge, {edge_threads} thread), {r['wire_bytes_k1']}–{r[f'wire_bytes_k{L}']} bytes")
+    finally:
+        torch.set_num_threads(cloud_threads)
+    med = {key: float(statistics.median(r[key] for r in rows)) for key in rows[0]}
+    med["mae_encode_ms"] = med[f"mae_encode_k{L}_ms"]
+    med["mae_encode_share_of_edge"] = med["mae_encode_ms"] / (
+        med["edge_preprocess_ms"] + med["edge_vision_ms"] + med["mae_encode_ms"])
+    med["vision_macs"] = macs
+    med.update(images=len(rows), L=L, edge_threads=edge_threads, cloud_threads=cloud_threads,
+               model_input_size=vlm.input_size,
+               camera_size=[int(statistics.median(im.size[0] for im in images)),
+                            int(statistics.median(im.size[1] for im in images))])
+    return med
+
+
+def _link_ms(nbytes: float, bandwidth_mbps: float) -> float:
+    return nbytes * 8 / (bandwidth_mbps * 1e3)
+
+
+def mode_stages(costs: dict, profile, mode: str, bandwidth_mbps: float,
+                rtt_ms: float = COST_RTT_MS, answer_tokens: int = ANSWER_TOKENS) -> dict:
+    """The stage times (ms) of one mode at one bandwidth: edge stages through `profile`
+    (its stage_ms(stage, host_ms, vision_macs)), link stages from the bytes, cloud stages as
+    measured. `mode`: full-edge, full-cloud (model-size JPEG, as the agent sends),
+    full-cloud-camera (the JPEG as captured), or progressive-k{k}."""
+    def edge(stage, host_ms):
+        return profile.stage_ms(stage, host_ms, vision_macs=costs["vision_macs"])
+
+    def language(where):
+        return costs[f"{where}_lm_prefill_ms"] + (answer_tokens - 1) * costs[f"{where}_lm_per_token_ms"]
+
+    def link(up_bytes, stages):
+        stages["uplink"] = rtt_ms / 2 + _link_ms(up_bytes, bandwidth_mbps)
+        stages["downlink"] = _link_ms(REPLY_BYTES, bandwidth_mbps) + rtt_ms / 2
+        return stages
+
+    if mode == "full-edge":
+        return {"edge_preprocess": edge("edge_preprocess", costs["edge_preprocess_ms"]),
+                "edge_vision": edge("edge_vision", costs["edge_vision_ms"]),
+                "edge_language": edge("edge_language", language("edge"))}
+    if mode in ("full-cloud", "full-cloud-camera"):
+        which = "camera" if mode.endswith("camera") else "model"
+        stages = {"serialize": edge("serialize", costs[f"jpeg_{which}_encode_ms"])}
+        link(costs[f"jpeg_{which}_bytes"], stages)
+        stages.update(cloud_decode=costs[f"cloud_jpeg_{which}_decode_ms"],
+                      cloud_preprocess=costs[f"cloud_preprocess_{which}_ms"],
+                      cloud_vision=costs["cloud_vision_ms"], cloud_language=language("cloud"))
+        return stages
+    if mode.startswith("progressive-k"):
+        k = int(mode.removeprefix("progressive-k"))
+        stages = {"edge_preprocess": edge("edge_preprocess", costs["edge_preprocess_ms"]),
+                  "edge_vision": edge("edge_vision", costs["edge_vision_ms"]),
+                  "mae_encode": edge("mae_encode", costs[f"mae_encode_k{k}_ms"])}
+        link(costs[f"wire_bytes_k{k}"], stages)
+        stages.update(cloud_mae_decode=costs[f"cloud_mae_decode_k{k}_ms"],
+                      cloud_language=language("cloud"))
+        return stages
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def _line(costs, profile, mode) -> tuple[float, float]:
+    """total_ms(bw) = fixed + slope / bw: (fixed ms, slope ms·Mbps)."""
+    at1 = sum(mode_stages(costs, profile, mode, 1.0).values())
+    at2 = sum(mode_stages(costs, profile, mode, 2.0).values())
+    slope = 2 * (at1 - at2)
+    return at1 - slope, slope
+
+
+def crossover(costs: dict, profile, modes: list[str], lo: float = CROSSOVER_RANGE_MBPS[0],
+              hi: float = CROSSOVER_RANGE_MBPS[1]) -> list[dict]:
+    """Which mode is fastest over [lo, hi] Mbps: intervals [from, to) with their winner. Every
+    mode's time is fixed + slope/bandwidth, so the boundaries are where two lines meet."""
+    lines = {m: _line(costs, profile, m) for m in modes}
+    points = {lo, hi}
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            (fa, sa), (fb, sb) = lines[a], lines[b]
+            if fa != fb and (sb - sa) / (fa - fb) > 0:
+                bw = (sb - sa) / (fa - fb)
+                if lo < bw < hi:
+                    points.add(bw)
+    edges = sorted(points)
+    intervals: list[dict] = []
+    for a, b in zip(edges, edges[1:]):
+        mid = math.sqrt(a * b)
+        winner = min(modes, key=lambda m: lines[m][0] + lines[m][1] / mid)
+        if intervals and intervals[-1]["winner"] == winner:
+            intervals[-1]["to_mbps"] = b
+        else:
+            intervals.append({"from_mbps": a, "to_mbps": b, "winner": winner})
+    return intervals
+
+
+def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=None,
+                     log=print) -> dict:
+    """Measure the cost profile of `split` on `image_paths` and write results.json and
+    summary.md to `out`. `device_profiles`: objects with name, source, projected and
+    stage_ms(stage, host_ms, vision_macs) (edge_agent.profiles.DeviceProfile); the first is the
+    measured one (host)."""
+    import platform
+
+    import torch
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    image_paths = [str(p) for p in image_paths]
+    costs = measure_costs(split, image_paths, edge_threads=1, log=log)
+    L = costs["L"]
+    note = None
+    if vlm_spec is not None and Path(vlm_spec).is_dir():
+        from .backends.random_hf import NOTE_FILE
+        marker = Path(vlm_spec) / NOTE_FILE
+        if marker.is_file():
+            note = json.loads(marker.read_text())["note"]
+    modes = ["full-edge", "full-cloud", "full-cloud-camera"] + [f"progressive-k{k}" for k in range(1, L + 1)]
+    profiles, e2e, table, cross = {}, {}, [], {}
+    for p in device_profiles:
+        edge = {stage: p.stage_ms(stage, costs[f"{stage}_ms"], costs["vision_macs"])
+                for stage in ("edge_preprocess", "edge_vision", "mae_encode")}
+        profiles[p.name] = {"source": p.source, "projected": bool(p.projected),
+                            **{f"{stage}_ms": v for stage, v in edge.items()},
+                            "mae_encode_share_of_edge": edge["mae_encode"] / sum(edge.values())}
+        e2e[p.name] = {}
+        for m in modes:
+            stages = mode_stages(costs, p, m, 1.0)
+            e2e[p.name][m] = {"total_ms": sum(stages.values()), "stages": stages}
+        for bw in COST_BANDWIDTHS:
+            table.append({"device": p.name, "bandwidth_mbps": bw,
+                          **{m: sum(mode_stages(costs, p, m, bw).values()) for m in modes}})
+        cross[p.name] = {f"k={k}": crossover(costs, p, ["full-edge", "full-cloud", f"progressive-k{k}"])
+                         for k in (1, L)}
+    edge_vision = profiles[device_profiles[0].name]["edge_vision_ms"]
+    result = {
+        "kind": "cost_profile", "note": note or "timing and bytes only (no ground truth here)",
+        "vlm": split.info(), "images": costs["images"], "image_paths": image_paths,
+        "host": {"machine": platform.machine(), "processor": platform.processor() or None,
+                 "torch_threads": costs["cloud_threads"], "edge_threads": costs["edge_threads"]},
+        "edge_vision_ms": edge_vision,
+        "lm_ms_per_token": {"edge": costs["edge_lm_per_token_ms"], "cloud": costs["cloud_lm_per_token_ms"]},
+        "lm_prefill_ms": {"edge": costs["edge_lm_prefill_ms"], "cloud": costs["cloud_lm_prefill_ms"]},
+        "mae_encode_ms": costs["mae_encode_ms"],
+        "mae_encode_share_of_edge": costs["mae_encode_share_of_edge"],
+        "vision_macs": costs["vision_macs"],
+        "bytes_per_k": {k: costs[f"wire_bytes_k{k}"] for k in range(1, L + 1)},
+        "jpeg_bytes": {"camera": costs["jpeg_camera_bytes"], "model_input": costs["jpeg_model_bytes"],
+                       "quality": COST_JPEG_QUALITY, "camera_size": costs["camera_size"],
+                       "model_input_size": costs["model_input_size"]},
+        "raw_fp16_bytes": costs["raw_fp16_bytes"],
+        "profiles": profiles,
+        "end_to_end_1mbps_ms": e2e,
+        "latency_vs_bandwidth_ms": table,
+        "crossover": cross,
+        "assumptions": {"answer_tokens": ANSWER_TOKENS, "rtt_ms": COST_RTT_MS,
+                        "reply_bytes": REPLY_BYTES, "cloud": f"this host's CPU, {costs['cloud_threads']} "
+                        "threads (a stand-in for the server)", "edge": "this host, 1 thread, "
+                        "then each device profile's projection", "question": COST_QUESTION},
+        "measured_medians": costs,
+        "bench_seconds": round(time.perf_counter() - t_start, 1),
+        "torch": torch.__version__,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    (out / "summary.md").write_text(cost_summary_markdown(result))
+    return result
+
+
+def _fmt_interval(iv: dict) -> str:
+    lo, hi = iv["from_mbps"], iv["to_mbps"]
+    lo_s = "" if lo <= CROSSOVER_RANGE_MBPS[0] else f"{lo:.3g}"
+    hi_s = "" if hi >= CROSSOVER_RANGE_MBPS[1] else f"{hi:.3g}"
+    where = (f"below {hi_s} Mbps" if not lo_s and hi_s else f"above {lo_s} Mbps" if lo_s and not hi_s
+             else f"{lo_s}–{hi_s} Mbps" if lo_s else "at every bandwidth")
+    return f"{iv['winner']} {where}"
+
+
+def cost_summary_markdown(r: dict) -> str:
+    L = r["vlm"]["num_layers"]
+    m = r["measured_medians"]
+    jb = r["jpeg_bytes"]
+    cam = "×".join(map(str, jb["camera_size"]))
+    lines = [f"# Cost profile: {r['vlm']['vlm_id']}", "",
+             f"**{r['note']}.** Medians over {r['images']} images, measured on this host "
+             f"({r['host']['machine']}): the edge's stages with {r['host']['edge_threads']} thread, "
+             f"the cloud's with {r['host']['torch_threads']} (this CPU stands in for the server). "
+             "Rows marked *projected* are not measurements.", "",
+             "| figure | value |", "|---|---|",
+             f"| edge vision (host, 1 thread) | {r['edge_vision_ms']:.0f} ms |",
+             f"| vision encoder MACs (counted) | {r['vision_macs'] / 1e9:.1f} G |",
+             f"| LM per generated token, edge 1 thread / cloud {r['host']['torch_threads']} threads | "
+             f"{r['lm_ms_per_token']['edge']:.1f} / {r['lm_ms_per_token']['cloud']:.1f} ms |",
+             f"| LM prefill, edge / cloud | {r['lm_prefill_ms']['edge']:.0f} / {r['lm_prefill_ms']['cloud']:.0f} ms |",
+             f"| MAE encode (all {L} layers) | {r['mae_encode_ms']:.2f} ms = "
+             f"{100 * r['mae_encode_share_of_edge']:.2f}% of the edge (preprocess + vision + MAE) |",
+             f"| wire bytes per k | " + ", ".join(f"k={k}: {b:.0f}" for k, b in r["bytes_per_k"].items()) + " |",
+             f"| JPEG q{jb['quality']} at camera size ({cam}) | {jb['camera']:.0f} bytes |",
+             f"| JPEG q{jb['quality']} at model input size ({jb['model_input_size']} px) | {jb['model_input']:.0f} bytes |",
+             f"| raw fp16 visual tokens ({m['num_tokens']:.0f}×{r['vlm']['token_dim']}) | {r['raw_fp16_bytes']:.0f} bytes |",
+             "", "## Devices", ""]
+    for name, p in r["profiles"].items():
+        lines.append(f"- **{name}**{' (projected)' if p['projected'] else ''}: {p['source']}; "
+                     f"edge vision {p['edge_vision_ms']:.0f} ms, MAE encode {p['mae_encode_ms']:.1f} ms "
+                     f"({100 * p['mae_encode_share_of_edge']:.2f}% of the edge)")
+    lines += ["", f"## End to end at 1 Mbps, RTT {r['assumptions']['rtt_ms']:.0f} ms, "
+              f"{r['assumptions']['answer_tokens']} generated tokens (computed from the measured stages)", "",
+              "| device | full-edge | full-cloud (JPEG model size) | full-cloud (JPEG camera) | "
+              + " | ".join(f"progressive k={k}" for k in range(1, L + 1)) + " |",
+              "|---|" + "---|" * (3 + L)]
+    for name, modes in r["end_to_end_1mbps_ms"].items():
+        label = name + (" (projected)" if r["profiles"][name]["projected"] else "")
+        lines.append(f"| {label} | " + " | ".join(f"{v['total_ms']:.0f} ms" for v in modes.values()) + " |")
+    lines += ["", "## Where each mode wins (fastest; full-cloud = JPEG at model size)", ""]
+    for name, by_k in r["crossover"].items():
+        for k, intervals in by_k.items():
+            lines.append(f"- {name}, progressive {k}: " + "; ".join(_fmt_interval(iv) for iv in intervals))
+    lines += ["", "## End-to-end ms against bandwidth", "",
+              "| device | Mbps | full-edge | full-cloud | full-cloud camera | "
+              + " | ".join(f"prog k={k}" for k in range(1, L + 1)) + " |", "|---|---|" + "---|" * (3 + L)]
+    for row in r["latency_vs_bandwidth_ms"]:
+        vals = [row["full-edge"], row["full-cloud"], row["full-cloud-camera"]] + \
+            [row[f"progressive-k{k}"] for k in range(1, L + 1)]
+        lines.append(f"| {row['device']} | {row['bandwidth_mbps']:g} | " + " | ".join(f"{v:.0f}" for v in vals) + " |")
+    a = r["assumptions"]
+    lines += ["", f"Assumptions: {a['answer_tokens']} generated tokens per answer; RTT {a['rtt_ms']:.0f} ms, "
+              f"paid half each way; a {a['reply_bytes']}-byte reply; cloud: {a['cloud']}; edge: {a['edge']}; "
+              f"question {a['question']!r}. Bench time {r['bench_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

@@ -138,6 +138,18 @@ def _add_bench(sub):
     p.add_argument("--json", action="store_true")
 
 
+def _add_make_random_vlm(sub):
+    from .backends.random_hf import NOTE, PRESETS
+    p = sub.add_parser("make-random-vlm", help="write a random-weight transformers VLM folder "
+                       "(a stand-in for a Hub checkpoint, offline)",
+                       description="Write a transformers VLM folder with random weights that "
+                       "loads like a downloaded checkpoint (--vlm FOLDER); " + NOTE + ". Presets: "
+                       + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ".")
+    p.add_argument("--preset", required=True, choices=list(PRESETS))
+    p.add_argument("--out", required=True, type=Path, help="folder to write (created)")
+    p.add_argument("--seed", type=int, default=0, help="same preset + seed = same weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m progvlm", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -145,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `python -m progvlm <command> --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae, _add_ask,
-                _add_make_examples, _add_serve_cloud, _add_bench):
+                _add_make_examples, _add_serve_cloud, _add_bench, _add_make_random_vlm):
         add(sub)
     return parser
 
@@ -276,8 +288,12 @@ def cmd_ask(a) -> int:
         return 2
     backend = _load_backend(a.vlm)
     ans = backend.answer(image, a.question)
-    _emit({"question": a.question, "answer": ans.text, "model": backend.model_id}, a.json,
-          [] if a.json else [ans.text])
+    note = backend.domain_note(image)
+    result = {"question": a.question, "answer": ans.text, "model": backend.model_id}
+    if note:  # e.g. a photograph given to the bundled model, which knows generated scenes only
+        result["domain_note"] = note
+        print(f"note: {note}", file=sys.stderr)
+    _emit(result, a.json, [] if a.json else [ans.text])
     return 0
 
 
@@ -311,6 +327,17 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_make_random_vlm(a) -> int:
+    from .backends.random_hf import NOTE, NOTE_FILE, backend_kwargs, write_random_vlm
+    out = write_random_vlm(a.out, a.preset, seed=a.seed)
+    note = json.loads((out / NOTE_FILE).read_text())
+    print(f"{out}: {a.preset}, N x D = {note['visual_tokens']} x {note['token_dim']} visual "
+          f"tokens, {note['parameters']:,} parameters ({NOTE})")
+    if backend_kwargs(a.preset):
+        print(f"load it with HFVLMBackend.load(folder, **{backend_kwargs(a.preset)})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -329,4 +356,4 @@ def main(argv=None) -> int:
 _COMMANDS = {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
             "eval-mae": cmd_eval_mae, "ask": cmd_ask,
             "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "make-random-vlm": cmd_make_random_vlm}

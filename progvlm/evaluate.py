@@ -194,3 +194,109 @@ def edge_vs_mae_timing(backend, mae, scene, repeats: int = 30) -> dict:
     e, m = median_ms(lambda: backend.edge_half(frame), mae.compress, repeats)
     return {"edge_half_ms": round(e, 3), "mae_compress_ms": round(m, 3),
             "mae_share_of_edge_half": round(m / e, 4), "note": "host CPU, measured, batch 1"}
+
+
+# ---- any VLM, any images: no ground truth, so everything is measured against the VLM itself ----
+#: generic questions for photos (used when train_mae.py exposes no DEFAULT_PROMPTS)
+GENERIC_QUESTIONS = ("Describe the image.", "What is in the picture?", "What colours dominate?",
+                     "How many objects are there?", "Is there a person in the image?")
+
+
+def default_questions() -> list[str]:
+    """The generic prompts train-mae uses for images when it exposes them, else ours."""
+    from .training import train_mae
+    return list(getattr(train_mae, "DEFAULT_PROMPTS", None) or GENERIC_QUESTIONS)
+
+
+def read_questions(path) -> list[str]:
+    """One question per line; blank lines and lines starting with # are skipped."""
+    from pathlib import Path
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    questions = [q for q in lines if q and not q.startswith("#")]
+    if not questions:
+        raise ValueError(f"{path} holds no questions (one per line; # starts a comment)")
+    return questions
+
+
+def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_jpeg_quality=90,
+                           model_jpeg_quality=90, max_new_tokens: int = 32) -> dict:
+    """Per k = 1..L on your own images, without ground truth: wire bytes (mean, max; what
+    `split.pack` puts on the link, header included), exact agreement with the answer from
+    uncompressed tokens and semantic consistency with it; and the same for the baselines
+    `jpeg_camera_q{q}` (the image as given), `jpeg_model_q{q}` (resized to the model's input
+    size first) and `raw_fp16` (the tokens as fp16, no header).
+
+    Every answer is greedy, so "agreement" is what the compression changes, not sampling noise.
+    Unreadable images are skipped and listed under "skipped"."""
+    import torch.nn.functional as F
+
+    from . import baselines
+    from .images import ImageInputError, load_image, resize_for_model
+    from .metrics import SemanticConsistency
+    from .split import Frame
+
+    vlm, L = split.vlm, split.num_layers
+    questions = list(questions)
+    if not questions:
+        raise ValueError("at least one question is needed")
+    answers: dict[str, list[str]] = {"uncompressed": []}
+    sizes: dict[str, list[int]] = {}
+    cosine: dict[int, list[float]] = {k: [] for k in range(1, L + 1)}
+    skipped, used = [], 0
+
+    def ask_all(name: str, tokens, grid):
+        answers.setdefault(name, []).extend(
+            vlm.cloud_half(tokens, q, max_new_tokens, grid=grid).text for q in questions)
+
+    def ask_image(name: str, nbytes: int, image):
+        sizes.setdefault(name, []).append(nbytes)
+        ask_all(name, *vlm.edge_half_with_grid(image))
+
+    for path in image_paths:
+        try:
+            image = load_image(path)
+        except ImageInputError as e:
+            skipped.append(f"{path}: {e}")
+            continue
+        used += 1
+        tokens, grid = vlm.edge_half_with_grid(image)
+        tokens = tokens.float()
+        ask_all("uncompressed", tokens, grid)
+        layers = split.mae.compress(tokens)
+        for k in range(1, L + 1):
+            wire = split.pack(Frame(layers[:k], tokens.shape[0], grid))
+            sizes.setdefault(f"k={k}", []).append(len(wire))
+            decoded = split.decode(split.unpack(wire))  # exactly what the cloud would decode
+            cosine[k].append(F.cosine_similarity(decoded, tokens, dim=-1).mean().item())
+            ask_all(f"k={k}", decoded, grid)
+        nbytes, raw = baselines.raw_fp16(tokens)
+        sizes.setdefault("raw_fp16", []).append(nbytes)
+        ask_all("raw_fp16", raw, grid)
+        ask_image(f"jpeg_camera_q{camera_jpeg_quality}",
+                  *baselines.jpeg(image, camera_jpeg_quality))
+        ask_image(f"jpeg_model_q{model_jpeg_quality}",
+                  *baselines.jpeg(resize_for_model(image, vlm.input_size), model_jpeg_quality))
+        if progress:
+            progress(1)
+    if not used:
+        raise ValueError("no readable images: " + "; ".join(skipped[:3]))
+
+    sim = SemanticConsistency()
+    reference = answers["uncompressed"]
+
+    def scored(name: str) -> dict:
+        got = answers[name]
+        return {"bytes_mean": _mean(sizes[name]), "bytes_max": int(max(sizes[name])),
+                "agreement": _mean([a == r for a, r in zip(got, reference)]),
+                "consistency": _mean(sim.many(got, reference))}
+
+    per_k = [{"k": k, **scored(f"k={k}"), "token_cosine": _mean(cosine[k])}
+             for k in range(1, L + 1)]
+    base = {name: scored(name) for name in sizes if not name.startswith("k=")}
+    return {"vlm_id": vlm.model_id, "mae_fingerprint": split.fingerprint.hex(), "L": L,
+            "images": used, "questions": questions, "answers_per_method": used * len(questions),
+            "input_size": vlm.input_size, "per_k": per_k, "baselines": base,
+            "skipped": skipped,
+            "note": "no ground truth: agreement and consistency are against the answer from "
+                    "uncompressed tokens; bytes are wire bytes (header included) for k, "
+                    "payload bytes for the baselines"}

@@ -25,13 +25,13 @@ TOKEN = "edge-test-token"
 
 @pytest.fixture(scope="module")
 def runtime():
-    return PyTorchRuntime.bundled()
+    return PyTorchRuntime.load()
 
 
 @pytest.fixture(scope="module")
 def cloud_url(runtime):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_cloud_app(runtime.backend, runtime.mae, token=TOKEN),
+    server = uvicorn.Server(uvicorn.Config(create_cloud_app(runtime.split, token=TOKEN),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -54,11 +54,12 @@ def image():
 
 
 def reference(runtime, image, k=None):
-    tokens = runtime.backend.edge_half(Image.open(image))
+    split = runtime.split
+    tokens = split.vlm.edge_half(Image.open(image))
     if k is None:
-        return runtime.backend.cloud_half(tokens, Q).text
-    decoded, _ = runtime.mae.decompress(runtime.mae.compress(tokens, k))
-    return runtime.backend.cloud_half(decoded, Q).text
+        return split.vlm.cloud_half(tokens, Q).text
+    decoded = split.mae.decompress(split.mae.compress(tokens, k), len(tokens))
+    return split.vlm.cloud_half(decoded, Q).text
 
 
 @pytest.mark.parametrize("mode", ["full-cloud", "full-edge", "progressive", "auto"])

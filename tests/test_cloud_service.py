@@ -6,24 +6,34 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from progvlm.backends.tiny import TinyVLMBackend
 from progvlm.cloud_service import create_app
 from progvlm.examples import load_examples
-from progvlm.models.mae import DEFAULT_MAE, load_mae
+from progvlm.split import Frame, load_split
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Q = "describe the scene ."
 
 
+def stream(split, tokens, k):
+    """The wire form of layers 1..k of these tokens."""
+    return split.pack(Frame(split.mae.compress(tokens, k), len(tokens)))
+
+
+def decode(split, data):
+    frame = split.unpack(data)
+    return split.decode(frame), frame
+
+
 @pytest.fixture(scope="module")
 def parts():
-    return TinyVLMBackend.load(), load_mae(DEFAULT_MAE)
+    split = load_split()
+    return split.vlm, split
 
 
 @pytest.fixture(scope="module")
 def client(parts):
-    return TestClient(create_app(*parts, token=TOKEN, max_body_bytes=600_000))
+    return TestClient(create_app(parts[1], token=TOKEN, max_body_bytes=600_000))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def test_health_is_open_and_info_needs_the_token(client, parts):
     assert client.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
     info = client.get("/v1/info", headers=AUTH).json()
     backend, mae = parts
-    assert info["vlm_id"] == backend.model_id and info["mae_fingerprint"] == mae.fingerprint().hex()
+    assert info["vlm_id"] == backend.model_id and info["mae_fingerprint"] == mae.fingerprint.hex()
     assert (info["num_layers"], info["num_tokens"], info["token_dim"]) == (4, 64, 128)
 
 
@@ -55,11 +65,11 @@ def test_full_answers_as_the_whole_model(client, parts, example):
 def test_progressive_answers_from_the_layers_present(client, parts, example):
     backend, mae = parts
     _, tokens = example
-    data = mae.compress(tokens, 3)
+    data = stream(mae, tokens, 3)
     for cut, layers in ((len(data), 3), (len(data) - 1, 2)):
         r = client.post("/v1/progressive", params={"question": Q}, content=data[:cut], headers=AUTH)
         body = r.json()
-        decoded, _ = mae.decompress(data[:cut])
+        decoded, _ = decode(mae, data[:cut])
         assert body["answer"] == backend.cloud_half(decoded, Q).text
         assert (body["layers_used"], body["partial"]) == (layers, layers < 3)
         assert set(body["stage_ms"]) == {"mae_decode_ms", "prefill_ms", "generation_ms"}
@@ -72,7 +82,7 @@ def test_progressive_answers_from_the_layers_present(client, parts, example):
     (lambda d: d[:5], "truncated"),
 ])
 def test_a_bad_bitstream_gets_400_with_the_reason(client, parts, example, mangle, reason):
-    data = parts[1].compress(example[1], 2)
+    data = stream(parts[1], example[1], 2)
     r = client.post("/v1/progressive", params={"question": Q}, content=mangle(data), headers=AUTH)
     assert r.status_code == 400 and reason in r.json()["detail"]
 
@@ -95,7 +105,7 @@ def test_bad_requests_get_4xx_never_500(client):
 
 def test_the_stream_answers_after_every_layer(client, parts, example):
     backend, mae = parts
-    data = mae.compress(example[1], 4)
+    data = stream(mae, example[1], 4)
     layers = _layer_ends(data)
     with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
         ws.send_json({"question": Q})
@@ -105,7 +115,7 @@ def test_the_stream_answers_after_every_layer(client, parts, example):
             start = end
             msg = ws.receive_json()
             assert msg["type"] == "refinement"
-            decoded, _ = mae.decompress(data[:end])
+            decoded, _ = decode(mae, data[:end])
             assert msg["answer"] == backend.cloud_half(decoded, Q).text
         ws.send_json({"end": True})
         final = ws.receive_json()
@@ -113,7 +123,7 @@ def test_the_stream_answers_after_every_layer(client, parts, example):
 
 
 def test_a_stream_that_ends_early_is_answered_and_marked_partial(client, parts, example):
-    data = parts[1].compress(example[1], 4)
+    data = stream(parts[1], example[1], 4)
     with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
         ws.send_json({"question": Q})
         ws.send_bytes(data[:_layer_ends(data)[1]])
@@ -124,7 +134,7 @@ def test_a_stream_that_ends_early_is_answered_and_marked_partial(client, parts, 
 
 
 def test_an_unwatched_stream_is_answered_once_even_when_cut(client, parts, example):
-    data = parts[1].compress(example[1], 4)
+    data = stream(parts[1], example[1], 4)
     ends = _layer_ends(data)
     with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
         ws.send_json({"question": Q, "refine": False})
@@ -148,16 +158,16 @@ def test_the_stream_rejects_a_wrong_token_and_a_corrupt_stream(client, parts, ex
         assert ws.receive_json()["status"] == 401
     with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
         ws.send_json({"question": Q})
-        ws.send_bytes(b"XX" + parts[1].compress(example[1], 1)[2:])
+        ws.send_bytes(b"XX" + stream(parts[1], example[1], 1)[2:])
         msg = ws.receive_json()
     assert msg["status"] == 400 and "not a progvlm bitstream" in msg["detail"]
 
 
 def test_concurrent_requests_get_the_answers_of_sequential_ones(parts):
     backend, mae = parts
-    client = TestClient(create_app(backend, mae))
+    client = TestClient(create_app(mae))
     paths = [e["path"] for e in load_examples()[:4]]
-    streams = [mae.compress(backend.edge_half(Image.open(p)), 2) for p in paths]
+    streams = [stream(mae, backend.edge_half(Image.open(p)), 2) for p in paths]
     questions = ["how many objects are there ?", Q]
     expected = {(i, q): client.post("/v1/progressive", params={"question": q}, content=s).json()["answer"]
                 for i, s in enumerate(streams) for q in questions}

@@ -8,6 +8,7 @@ from progvlm.backends.tiny import TinyVLMBackend
 from progvlm.bitstream import BitstreamError, parse
 from progvlm.models.mae import MAE, MAEConfig, load_mae
 from progvlm.models.tiny_vlm import TinyVLM, TinyVLMConfig
+from progvlm.split import Frame, Split
 from progvlm.training.train_mae import train_mae
 
 SMALL_VLM = TinyVLMConfig(vision_width=32, vision_layers=1, token_dim=32, lm_layers=1)
@@ -46,40 +47,45 @@ def test_saved_mae_names_its_vlm_and_fingerprint(trained):
 
 def test_every_prefix_decodes_and_a_cut_stream_equals_the_shorter_stream(trained):
     _, _, tokens, out, _ = trained
-    mae = load_mae(out / "mae")
+    backend = trained[0]
+    split = Split(backend, load_mae(out / "mae"))
+    mae = split.mae
     L = mae.cfg.num_layers
-    full = mae.compress(tokens[0], L)
+    full = split.pack(Frame(mae.compress(tokens[0], L), 64))
     bs = parse(full)
-    header = len(full) - sum(len(p) + 2 for p in bs.layers)
     errors = []
     for k in range(1, L + 1):
-        t_k, bs_k = mae.decompress(mae.compress(tokens[0], k))
-        assert t_k.shape == (64, 32) and len(bs_k.layers) == k and not bs_k.truncated
-        cut = header + sum(len(p) + 2 for p in bs.layers[:k])
-        t_cut, bs_cut = mae.decompress(full[:cut])
-        assert len(bs_cut.layers) == k and bs_cut.truncated == (k < L)
-        assert torch.equal(t_cut, t_k)
+        layers = mae.compress(tokens[0], k)
+        assert layers == bs.layers[:k]  # a prefix of layers is a prefix of the coding
+        t_k = mae.decompress(layers, 64)
+        assert t_k.shape == (64, 32)
+        cut = bs.layer_ends()[k - 1]
+        frame_cut = split.unpack(full[:cut])
+        assert frame_cut.k == k and frame_cut.partial == (k < L)
+        assert torch.equal(split.decode(frame_cut), t_k)
         errors.append((t_k - tokens[0]).pow(2).mean().item())
     assert errors[-1] < errors[0]  # more layers, closer to the tokens
 
 
 def test_streams_of_another_mae_or_corrupt_layers_are_refused(trained):
     _, _, tokens, out, _ = trained
-    mae = load_mae(out / "mae")
+    split = Split(trained[0], load_mae(out / "mae"))
     other = MAE(MAEConfig(**SMALL_MAE, num_tokens=64, token_dim=32))
+    foreign = Split.__new__(Split)  # another MAE's wire form, without pairing it to a VLM
+    foreign.mae, foreign.fingerprint, foreign.num_layers = other, other.fingerprint(), 4
     with pytest.raises(BitstreamError, match="wrong MAE fingerprint"):
-        mae.decompress(other.compress(tokens[0], 1))
-    data = bytearray(mae.compress(tokens[0], 2))
+        split.unpack(foreign.pack(Frame(other.compress(tokens[0], 1), 64)))
+    data = bytearray(split.pack(Frame(split.mae.compress(tokens[0], 2), 64)))
     data[-3] ^= 0x55
     with pytest.raises(BitstreamError, match="corrupt layer 2"):
-        mae.decompress(bytes(data))
+        split.unpack(bytes(data))
 
 
 def test_compress_rejects_bad_k_and_shapes(trained):
     _, _, tokens, out, _ = trained
     mae = load_mae(out / "mae")
     for k in (0, mae.cfg.num_layers + 1):
-        with pytest.raises(ValueError, match="k must be in"):
+        with pytest.raises(ValueError, match="k must be an integer in"):
             mae.compress(tokens[0], k)
     with pytest.raises(ValueError, match="expected tokens of shape"):
         mae.compress(tokens[0][:10])

@@ -32,7 +32,7 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtimes(export_dir):
-    return PyTorchRuntime.bundled(), OnnxRuntime.load(export_dir)
+    return PyTorchRuntime.load(), OnnxRuntime.load(export_dir)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,13 @@ def tokens(runtimes):
     out = []
     for ex in EXAMPLES:
         pixels = onnx_rt.preprocess(load_image(ex["path"]))
-        out.append((torch_rt.vision(pixels), onnx_rt.vision(pixels)))
+        out.append((torch_rt.vision(pixels)[0].numpy(), onnx_rt.vision(pixels)[0]))
     return out
 
 
 def test_the_export_names_the_same_models(runtimes):
     torch_rt, onnx_rt = runtimes
-    for attr in ("model_id", "mae_fingerprint", "num_layers", "num_tokens", "image_size"):
+    for attr in ("model_id", "mae_fingerprint", "num_layers", "tokens_per_block", "image_size"):
         assert getattr(onnx_rt, attr) == getattr(torch_rt, attr), attr
 
 
@@ -63,26 +63,27 @@ def test_onnx_streams_decode_in_pytorch_and_equal_its_streams(runtimes, tokens):
     identical = 0
     for a, b in tokens:
         for k in range(1, onnx_rt.num_layers + 1):
-            stream = onnx_rt.mae_encode(b, k)
-            decoded, bs = torch_rt.mae.decompress(stream)  # the PyTorch cloud decodes it
-            assert len(bs.layers) == k and decoded.shape == (64, 128)
-            identical += stream == torch_rt.mae_encode(a, k)
+            layers = onnx_rt.mae_encode(b, k)
+            split = torch_rt.split  # the PyTorch cloud decodes its wire form
+            frame = split.unpack(onnx_rt.frame_bytes(layers, 64))
+            assert frame.k == k and split.decode(frame).shape == (64, 128)
+            identical += layers == torch_rt.mae_encode(a, k)
     # latents differ by ~1e-5, so a near-tie in the code assignment may flip; measured: none
     assert identical >= len(tokens) * onnx_rt.num_layers - 1
 
 
 def test_the_numpy_coder_reproduces_the_pytorch_assignment_rule(runtimes, tokens):
     """Independent of progvlm/edge_codec.py: ResidualVQ.quantise (the training rule), the
-    stage models and the framing, against MAEEncoderTables.compress on the same latent."""
+    stage models, against MAEEncoderTables.encode_layers on the same latent."""
     torch_rt, onnx_rt = runtimes
-    mae, identical = torch_rt.mae, 0
+    mae, identical = torch_rt.split.mae, 0
     for a, _ in tokens:
         with torch.inference_mode():
             latent = mae.encode_latent(torch.from_numpy(a))
             idx = mae.rvq.quantise(latent)[0].numpy()
         models = mae.stage_models()
-        reference = bitstream.pack(mae.fingerprint(), 64, 4, [models[l].encode(idx[l]) for l in range(4)])
-        identical += onnx_rt.codec.compress(latent.numpy(), 4) == reference
+        reference = [models[l].encode(idx[l]) for l in range(4)]
+        identical += onnx_rt.codec.encode_layers(latent.numpy(), 4) == reference
     # the NumPy cost leaves out |r|² (constant per token): float rounding may flip a near-tie
     assert identical >= len(tokens) - 1
 
@@ -100,7 +101,8 @@ def test_prompt_lengths_at_the_limits_match_pytorch(runtimes, tokens):
     longest = " ".join(["red"] * 29)  # <bos> 29 words <sep>: 31 of max_text_len 32
     for question in ("", longest, "describe the scene .", "what colour is the zebra ?"):
         for max_new in (1, 32):
-            assert onnx_rt.language(b, question, max_new) == torch_rt.language(a, question, max_new)
+            assert onnx_rt.language(b, question, max_new_tokens=max_new) == \
+                torch_rt.language(a, question, max_new_tokens=max_new)
     with pytest.raises(ValueError, match="question too long"):
         onnx_rt.language(b, longest + " red")
 
@@ -112,14 +114,14 @@ def test_the_board_runtime_runs_without_torch(export_dir, runtimes):
             "from edge_agent.onnx_runtime import OnnxRuntime\n"
             "from progvlm.images import load_image\n"
             f"rt = OnnxRuntime.load({str(export_dir)!r})\n"
-            f"t = rt.vision(rt.preprocess(load_image({path!r})))\n"
-            "print(len(rt.mae_encode(t, 2)), rt.language(t, 'describe the scene .'))\n")
+            f"t, grid = rt.vision(rt.preprocess(load_image({path!r})))\n"
+            "print(len(rt.frame_bytes(rt.mae_encode(t, 2), len(t))), rt.language(t, 'describe the scene .'))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     nbytes, answer = out.stdout.strip().split(" ", 1)
     assert int(nbytes) > 12
-    expected = torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path))),
+    expected = torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path)))[0],
                                  "describe the scene .")
     assert answer == expected
 
@@ -156,5 +158,5 @@ def test_the_agent_runs_on_the_onnx_runtime(runtimes):
     record = EdgeAgent(onnx_rt, profile=get_profile("imx95-emulated")).ask(
         path, "describe the scene .", "full-edge")
     assert record["runtime"] == "onnxruntime" and record["projected_stages"]
-    assert record["answer"] == torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path))),
+    assert record["answer"] == torch_rt.language(torch_rt.vision(torch_rt.preprocess(load_image(path)))[0],
                                                  "describe the scene .")

@@ -283,3 +283,31 @@ class HFVLMBackend(VLMBackend):
         special = set(self.tokenizer.all_special_ids)
         ids = [t for t in ids if t not in special]
         return Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+
+    # ---- distillation (MAE training) -------------------------------------------------------
+
+    def answer_logits(self, tokens: torch.Tensor, question: str, answer_ids,
+                      grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The LM's logits (len(answer_ids), V) for each answer token, teacher-forced after
+        exactly the prompt cloud_half builds around `tokens`: row j predicts answer_ids[j].
+
+        Differentiable with respect to `tokens` (the MAE distils through it); the model's
+        weights are used as they are, never updated here."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(tokens.shape)}")
+        prompt = self._prompt_ids(question, tokens.shape[0], grid)["input_ids"]
+        answer = torch.as_tensor(answer_ids, dtype=prompt.dtype).to(prompt.device).view(1, -1)
+        n_answer = answer.shape[1]
+        if n_answer == 0:
+            return tokens.new_zeros(0, self.model.config.text_config.vocab_size)
+        ids = torch.cat([prompt, answer], 1)
+        embeds = self.model.get_input_embeddings()(ids)
+        # image positions of the prompt only: an answer id equal to the image token stays text
+        slots = torch.cat([prompt == self.image_token_id, torch.zeros_like(answer, dtype=torch.bool)], 1)
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds),
+                                       tokens.to(embeds.device, embeds.dtype))
+        # the last n_answer + 1 positions hold prompt_len-1 .. prompt_len+n_answer-1; the very
+        # last predicts past the answer, so it is dropped (and the prompt's logits never built)
+        out = self.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
+                         logits_to_keep=n_answer + 1, use_cache=False)
+        return out.logits[0, :-1]

@@ -182,7 +182,7 @@ def _idefics3_parts(r: _Recipe):
                              else (Idefics3Config, Idefics3ForConditionalGeneration))
     config = config_cls(vision_config=dict(r.vision), text_config=dict(r.text),
                         scale_factor=r.scale_factor, tie_word_embeddings=r.tie_word_embeddings,
-                        image_token_id=tok.convert_tokens_to_ids("<image>"))
+                        image_token_id=tok.convert_tokens_to_ids("<image>"), **_SPECIAL_IDS)
     tile = r.vision["image_size"]
     improc = Idefics3ImageProcessorPil(size={"longest_edge": r.resize_longest_edge},
                                        max_image_size={"longest_edge": tile},
@@ -212,6 +212,13 @@ def _llava_parts(r: _Recipe):
                                vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE)
     return config, LlavaForConditionalGeneration, processor
+
+
+def build_config_and_processor(preset: str):
+    """(model config, processor) of a preset, without building any weights (cheap)."""
+    r = _recipe(preset)
+    config, _model_cls, processor = (_llava_parts if r.family == "llava" else _idefics3_parts)(r)
+    return config, processor
 
 
 def build_random_vlm(preset: str, seed: int = 0):
@@ -247,5 +254,5 @@ def write_random_vlm(out: str | Path, preset: str, seed: int = 0) -> Path:
     return out
 
 
-__all__ = ["PRESETS", "NOTE", "NOTE_FILE", "backend_kwargs", "build_random_vlm",
-           "preset_token_shape", "write_random_vlm"]
+__all__ = ["PRESETS", "NOTE", "NOTE_FILE", "backend_kwargs", "build_config_and_processor",
+           "build_random_vlm", "preset_token_shape", "write_random_vlm"]

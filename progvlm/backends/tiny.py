@@ -114,3 +114,19 @@ class TinyVLMBackend(VLMBackend):
                                   torch.tensor([question_ids(encode_words(question))]),
                                   max_new_tokens)[0].tolist()
         return _answer(ids)
+
+    # ---- distillation (MAE training) ---------------------------------------------------------
+    def answer_logits(self, tokens, question, answer_ids, grid=None):
+        """The LM's logits (len(answer_ids), V) for each answer token, teacher-forced after the
+        prompt cloud_half builds (visual tokens, <bos> question <sep>): row j predicts
+        answer_ids[j]. Differentiable with respect to `tokens`; the weights are not updated."""
+        if grid is not None:
+            raise ValueError("the bundled VLM has a fixed layout: grid must be None")
+        prompt = question_ids(encode_words(question))
+        text = prompt + [int(t) for t in answer_ids]
+        if len(text) > self.cfg.max_text_len:
+            raise ValueError(f"question and answer are {len(text)} tokens; this model reads at "
+                             f"most {self.cfg.max_text_len}")
+        text = torch.tensor(text, device=tokens.device)
+        logits = self.model.teacher_forced_logits(tokens[None].float(), text[None, None])
+        return logits[0, len(prompt) - 1:]  # position i predicts text[i + 1]

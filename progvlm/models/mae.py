@@ -52,6 +52,20 @@ class MAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def for_tokens(cls, num_tokens: int, token_dim: int, **overrides) -> "MAEConfig":
+        """The config for blocks of N visual tokens of width D, the MAE's width following D.
+
+        D = 128 (the bundled VLM) gives exactly the default sizes (latent 32, encoder 256,
+        decoder 128, 4 heads). Wider tokens get a wider MAE, capped at a 512-wide decoder
+        (D = 576 for SmolVLM-256M up to 4096 for LLaVA-7B): the code rate is set by the
+        codebooks, not the width, and the decoder only has to read a latent of width/4."""
+        width = min(512, max(128, -(-token_dim // 64) * 64))  # D rounded up to 64, in 128..512
+        sizes = dict(num_tokens=num_tokens, token_dim=token_dim, latent_dim=width // 4,
+                     encoder_hidden=2 * width, decoder_width=width,
+                     decoder_heads=max(4, width // 64))
+        return cls(**{**sizes, **overrides})
+
 
 class ResidualVQ(nn.Module):
     """L stages of entropy-constrained VQ with EMA codebooks and usage counts."""
