@@ -16,6 +16,7 @@ import sys
 import gradio as gr
 import pandas as pd
 
+from edge_agent.agent import MODES as AGENT_MODES
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
 from progvlm.examples import find_example, ground_truth, load_examples
 from progvlm.images import ImageInputError
@@ -23,7 +24,7 @@ from progvlm.metrics import SemanticConsistency
 from progvlm.questions import unknown_words
 
 EXAMPLES = load_examples()
-MODES = ["full-cloud", "full-edge", "progressive", "auto"]
+MODES = list(AGENT_MODES)  # the agent owns the list: a new mode appears here by itself
 BANDWIDTHS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 50, 100]  # Mbps, log-spaced presets
 NUM_LAYERS = 4
 GENERIC_QUESTIONS = ["describe the scene .", "how many objects are there ?"]

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from progvlm.images import ImageInputError
 
+from .agent import MODES
+
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
 
 
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "payload bytes, every stage time and their sum.")
     ask.add_argument("--image", required=True, type=Path)
     ask.add_argument("--question", required=True)
-    ask.add_argument("--mode", default="progressive", choices=("full-cloud", "full-edge", "progressive", "auto"))
+    ask.add_argument("--mode", default="progressive", choices=MODES)
     ask.add_argument("--k", type=int, default=None, help="progressive layers to send (default: all)")
     ask.add_argument("--bandwidth-mbps", type=float, default=1.0)
     ask.add_argument("--rtt-ms", type=float, default=20.0)

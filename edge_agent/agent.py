@@ -53,8 +53,12 @@ class EdgeAgent:
         self.runtime = runtime
         self.profile = profile or get_profile("host")
         self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
-        if self.cloud is not None:  # before any request: the two halves must be one model
-            check_same_models(runtime.info(), self.cloud.info(), self.cloud.base_url)
+        self._cloud_checked = False
+        if self.cloud is not None:  # at start: the two halves must be one model
+            try:
+                self._check_cloud()
+            except CloudError:
+                pass  # down for now: full-edge still answers; checked again before cloud use
         self._device = threading.Lock()  # one camera, one frame at a time
         # auto's model of what it cannot measure before sending: the cloud's compute and the
         # protocol overhead, learned from the answers so far (priors until the first one)
@@ -63,6 +67,12 @@ class EdgeAgent:
         if self.profile.threads:
             runtime.set_threads(self.profile.threads)
         self._warm_up()
+
+    def _check_cloud(self):
+        """Raise PairingError if the cloud runs another VLM or MAE (CloudError if it is down)."""
+        if not self._cloud_checked:
+            check_same_models(self.runtime.info(), self.cloud.info(), self.cloud.base_url)
+            self._cloud_checked = True
 
     def _warm_up(self):
         """One blank frame through the device's models: the first call of a runtime pays for
@@ -120,6 +130,8 @@ class EdgeAgent:
             raise AskError("cut_after_layer applies to progressive and auto only")
         if mode != "full-edge" and self.cloud is None:
             raise AskError(f"mode {mode} needs a cloud backend; this agent has none configured")
+        if mode != "full-edge":
+            self._check_cloud()
 
         t_start = time.perf_counter()
         stages: dict[str, float] = {}

@@ -104,6 +104,12 @@ class OnnxRuntime(EdgeRuntime):
     def preprocess(self, image):
         return model_input(image, self.image_size)
 
+    def domain_note(self, image):
+        """The bundled model's check that a frame looks like its scenes (NumPy and Pillow)."""
+        from progvlm.domain import check_scene_domain
+        check = check_scene_domain(image)
+        return None if check.in_domain else check.reason
+
     def vision(self, pixels):
         return self.sessions["vision"].run(None, {"pixels": np.asarray(pixels, np.float32)})[0][0], None
 

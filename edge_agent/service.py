@@ -9,7 +9,8 @@
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
 
 Errors: a bad request → 422, a bad image → 400, an upload over the limit → 413, the cloud
-down or refusing → 502 with its reason (full-edge still answers without a cloud).
+down or refusing → 502 with its reason (full-edge still answers without a cloud), a cloud
+running another VLM or MAE than this device → 409 naming both.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from progvlm.images import ImageInputError
 
-from .agent import AskError, CloudError, EdgeAgent
+from .agent import AskError, CloudError, EdgeAgent, PairingError
 
 MAX_UPLOAD_BYTES = 20 << 20
 
@@ -35,11 +36,13 @@ def _status(e: Exception) -> int:
         return 422
     if isinstance(e, CloudError):
         return 502
+    if isinstance(e, PairingError):  # the cloud runs another VLM or MAE than this device
+        return 409
     return 500
 
 
 def _detail(e: Exception) -> str:
-    if isinstance(e, (ImageInputError, AskError, CloudError)):
+    if isinstance(e, (ImageInputError, AskError, CloudError, PairingError)):
         return str(e)
     return f"internal error: {type(e).__name__}: {e}"
 

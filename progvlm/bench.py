@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 import threading
 import time
@@ -402,24 +403,40 @@ def _jpeg_bytes(image, quality: int) -> bytes:
 
 
 def _timed(fn, *args):
+    """fn(*args) and its wall time in ms (GPU work included: synchronised before and after)."""
+    import torch
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = fn(*args)
+    sync()
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def measure_costs(split, image_paths, edge_threads: int = 1, log=print) -> dict:
+def measure_costs(split, image_paths, edge_threads: int = 1, max_new_tokens: int = 32,
+                  cloud_split=None, log=print) -> dict:
     """Per image, on this host: the edge's stages with `edge_threads` threads (what the device
-    profiles scale), the cloud's stages with all of this host's threads (a stand-in for the
+    profiles scale), the cloud's stages with all of this host's threads, on `cloud_split` (the
+    same VLM and MAE, e.g. loaded on a GPU; default: `split`, this CPU standing in for the
     server), and the bytes of every payload. Returns medians over the images."""
     import torch
 
-    from .images import load_image, resize_for_model
+    from .images import ImageInputError, load_image, resize_for_model
     from .split import Frame
     vlm, mae, L = split.vlm, split.mae, split.num_layers
+    cloud = cloud_split or split
+    if cloud.fingerprint != split.fingerprint or cloud.vlm.model_id != vlm.model_id:
+        raise ValueError("the cloud's split must hold the edge's VLM and MAE")
     cloud_threads = torch.get_num_threads()
-    images = [load_image(p) for p in image_paths]
+    images, skipped = [], []
+    for p in image_paths:
+        try:
+            images.append(load_image(p))
+        except ImageInputError as e:
+            skipped.append(f"{p}: {e}")
+            log(f"cost profile: skipping {p}: {e}")
     if not images:
-        raise ValueError("no images to measure")
+        raise ValueError("no readable images to measure: " + "; ".join(skipped[:3]))
     rows = []
     try:
         for i, image in enumerate([images[0]] + images):  # the first pass only warms up
@@ -434,16 +451,16 @@ def measure_costs(split, image_paths, edge_threads: int = 1, log=print) -> dict:
             jpeg_model, r["jpeg_model_encode_ms"] = _timed(
                 lambda: _jpeg_bytes(resize_for_model(image, vlm.input_size), COST_JPEG_QUALITY))
             jpeg_camera, r["jpeg_camera_encode_ms"] = _timed(_jpeg_bytes, image, COST_JPEG_QUALITY)
-            edge_lm = language_timing(vlm, tokens, grid, COST_QUESTION)
+            edge_lm = language_timing(vlm, tokens, grid, COST_QUESTION, max_new_tokens)
             r["edge_lm_prefill_ms"], r["edge_lm_per_token_ms"] = edge_lm["prefill_ms"], edge_lm["per_token_ms"]
             torch.set_num_threads(cloud_threads)
             for name, data in (("model", jpeg_model), ("camera", jpeg_camera)):
                 decoded, r[f"cloud_jpeg_{name}_decode_ms"] = _timed(load_image, data)
-                x_c, r[f"cloud_preprocess_{name}_ms"] = _timed(vlm.preprocess, decoded)
-            _, r["cloud_vision_ms"] = _timed(vlm.vision, x_c)
+                x_c, r[f"cloud_preprocess_{name}_ms"] = _timed(cloud.vlm.preprocess, decoded)
+            _, r["cloud_vision_ms"] = _timed(cloud.vlm.vision, x_c)
             for k in range(1, L + 1):
-                _, r[f"cloud_mae_decode_k{k}_ms"] = _timed(split.decode, split.unpack(wire[k]))
-            cloud_lm = language_timing(vlm, tokens, grid, COST_QUESTION)
+                _, r[f"cloud_mae_decode_k{k}_ms"] = _timed(cloud.decode, cloud.unpack(wire[k]))
+            cloud_lm = language_timing(cloud.vlm, tokens, grid, COST_QUESTION, max_new_tokens)
             r["cloud_lm_prefill_ms"], r["cloud_lm_per_token_ms"] = cloud_lm["prefill_ms"], cloud_lm["per_token_ms"]
             r["generated_tokens"] = cloud_lm["generated_tokens"]
             r.update({f"wire_bytes_k{k}": len(w) for k, w in wire.items()},
@@ -463,7 +480,9 @@ def measure_costs(split, image_paths, edge_threads: int = 1, log=print) -> dict:
     med["mae_encode_share_of_edge"] = med["mae_encode_ms"] / (
         med["edge_preprocess_ms"] + med["edge_vision_ms"] + med["mae_encode_ms"])
     med["vision_macs"] = macs
-    med.update(images=len(rows), L=L, edge_threads=edge_threads, cloud_threads=cloud_threads,
+    model = getattr(cloud.vlm, "model", None)
+    med["cloud_device"] = str(next(model.parameters()).device) if model is not None else "cpu"
+    med.update(images=len(rows), skipped=skipped, L=L, edge_threads=edge_threads, cloud_threads=cloud_threads,
                model_input_size=vlm.input_size,
                camera_size=[int(statistics.median(im.size[0] for im in images)),
                             int(statistics.median(im.size[1] for im in images))])
@@ -549,7 +568,7 @@ def crossover(costs: dict, profile, modes: list[str], lo: float = CROSSOVER_RANG
 
 
 def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=None,
-                     log=print) -> dict:
+                     log=print, max_new_tokens: int = 32, cloud_split=None) -> dict:
     """Measure the cost profile of `split` on `image_paths` and write results.json and
     summary.md to `out`. `device_profiles`: objects with name, source, projected and
     stage_ms(stage, host_ms, vision_macs) (edge_agent.profiles.DeviceProfile); the first is the
@@ -560,7 +579,9 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     image_paths = [str(p) for p in image_paths]
-    costs = measure_costs(split, image_paths, edge_threads=1, log=log)
+    load_before = os.getloadavg()
+    costs = measure_costs(split, image_paths, edge_threads=1, max_new_tokens=max_new_tokens,
+                          cloud_split=cloud_split, log=log)
     L = costs["L"]
     note = None
     if vlm_spec is not None and Path(vlm_spec).is_dir():
@@ -589,8 +610,12 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
     result = {
         "kind": "cost_profile", "note": note or "timing and bytes only (no ground truth here)",
         "vlm": split.info(), "images": costs["images"], "image_paths": image_paths,
+        "skipped": costs["skipped"],
         "host": {"machine": platform.machine(), "processor": platform.processor() or None,
-                 "torch_threads": costs["cloud_threads"], "edge_threads": costs["edge_threads"]},
+                 "cpus": os.cpu_count(), "torch_threads": costs["cloud_threads"],
+                 "edge_threads": costs["edge_threads"],
+                 # other work on this host slows every stage: the 1-min load average, before/after
+                 "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "edge_vision_ms": edge_vision,
         "lm_ms_per_token": {"edge": costs["edge_lm_per_token_ms"], "cloud": costs["cloud_lm_per_token_ms"]},
         "lm_prefill_ms": {"edge": costs["edge_lm_prefill_ms"], "cloud": costs["cloud_lm_prefill_ms"]},
@@ -607,8 +632,10 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
         "latency_vs_bandwidth_ms": table,
         "crossover": cross,
         "assumptions": {"answer_tokens": ANSWER_TOKENS, "rtt_ms": COST_RTT_MS,
-                        "reply_bytes": REPLY_BYTES, "cloud": f"this host's CPU, {costs['cloud_threads']} "
-                        "threads (a stand-in for the server)", "edge": "this host, 1 thread, "
+                        "reply_bytes": REPLY_BYTES, "cloud": (f"this host's CPU, {costs['cloud_threads']} threads (a stand-in for "
+                                  "the server)" if costs["cloud_device"] == "cpu" else
+                                  f"this host's {costs['cloud_device']} for the VLM (vision, "
+                                  "language), its CPU for JPEG decoding, preprocessing and the MAE"), "edge": "this host, 1 thread, "
                         "then each device profile's projection", "question": COST_QUESTION},
         "measured_medians": costs,
         "bench_seconds": round(time.perf_counter() - t_start, 1),
@@ -619,7 +646,7 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
     return result
 
 
-def _fmt_interval(iv: dict) -> str:
+def describe_interval(iv: dict) -> str:
     lo, hi = iv["from_mbps"], iv["to_mbps"]
     lo_s = "" if lo <= CROSSOVER_RANGE_MBPS[0] else f"{lo:.3g}"
     hi_s = "" if hi >= CROSSOVER_RANGE_MBPS[1] else f"{hi:.3g}"
@@ -636,7 +663,9 @@ def cost_summary_markdown(r: dict) -> str:
     lines = [f"# Cost profile: {r['vlm']['vlm_id']}", "",
              f"**{r['note']}.** Medians over {r['images']} images, measured on this host "
              f"({r['host']['machine']}): the edge's stages with {r['host']['edge_threads']} thread, "
-             f"the cloud's with {r['host']['torch_threads']} (this CPU stands in for the server). "
+             f"the cloud's with {r['host']['torch_threads']} (see the assumptions below; "
+             f"{r['host']['cpus']} CPUs, 1-min load average {r['host']['load_average_1min'][0]:g} "
+             f"before, {r['host']['load_average_1min'][1]:g} after). "
              "Rows marked *projected* are not measurements.", "",
              "| figure | value |", "|---|---|",
              f"| edge vision (host, 1 thread) | {r['edge_vision_ms']:.0f} ms |",
@@ -666,7 +695,7 @@ def cost_summary_markdown(r: dict) -> str:
     lines += ["", "## Where each mode wins (fastest; full-cloud = JPEG at model size)", ""]
     for name, by_k in r["crossover"].items():
         for k, intervals in by_k.items():
-            lines.append(f"- {name}, progressive {k}: " + "; ".join(_fmt_interval(iv) for iv in intervals))
+            lines.append(f"- {name}, progressive {k}: " + "; ".join(describe_interval(iv) for iv in intervals))
     lines += ["", "## End-to-end ms against bandwidth", "",
               "| device | Mbps | full-edge | full-cloud | full-cloud camera | "
               + " | ".join(f"prog k={k}" for k in range(1, L + 1)) + " |", "|---|---|" + "---|" * (3 + L)]

@@ -58,27 +58,49 @@ def _add_eval_vlm(sub):
 
 
 def _add_train_mae(sub):
-    p = sub.add_parser("train-mae", help="train the MAE on the frozen VLM's visual tokens (resumable)",
-                       description="Train the Meta AutoEncoder for a VLM: on generated scenes for "
-                       "the bundled VLM (reconstruction + distillation through the frozen LM), "
-                       "or on a folder of images for a transformers VLM (reconstruction). The VLM "
-                       "is never updated. Checkpoints to --workdir and resumes from there.")
-    p.add_argument("--out", type=Path, default=Path("assets/mae"))
-    p.add_argument("--workdir", type=Path, default=Path("runs/train-mae"))
-    p.add_argument("--vlm", default="bundled",
-                   help="'bundled', or a transformers model id/folder (then --images is needed)")
-    p.add_argument("--images", type=Path, default=None, help="folder of training images (HF VLMs)")
+    p = sub.add_parser("train-mae", help="train the MAE for a VLM on its frozen visual tokens (resumable)",
+                       description="Train the Meta AutoEncoder for a VLM, which is never updated: "
+                       "reconstruction of its visual tokens + distillation through its frozen "
+                       "language model. The bundled VLM trains on generated scenes and their "
+                       "questions; any VLM trains on a folder of images (--images), the teacher "
+                       "being the VLM's own greedy answers to a few prompts, cached once in the "
+                       "working folder. Working and output folders are named after the VLM and "
+                       "the MAE settings (runs/train-mae/<vlm>-<hash>, runs/mae/<vlm>-<hash>), so "
+                       "a run resumes only its own checkpoint. Runs on Hugging Face Accelerate: "
+                       "`accelerate launch -m progvlm train-mae ...` trains on every GPU, the plain "
+                       "command on one CPU.")
+    _add_vlm(p, mae=False)
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of training images, searched recursively (any VLM; without it, "
+                        "the bundled VLM trains on generated scenes)")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="with --images: the teacher's prompts, one per line (blank lines and # "
+                        "comments ignored); default: 5 generic prompts")
+    p.add_argument("--teacher-tokens", type=int, default=None,
+                   help="with --images: the longest teacher answer, in tokens (default 24)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the trained MAE (default: runs/mae/<run>; --out assets/mae "
+                        "replaces the bundled MAE)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/train-mae"),
+                   help="parent of the run's working folder <vlm>-<hash> (teacher cache, "
+                        "checkpoint) (default: %(default)s)")
+    p.add_argument("--mixed-precision", default=None, metavar="{no,fp16,bf16}",
+                   help="autocast for the MAE and the frozen LM (fp16 needs a GPU; default: "
+                        "accelerate launch's --mixed_precision, else no)")
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--scenes", type=int, default=12000, help="generated scenes (bundled VLM)")
+    p.add_argument("--batch", type=int, default=32,
+                   help="samples per step and process (a sample: a scene, or an image and a prompt)")
+    p.add_argument("--scenes", type=int, default=None,
+                   help="generated scenes (bundled VLM without --images; default 12000)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation loss")
     p.add_argument("--rate-lambda", default=None,
                    help="λ per stage, comma-separated (default 0.2,0.1,0.05,0.02): how much a bit "
                         "costs in the code assignment; lower spends more bytes on that layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if the run's checkpoint exists")
+    p.add_argument("--json", action="store_true", help="print the training summary as JSON last")
 
 
 def _add_eval_mae(sub):
@@ -87,8 +109,19 @@ def _add_eval_mae(sub):
                        "token reconstruction cosine, exact-match accuracy, and semantic consistency "
                        "against the answer from uncompressed tokens; with the baselines (raw fp16 "
                        "tokens, JPEG q10/50/90 at the model's input size, average-pooled tokens at "
-                       "about each k's bytes) on the same scenes, and the edge timing.")
-    p.add_argument("--questions", type=int, default=1000)
+                       "about each k's bytes) on the same scenes, and the edge timing. Generated "
+                       "scenes (with ground truth) exist for the bundled VLM only; for any VLM pass "
+                       "--images DIR: per k the wire bytes, exact agreement and semantic "
+                       "consistency with the answer from uncompressed tokens, beside JPEG q90 at "
+                       "camera size, JPEG q90 at the model's input size and raw fp16 tokens.")
+    p.add_argument("--questions", default=None, metavar="N|FILE",
+                   help="generated scenes: how many questions (default 1000); with --images: a "
+                        "file of questions, one per line, # starts a comment (default: a generic "
+                        "set)")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="evaluate on the images in DIR (any VLM; no ground truth needed)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="with --images: the longest answer generated (default %(default)s)")
     p.add_argument("--seed", type=int, default=1)
     _add_vlm(p)
     p.add_argument("--json", action="store_true")
@@ -123,18 +156,34 @@ def _add_serve_cloud(sub):
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="the paper-style experiment: rate–accuracy, latency vs "
-                       "bandwidth, headline ratios, load, information floor",
-                       description="One seeded run: rate–accuracy of progressive k against JPEG "
-                       "(model and camera size), raw tokens and pooling; every mode's latency at "
-                       "0.1–50 Mbps through the real shaped link to a cloud backend child process; "
-                       "the 1 Mbps breakdown and headline ratios; cloud load with 1/4/16 clients; "
-                       "the scene-graph information floor. Writes CSV/JSON, PNG plots and "
-                       "summary.md. Default run ≈ 5 min on 2 cores (at most 15); --quick ≈ 1–2 min.")
+    p = sub.add_parser("bench", help="the paper-style experiment (bundled VLM), or the cost "
+                       "profile of any VLM on your images (--images)",
+                       description="Bundled VLM: one seeded run: rate–accuracy of progressive k "
+                       "against JPEG (model and camera size), raw tokens and pooling; every mode's "
+                       "latency at 0.1–50 Mbps through the real shaped link, asked of an edge agent "
+                       "and a cloud backend in child processes; the 1 Mbps breakdown and headline "
+                       "ratios; cloud load with 1/4/16 clients; the scene-graph information floor. "
+                       "Writes CSV/JSON, PNG plots and summary.md. Default run ≈ 5 min on 2 cores "
+                       "(at most 15); --quick ≈ 1–2 min. With --images DIR (any VLM, e.g. --vlm "
+                       "FOLDER --mae FOLDER): the cost profile measured on this host: edge vision "
+                       "ms, LM ms per token, MAE share, wire bytes per k, JPEG bytes at camera and "
+                       "model size, end-to-end times of full-edge / full-cloud / progressive "
+                       "computed from the measured stages for the host and the projected i.MX95 "
+                       "profiles (imx95-emulated, imx95-npu-projected) and the bandwidths where "
+                       "the fastest mode changes; writes results.json and summary.md.")
     p.add_argument("--quick", action="store_true", help="fewer questions, qualities and images (CI)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="measure the cost profile on the images in DIR (any VLM)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="with --images: tokens generated per timed answer (default %(default)s)")
+    p.add_argument("--cloud-device", default=None,
+                   help="with --images: measure the cloud's VLM stages on this torch device "
+                        "(e.g. cuda); default: this CPU stands in for the server")
+    _add_vlm(p)
     p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: docs/bench; runs/bench-quick with --quick)")
+                   help="results folder (default: docs/bench; runs/bench-quick with --quick; "
+                        "runs/bench-cost with --images)")
     p.add_argument("--json", action="store_true")
 
 
@@ -220,47 +269,96 @@ def cmd_eval_vlm(a) -> int:
 
 
 def cmd_train_mae(a) -> int:
+    from .backends.tiny import TinyVLMBackend
     from .models.mae import MAEConfig
-    log = lambda m: print(m, file=sys.stderr)
-    cfg = MAEConfig()
-    if a.rate_lambda:
+    from .training import train_mae as tm
+
+    def fail(message) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    # what no run can do is refused before a model loads
+    if a.images is not None and a.scenes is not None:
+        return fail("--scenes counts generated scenes; it does not apply with --images")
+    if a.images is None:
+        for flag, value in (("--questions", a.questions), ("--teacher-tokens", a.teacher_tokens)):
+            if value is not None:
+                return fail(f"{flag} applies to training on --images (generated scenes come with "
+                            "their own questions)")
+    if a.mixed_precision not in (None, "no", "fp16", "bf16"):
+        return fail(f"--mixed-precision must be no, fp16 or bf16, got {a.mixed_precision!r}")
+    if a.scenes is not None and a.scenes < 1:
+        return fail(f"--scenes must be at least 1, got {a.scenes}")
+    lambdas = None
+    if a.rate_lambda is not None:
         try:
-            cfg.rate_lambda = [float(x) for x in a.rate_lambda.split(",")]
+            lambdas = [float(x) for x in a.rate_lambda.split(",")]
         except ValueError:
-            print(f"error: --rate-lambda takes numbers separated by commas, got {a.rate_lambda!r}",
-                  file=sys.stderr)
-            return 2
-    if a.vlm == "bundled":
-        from .training.train_mae import train_mae
-        summary = train_mae(_load_backend(None), a.out, a.workdir, steps=a.steps, batch=a.batch,
-                            num_scenes=a.scenes, lr=a.lr, seed=a.seed, distill=a.distill,
-                            cfg=cfg, resume=not a.no_resume, log=log)
-    else:
-        from .backends.hf import HFVLMBackend
-        from .training.train_mae import train_mae_on_images
-        if a.images is None or not a.images.is_dir():
-            print("error: a transformers VLM needs --images FOLDER of training images", file=sys.stderr)
-            return 2
-        summary = train_mae_on_images(HFVLMBackend.load(a.vlm), a.images, a.out, a.workdir,
-                                      steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed,
-                                      cfg=cfg, resume=not a.no_resume, log=log)
+            return fail(f"--rate-lambda takes numbers separated by commas, got {a.rate_lambda!r}")
+        if not all(lam >= 0 for lam in lambdas):
+            return fail(f"--rate-lambda takes λ ≥ 0, got {a.rate_lambda!r}")
+    log = lambda m: print(m, file=sys.stderr)
+    try:
+        tm.check_options(a.steps, a.batch, a.distill, a.lr)
+        prompts = tm.read_prompts(a.questions) if a.questions is not None else None
+        if a.images is not None:
+            tm.list_images(a.images)  # a missing or empty folder, before the model loads
+        backend = _load_backend(a.vlm)
+        cfg = MAEConfig.for_tokens(backend.tokens_per_block, backend.token_dim)
+        if lambdas is not None:
+            cfg.rate_lambda = lambdas  # the count is checked against the stages
+        common = dict(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, distill=a.distill,
+                      cfg=cfg, resume=not a.no_resume, mixed_precision=a.mixed_precision,
+                      work_root=a.workdir, log=log)
+        if a.images is None:
+            if not isinstance(backend, TinyVLMBackend):
+                return fail(f"{backend.model_id} has no generated scenes"
+                            + (" (--scenes is for the bundled VLM)" if a.scenes else "")
+                            + ": train it on a folder of images with --images DIR")
+            scenes = 12000 if a.scenes is None else a.scenes
+            summary = tm.train_mae(backend, a.out, None, num_scenes=scenes, **common)
+        else:
+            teacher_tokens = 24 if a.teacher_tokens is None else a.teacher_tokens
+            summary = tm.train_mae_on_images(backend, a.images, a.out, None, prompts=prompts,
+                                             teacher_tokens=teacher_tokens, **common)
+    except (tm.TrainMAEError, FileNotFoundError) as e:
+        return fail(e)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under `accelerate launch`: one report
+        return 0
     _emit(summary, a.json, [f"MAE {summary['fingerprint']} ({summary['parameters']:,} parameters) "
-                            f"for {summary['mae']['vlm_id']} in {a.out}"])
+                            f"for {summary['mae']['vlm_id']} written to {summary['out']} "
+                            f"(working folder {summary['workdir']})"])
     return 0
 
 
 def cmd_eval_mae(a) -> int:
     from tqdm import tqdm
-    from .evaluate import evaluate_mae
+    from .backends import load_vlm
     from .split import load_split
-    if a.questions < 1:
+    vlm = load_vlm(a.vlm)
+    if a.images is not None:
+        return _eval_mae_on_images(a, load_split(vlm, a.mae))
+    if getattr(vlm, "family", None) != "bundled":
+        print(f"error: generated scenes with ground truth exist only for the bundled model, not "
+              f"for {vlm.model_id}: pass --images DIR to evaluate this VLM on a folder of images "
+              "(agreement and consistency with its answers from uncompressed tokens)",
+              file=sys.stderr)
+        return 2
+    try:
+        count = 1000 if a.questions is None else int(a.questions)
+    except ValueError:
+        print(f"error: --questions takes a number of generated questions here; a questions file "
+              f"({a.questions}) goes with --images DIR", file=sys.stderr)
+        return 2
+    if count < 1:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
-    split = load_split(a.vlm, a.mae)
-    backend, mae = split.vlm, split.mae
+    from .evaluate import evaluate_mae
+    split = load_split(vlm, a.mae)
     t0 = time.time()
     with tqdm(desc="eval-mae", unit="scene", file=sys.stderr) as bar:
-        rep = evaluate_mae(split, a.seed, a.questions, progress=bar.update)
+        rep = evaluate_mae(split, a.seed, count, progress=bar.update)
     rep["seconds"] = round(time.time() - t0, 1)
     lines = [f"MAE {rep['mae_fingerprint']}, L={rep['L']}, seed {a.seed}, {rep['questions']} "
              f"questions on {rep['scenes']} scenes; uncompressed accuracy "
@@ -275,6 +373,43 @@ def cmd_eval_mae(a) -> int:
     t = rep["timing"]
     lines.append(f"edge half {t['edge_half_ms']} ms, MAE compress {t['mae_compress_ms']} ms "
                  f"({100 * t['mae_share_of_edge_half']:.1f}% of the edge half; host CPU, measured)")
+    _emit(rep, a.json, lines)
+    return 0
+
+
+def _eval_mae_on_images(a, split) -> int:
+    """eval-mae --images DIR: any VLM, no ground truth (evaluate_mae_on_images)."""
+    from tqdm import tqdm
+    from .evaluate import default_questions, evaluate_mae_on_images, read_questions
+    if not a.images.is_dir():
+        print(f"error: --images {a.images} is not a folder", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in a.images.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        questions = default_questions() if a.questions is None else read_questions(a.questions)
+    except (OSError, ValueError) as e:
+        print(f"error: --questions with --images takes a file of questions: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        with tqdm(total=len(paths), desc="eval-mae", unit="image", file=sys.stderr) as bar:
+            rep = evaluate_mae_on_images(split, paths, questions, progress=bar.update,
+                                         max_new_tokens=a.max_new_tokens)
+    except ValueError as e:  # no readable image in the folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rep["seconds"] = round(time.time() - t0, 1)
+    lines = [f"VLM {rep['vlm_id']}, MAE {rep['mae_fingerprint']}, L={rep['L']}: {rep['images']} "
+             f"images × {len(questions)} questions; no ground truth, so agreement and consistency "
+             "are against the answer from uncompressed tokens",
+             f"{'':>16} {'bytes mean':>10} {'max':>7} {'tok cos':>8} {'agreement':>9} {'consist.':>9}"]
+    for r in rep["per_k"]:
+        lines.append(f"{'k=' + str(r['k']):>16} {r['bytes_mean']:>10.1f} {r['bytes_max']:>7} "
+                     f"{r['token_cosine']:>8.4f} {r['agreement']:>9.4f} {r['consistency']:>9.4f}")
+    for name, r in rep["baselines"].items():
+        lines.append(f"{name:>16} {r['bytes_mean']:>10.1f} {r['bytes_max']:>7} {'':>8} "
+                     f"{r['agreement']:>9.4f} {r['consistency']:>9.4f}")
+    lines += [f"skipped {s}" for s in rep["skipped"]]
     _emit(rep, a.json, lines)
     return 0
 
@@ -312,9 +447,18 @@ def cmd_serve_cloud(a) -> int:
 
 
 def cmd_bench(a) -> int:
+    from .backends import BUNDLED, default_vlm_spec
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    if a.images is not None:
+        return _bench_cost_profile(a, log)
+    if (a.vlm or default_vlm_spec()) != BUNDLED or a.mae is not None:
+        print(f"error: the paper-style bench runs the bundled model on generated scenes; for "
+              f"{a.vlm or default_vlm_spec()} pass --images DIR to measure its cost profile "
+              "(with --vlm and --mae)", file=sys.stderr)
+        return 2
     from .bench import run_bench
     out = a.out or Path("runs/bench-quick" if a.quick else "docs/bench")
-    headline = run_bench(out, seed=a.seed, quick=a.quick, log=lambda m: print(m, file=sys.stderr, flush=True))
+    headline = run_bench(out, seed=a.seed, quick=a.quick, log=log)
     t = headline["time_1mbps_ms"]
     _emit(headline, a.json, [
         f"results in {out}/ (summary.md, results.json, CSV, PNG)",
@@ -324,6 +468,55 @@ def cmd_bench(a) -> int:
         f"1 Mbps: progressive {t['progressive']:.0f} ms, full-cloud {t['full_cloud']:.0f} ms, "
         f"full-edge {t['full_edge_host']:.0f} ms (host), {t['full_edge_imx95_projected']:.0f} ms "
         "(imx95, projected)"])
+    return 0
+
+
+def _bench_cost_profile(a, log) -> int:
+    """bench --images DIR: the cost profile of any VLM (progvlm.bench.run_cost_profile)."""
+    from .bench import describe_interval, run_cost_profile
+    from .split import load_split
+    # the device profiles are the edge agent's; the CLI hands them to the bench, which itself
+    # imports nothing from edge_agent
+    from edge_agent.profiles import get_profile, npu_profile
+    if not a.images.is_dir():
+        print(f"error: --images {a.images} is not a folder", file=sys.stderr)
+        return 2
+    paths = sorted(p for p in a.images.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        print(f"error: no images in {a.images}", file=sys.stderr)
+        return 2
+    split = load_split(a.vlm, a.mae)
+    cloud_split = None
+    if a.cloud_device:
+        from .backends import load_vlm
+        cloud_split = load_split(load_vlm(a.vlm, device=a.cloud_device), split.mae)
+    out = a.out or Path("runs/bench-cost")
+    profiles = [get_profile("host"), get_profile("imx95-emulated"), npu_profile()]
+    try:
+        r = run_cost_profile(split, paths, out, profiles, vlm_spec=a.vlm, log=log,
+                             max_new_tokens=a.max_new_tokens, cloud_split=cloud_split)
+    except ValueError as e:  # no readable image in the folder
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    headline = {key: r[key] for key in ("kind", "note", "images", "skipped", "edge_vision_ms",
+                                        "lm_ms_per_token",
+                                        "mae_encode_share_of_edge", "vision_macs", "bytes_per_k",
+                                        "jpeg_bytes", "crossover")}
+    headline.update(vlm_id=r["vlm"]["vlm_id"], out=str(out),
+                    end_to_end_1mbps_ms={d: {m: v["total_ms"] for m, v in modes.items()}
+                                         for d, modes in r["end_to_end_1mbps_ms"].items()})
+    L = r["vlm"]["num_layers"]
+    lines = [f"results in {out}/ (summary.md, results.json); {r['note']}",
+             f"edge vision {r['edge_vision_ms']:.0f} ms (host, 1 thread), "
+             f"{r['profiles'][profiles[-1].name]['edge_vision_ms']:.0f} ms ({profiles[-1].name}); "
+             f"LM {r['lm_ms_per_token']['cloud']:.1f} ms/token (cloud); MAE "
+             f"{100 * r['mae_encode_share_of_edge']:.2f}% of the edge",
+             "bytes per k: " + ", ".join(f"{k}: {b:.0f}" for k, b in r["bytes_per_k"].items())
+             + f"; JPEG q90 camera {r['jpeg_bytes']['camera']:.0f}, model size "
+             f"{r['jpeg_bytes']['model_input']:.0f}"]
+    for device, by_k in r["crossover"].items():
+        lines.append(f"{device}, k={L}: " + "; ".join(describe_interval(iv) for iv in by_k[f"k={L}"]))
+    _emit(headline, a.json, lines)
     return 0
 
 

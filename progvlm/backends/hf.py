@@ -105,14 +105,15 @@ class HFVLMBackend(VLMBackend):
 
     @property
     def input_size(self) -> int:
-        """The longest side the vision encoder sees per image (per tile when splitting)."""
+        """The longest side of the frame the processor works from: the whole image (which is
+        tiled when splitting is on), the smallest frame that loses nothing the model sees."""
         ip = self.processor.image_processor
         if self.family == "llava":
             crop = getattr(ip, "crop_size", None) or getattr(ip, "size", {})
             return int(crop.get("height") or crop.get("shortest_edge"))
-        size = ip.max_image_size if self.images_kwargs.get("do_image_splitting") is False \
-            or not getattr(ip, "do_image_splitting", False) else ip.size
-        return int(size["longest_edge"])
+        splitting = self.images_kwargs.get("do_image_splitting",
+                                           getattr(ip, "do_image_splitting", False))
+        return int((ip.size if splitting else ip.max_image_size)["longest_edge"])
 
     def _llava_tokens(self) -> int:
         return self._expansion(0, None).count(self.image_token)
@@ -133,7 +134,18 @@ class HFVLMBackend(VLMBackend):
         family_of(config)
         model = AutoModelForImageTextToText.from_pretrained(
             src, dtype=dtype, local_files_only=local_files_only).to(device)
-        processor = AutoProcessor.from_pretrained(src, local_files_only=local_files_only)
+        try:
+            processor = AutoProcessor.from_pretrained(src, local_files_only=local_files_only)
+        except ImportError as e:
+            if "torchvision" not in str(e).lower():
+                raise
+            # SmolVLM2 checkpoints ship a video processor that transformers builds on torchvision
+            raise ValueError(
+                f"{src}: its processor needs torchvision (SmolVLM2 checkpoints, model_type "
+                f"{config.model_type}, carry a video processor). progvlm pins torch==2.13.0 (CPU), "
+                "for which PyPI has no matching torchvision; install a matching pair (e.g. "
+                "torch==2.9.1 torchvision==0.24.1) in a separate environment to use this model, "
+                "or use a SmolVLM (v1) / Idefics3 / LLaVA checkpoint") from None
         commit = getattr(config, "_commit_hash", None)  # set for Hub snapshots only
         model_id = f"hf:{src}" + (f"@{commit[:12]}" if commit else "")
         return cls(model, processor, model_id=model_id, **kwargs)

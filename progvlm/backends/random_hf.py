@@ -24,7 +24,7 @@ weights.  Presets (see `PRESETS`):
 * `smolvlm-256m-shape`: the shape of HuggingFaceTB/SmolVLM-256M-Instruct (SigLIP-B/16 at
   512 px, pixel shuffle x4 -> 64 visual tokens of 576 = the SmolLM2-135M width), image
   splitting off; about 0.5 GB (bf16, like the real checkpoint).  Its edge/cloud timings are
-  those of the real model; only the tokenizer is tiny (the config keeps the real 49280-token
+  those of the real model run with splitting off; only the tokenizer is tiny (the config keeps the real 49280-token
   vocabulary, so generated ids beyond the tiny tokenizer decode to nothing).
 """
 from __future__ import annotations
@@ -114,7 +114,8 @@ _RECIPES: dict[str, _Recipe] = {
                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                   max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                   **_SPECIAL_IDS),
-        scale_factor=4, resize_longest_edge=2048, tie_word_embeddings=True,
+        # untied LM head, as in the real checkpoint: 256,484,928 parameters in all
+        scale_factor=4, resize_longest_edge=2048, tie_word_embeddings=False,
         save_dtype=torch.bfloat16),
 }
 assert set(_RECIPES) == set(PRESETS)

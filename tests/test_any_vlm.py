@@ -1,0 +1,135 @@
+"""Any VLM, end to end, by the README's own commands ("Use your own VLM"), with tiny random
+transformers models standing in for real ones:
+
+    make-random-vlm → train-mae (with distillation) → serve-cloud --vlm --mae
+    → the edge agent in every mode → python app.py --vlm --mae and its /compare endpoint
+
+The weights are random, so the answers are gibberish; what is checked is that every part runs
+the same model: full-cloud and full-edge equal the whole model's answer, progressive decodes
+every k, and a mismatched pair is refused.
+"""
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_agent.agent import EdgeAgent, PairingError
+from edge_agent.runtime import PyTorchRuntime
+from progvlm.cli import main as progvlm_main
+from progvlm.images import load_image
+from progvlm.services import cloud_service, free_port
+from progvlm.split import SplitError, load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+Q = "what color is the cube?"
+MODES = ("full-cloud", "full-edge", "progressive", "auto")
+
+
+def write_images(folder: Path, count: int = 6) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        h, w = rng.integers(48, 96, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("images"))
+
+
+def make_pair(root: Path, preset: str, images: Path) -> tuple[Path, Path]:
+    """The README's commands: a random VLM folder, then an MAE trained for it (distilled)."""
+    vlm, mae = root / preset, root / f"{preset}-mae"
+    assert progvlm_main(["make-random-vlm", "--preset", preset, "--out", str(vlm)]) == 0
+    assert progvlm_main(["train-mae", "--vlm", str(vlm), "--images", str(images), "--steps", "4",
+                         "--batch", "4", "--distill", "1.0", "--out", str(mae),
+                         "--workdir", str(root / "work")]) == 0
+    return vlm, mae
+
+
+@pytest.fixture(scope="module", params=["tiny-idefics3-split", "tiny-llava"])
+def pair(request, tmp_path_factory, images):
+    return make_pair(tmp_path_factory.mktemp("vlm"), request.param, images)
+
+
+@pytest.fixture(scope="module")
+def cloud(pair):
+    vlm, mae = pair
+    with cloud_service(vlm=vlm, mae=mae) as child:
+        yield child.url
+
+
+def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
+    vlm, mae = pair
+    runtime = PyTorchRuntime.load(str(vlm), mae)
+    split = runtime.split
+    agent = EdgeAgent(runtime, cloud)
+    image = images / "im1.png"
+    whole = split.whole(load_image(image), Q).text
+    records = {m: agent.ask(image, Q, m, k=2, bandwidth_mbps=5, rtt_ms=2) for m in MODES}
+    assert records["full-cloud"]["answer"] == records["full-edge"]["answer"] == whole
+    for r in records.values():
+        assert r["vlm_id"] == split.vlm.model_id
+    frame = split.edge(load_image(image))
+    if "split" in vlm.name:
+        assert frame.grid is not None and frame.grid != (0, 0)  # the tile grid travels
+    for k in range(1, split.num_layers + 1):
+        r = agent.ask(image, Q, "progressive", k=k, bandwidth_mbps=5, rtt_ms=2)
+        expected = split.cloud(split.unpack(split.pack(frame.prefix(k))), Q).text
+        assert (r["k"], r["layers_used"], r["answer"]) == (k, k, expected)
+    runtime.set_threads(runtime.default_threads)
+
+
+def test_a_mismatched_pair_is_refused(pair, cloud):
+    # the bundled VLM at the edge, a transformers VLM in the cloud: refused before any request
+    with pytest.raises(PairingError, match="runs VLM hf:.*this device runs VLM progvlm-tiny@"):
+        EdgeAgent(PyTorchRuntime.load("bundled"), cloud)
+    # an MAE trained for one VLM with another VLM
+    with pytest.raises(SplitError, match="belongs to"):
+        load_split("bundled", pair[1])
+    # a transformers VLM without an MAE: the bundled MAE is not for it
+    with pytest.raises(SplitError, match="no MAE given"):
+        load_split(str(pair[0]))
+
+
+def test_serve_cloud_refuses_a_foreign_mae_with_a_reason(pair):
+    out = subprocess.run([sys.executable, "-m", "progvlm", "serve-cloud", "--vlm", "bundled",
+                          "--mae", str(pair[1]), "--port", str(free_port())],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "belongs to" in out.stderr
+
+
+def test_the_page_runs_the_chosen_vlm(tmp_path, images):
+    """python app.py --vlm … --mae … starts, and /compare answers with that VLM."""
+    from gradio_client import Client
+    vlm, mae = make_pair(tmp_path, "tiny-llava", images)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--vlm", str(vlm), "--mae", str(mae),
+                             "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        *cards, chart, ladder, layer_map, notes, records = client.predict(
+            str(images / "im2.png"), Q, 1, 20, 2, list(MODES), 300, "host", api_name="/compare")
+        assert [r["mode"] for r in records] == list(MODES)
+        assert {r["vlm_id"] for r in records} == {f"hf:{vlm}"}
+        assert records[0]["answer"] == records[1]["answer"]  # full-cloud = full-edge
+        assert len(ladder["data"] if isinstance(ladder, dict) else ladder) == 4
+    finally:
+        proc.terminate()
+        proc.wait(30)
