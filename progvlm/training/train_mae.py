@@ -304,6 +304,7 @@ def train_mae(backend, out: Path | None = None, workdir: Path | None = None, ste
     with accelerator.main_process_first():  # the main process renders; the others reuse it
         _claim(workdir, key, run_name(key))
         if tokens is None:  # on the CPU, where the bundled backend's halves run
+            backend.model.cpu()
             frames = train_frames(workdir, seed, num_scenes, backend.cfg.image_size)
             tokens = visual_token_set(backend, frames, show=accelerator.is_main_process)
     scene_list = scenes(TRAIN_STREAM, seed, len(tokens)) if distill > 0 else []
@@ -385,9 +386,7 @@ def build_teacher_cache(backend, folder: Path, paths: list[Path], cache: Path, p
             os.replace(cache / (file + ".tmp"), cache / file)  # no torn shard after a crash
             index["shards"].append({"file": file, "images": images})
         index["skipped"] += skipped
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
+        _write_atomic(index_path, json.dumps(index))
         buf.clear()
         skipped.clear()
 
@@ -418,7 +417,19 @@ def build_teacher_cache(backend, folder: Path, paths: list[Path], cache: Path, p
     bar.close()
     if not index["shards"]:
         raise TrainMAEError(f"no readable images in {folder}")
+    index["complete"] = True  # what the other processes wait for
+    _write_atomic(index_path, json.dumps(index))
     return index
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers (other processes, a resumed run) never see half a file
+
+
+def _read_or(path: Path, default: str) -> str:
+    return path.read_text() if path.is_file() else default
 
 
 class CachedSamples(torch.utils.data.Dataset):
@@ -426,7 +437,7 @@ class CachedSamples(torch.utils.data.Dataset):
     one shard file is open at a time (memory-mapped), so the cache is never all in memory."""
 
     def __init__(self, cache: Path, index: dict, backend):
-        self.cache, self.backend, self.prompts = cache, backend, index["prompts"]
+        self.cache, self.prompts = cache, index["prompts"]
         self.block, self.dim = backend.tokens_per_block, backend.token_dim
         self.images = [(s["file"], im) for s in index["shards"] for im in s["images"]]
         P = len(self.prompts)
@@ -552,11 +563,13 @@ def train_mae_on_images(backend, folder: Path, out: Path | None = None,
         _claim(workdir, key, name)
         # the teacher runs where training will; the bundled backend's halves build their
         # inputs on the CPU, so its (small) cache is made there
-        if getattr(backend, "family", "") != "bundled":
-            backend.model.to(accelerator.device)
+        bundled = getattr(backend, "family", "") == "bundled"
+        backend.model.to("cpu" if bundled else accelerator.device)
         build_teacher_cache(backend, folder, paths, cache, prompts, teacher_tokens, shard_images,
                             show=True, log=log)
-    accelerator.wait_for_everyone()  # the other processes read what the main one wrote
+    else:  # the others wait for it by polling: a long build would time out a barrier
+        while not json.loads(_read_or(cache / "index.json", "{}")).get("complete"):
+            time.sleep(2)
     index = json.loads((cache / "index.json").read_text())
     samples = CachedSamples(cache, index, backend)
     n_images = len(samples.images)
