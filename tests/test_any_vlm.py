@@ -110,7 +110,7 @@ def test_serve_cloud_refuses_a_foreign_mae_with_a_reason(pair):
 
 def test_the_page_runs_the_chosen_vlm(tmp_path, images):
     """python app.py --vlm … --mae … starts, and /compare answers with that VLM."""
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
     vlm, mae = make_pair(tmp_path, "tiny-llava", images)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", "--vlm", str(vlm), "--mae", str(mae),
@@ -127,7 +127,8 @@ def test_the_page_runs_the_chosen_vlm(tmp_path, images):
                 time.sleep(0.5)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         *cards, chart, ladder, layer_map, notes, records = client.predict(
-            str(images / "im2.png"), Q, 1, 20, 2, list(MODES), 300, "host", api_name="/compare")
+            handle_file(str(images / "im2.png")), Q, 1, 20, 2, list(MODES), 300, "host",
+            api_name="/compare")
         assert [r["mode"] for r in records] == list(MODES)
         assert {r["vlm_id"] for r in records} == {f"hf:{vlm}"}
         assert records[1]["payload_bytes"] == 0 and records[0]["payload_bytes"] > 0

@@ -71,6 +71,9 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(page_url)
         page.get_by_text("Example scenes").wait_for()
+        # the page says which VLM and MAE it runs (id, fingerprint, N × D)
+        page.locator("#model-banner").get_by_text("progvlm-tiny@").wait_for(timeout=30_000)
+        banner = page.locator("#model-banner").inner_text()
         page.locator(".gallery-item, [data-testid='example'], table.gallery td").nth(2).click()
         page.get_by_label(question, exact=True).check(timeout=30_000)  # a suggested question
         page.get_by_role("button", name="Run").click()
@@ -92,3 +95,4 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
         assert record["answer"] in text, (record["mode"], text)
         assert f"payload: {record['payload_bytes']} bytes" in text, (record["mode"], text)
     assert SCREENSHOT.stat().st_size > 10_000
+    assert "64 × 128 visual tokens" in banner and "17f848a6" in banner
