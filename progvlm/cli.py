@@ -254,6 +254,12 @@ def cmd_eval_vlm(a) -> int:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
     backend = _load_backend(a.vlm)
+    if getattr(backend, "family", None) != "bundled":
+        print(f"error: eval-vlm scores exact answers on generated scenes in the bundled model's "
+              f"vocabulary; {backend.model_id} answers in its own words. Measure it against its "
+              "own uncompressed answers with `eval-mae --vlm SPEC --mae FOLDER --images DIR`",
+              file=sys.stderr)
+        return 2
     t0 = time.time()
     with tqdm(desc="eval-vlm", unit="scene", file=sys.stderr) as bar:
         rep = evaluate_backend(backend, a.seed, a.questions, progress=bar.update)

@@ -136,3 +136,33 @@ def test_the_page_runs_the_chosen_vlm(tmp_path, images):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_vlm_spec_that_cannot_load_says_why(tmp_path, capsys):
+    from progvlm.backends import VLMSpecError, load_vlm
+    with pytest.raises(VLMSpecError, match="not in the local Hugging Face cache.*hf download"):
+        load_vlm("no-such-org/no-such-model")
+    with pytest.raises(VLMSpecError, match="no such folder"):
+        load_vlm(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VLMSpecError, match="no config.json"):
+        load_vlm(str(tmp_path / "empty"))
+    image = str(ROOT / "assets" / "examples" / "scene_00.png")
+    assert progvlm_main(["ask", "--vlm", "no-such-org/no-such-model", "--image", image,
+                         "--question", Q]) == 2
+    assert "no-such-org/no-such-model" in capsys.readouterr().err
+
+
+def test_smolvlm2_without_torchvision_is_refused_clearly(tmp_path, monkeypatch):
+    """SmolVLM2's video processor needs torchvision, which has no build for the pinned torch."""
+    import transformers
+    from progvlm.backends.random_hf import write_random_vlm
+    folder = write_random_vlm(tmp_path / "v", "tiny-smolvlm")
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("SmolVLMVideoProcessor requires the Torchvision library but it was not "
+                          "found in your environment.")
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    from progvlm.backends import load_vlm
+    with pytest.raises(ValueError, match="needs torchvision.*SmolVLM2"):
+        load_vlm(str(folder))
