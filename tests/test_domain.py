@@ -125,3 +125,27 @@ def test_cost_is_a_few_ms():
         times.append(time.perf_counter() - t)
     # ~1.5 ms on one idle x86 core for 512 px; a loose bound, for a loaded CI machine
     assert np.median(times) < 0.05, times
+
+
+def test_every_answer_about_a_photograph_carries_the_note(skimage_data, tmp_path, capsys):
+    """The CLI and the agent's records (what the page shows) warn on a photograph, not on a scene."""
+    import json
+
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.runtime import PyTorchRuntime
+    from progvlm.cli import main
+    from progvlm.examples import load_examples
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage_data.astronaut()).save(photo)
+    scene = load_examples()[0]["path"]
+    assert main(["ask", "--image", str(photo), "--question", "describe the scene .", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "photograph" in json.loads(out.out.splitlines()[-1])["domain_note"]
+    assert "note:" in out.err
+    assert main(["ask", "--image", scene, "--question", "describe the scene .", "--json"]) == 0
+    assert "domain_note" not in json.loads(capsys.readouterr().out.splitlines()[-1])
+    runtime = PyTorchRuntime.load()
+    agent = EdgeAgent(runtime)  # no cloud: full-edge
+    assert "photograph" in agent.ask(photo, "describe the scene .", "full-edge")["domain_note"]
+    assert "domain_note" not in agent.ask(scene, "describe the scene .", "full-edge")
+    runtime.set_threads(runtime.default_threads)
