@@ -21,15 +21,10 @@ from transformers import (  # noqa: E402
 
 from progvlm.backends.hf import HFVLMBackend  # noqa: E402
 
-IDEFICS_SPECIALS = (["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-                    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)])
-# The SmolVLM chat template (one image, then the question).
-IDEFICS_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+# the SmolVLM chat template and special tokens: the same as the random-weight stand-ins
+from progvlm.backends.random_hf import _IDEFICS_SPECIALS as IDEFICS_SPECIALS  # noqa: E402
+from progvlm.backends.random_hf import _IDEFICS_TEMPLATE as IDEFICS_TEMPLATE  # noqa: E402
+
 QUESTIONS = ["what color is the cube?", "how many spheres are there?"]
 VOCAB = 384
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
