@@ -66,6 +66,7 @@ def cloud(pair):
         yield child.url
 
 
+@pytest.mark.slow
 def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
     vlm, mae = pair
     runtime = PyTorchRuntime.load(str(vlm), mae)
@@ -89,6 +90,7 @@ def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
     runtime.set_threads(runtime.default_threads)
 
 
+@pytest.mark.slow
 def test_a_mismatched_pair_is_refused(pair, cloud):
     # the bundled VLM at the edge, a transformers VLM in the cloud: refused before any request
     with pytest.raises(PairingError, match="runs VLM hf:.*this device runs VLM progvlm-tiny@"):
@@ -101,6 +103,7 @@ def test_a_mismatched_pair_is_refused(pair, cloud):
         load_split(str(pair[0]))
 
 
+@pytest.mark.slow
 def test_serve_cloud_refuses_a_foreign_mae_with_a_reason(pair):
     out = subprocess.run([sys.executable, "-m", "progvlm", "serve-cloud", "--vlm", "bundled",
                           "--mae", str(pair[1]), "--port", str(free_port())],
@@ -108,6 +111,7 @@ def test_serve_cloud_refuses_a_foreign_mae_with_a_reason(pair):
     assert out.returncode == 2 and "belongs to" in out.stderr
 
 
+@pytest.mark.slow
 def test_the_page_runs_the_chosen_vlm(tmp_path, images):
     """python app.py --vlm … --mae … starts, and /compare answers with that VLM."""
     from gradio_client import Client, handle_file
@@ -166,3 +170,61 @@ def test_smolvlm2_without_torchvision_is_refused_clearly(tmp_path, monkeypatch):
     from progvlm.backends import load_vlm
     with pytest.raises(ValueError, match="needs torchvision.*SmolVLM2"):
         load_vlm(str(folder))
+
+
+def untrained_pair(root: Path, preset: str, images: Path) -> tuple[Path, Path]:
+    """A stand-in VLM and an MAE whose codebooks saw its tokens for a few steps (no
+    distillation): the fast set's pair, made in-process in a few seconds."""
+    import torch
+    from progvlm.backends import load_vlm
+    from progvlm.backends.random_hf import write_random_vlm
+    from progvlm.models.mae import MAE, MAEConfig
+    from progvlm.training.train_mae import save_mae
+    folder = write_random_vlm(root / preset, preset)
+    vlm = load_vlm(str(folder))
+    tokens = torch.cat([vlm.edge_half(load_image(p)) for p in sorted(images.iterdir())])
+    mae = MAE(MAEConfig.for_tokens(vlm.tokens_per_block, vlm.token_dim))
+    mae.cfg.vlm_id = vlm.model_id
+    mae.train()
+    blocks = tokens.view(-1, vlm.tokens_per_block, vlm.token_dim)
+    for _ in range(3):
+        mae(blocks, torch.randint(1, mae.cfg.num_layers + 1, (len(blocks),)))
+    mae.eval()
+    mae.invalidate_caches()
+    save_mae(mae, root / f"{preset}-mae", {})
+    return folder, root / f"{preset}-mae"
+
+
+def test_a_tiled_vlm_through_the_cloud_service_in_every_mode(tmp_path, images):
+    """Fast: the same pipeline in one process (cloud app on a loopback thread)."""
+    import threading
+
+    import uvicorn
+
+    from progvlm.cloud_service import create_app
+    vlm, mae = untrained_pair(tmp_path, "tiny-idefics3-split", images)
+    split = load_split(str(vlm), mae)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(split), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        runtime = PyTorchRuntime(split)
+        agent = EdgeAgent(runtime, f"http://127.0.0.1:{port}")
+        image = images / "im3.png"
+        frame = split.edge(load_image(image))
+        assert frame.grid == (2, 2) and frame.num_tokens == 20  # 4 tiles + the global view
+        assert split.unpack(split.pack(frame)).grid == (2, 2)  # the grid travels in the header
+        r = agent.ask(image, Q, "full-edge")
+        assert r["answer"] == split.whole(load_image(image), Q).text
+        for k in range(1, split.num_layers + 1):
+            r = agent.ask(image, Q, "progressive", k=k, bandwidth_mbps=10, rtt_ms=0)
+            assert r["answer"] == split.cloud(frame.prefix(k), Q).text and r["layers_used"] == k
+        assert agent.ask(image, Q, "auto", budget_ms=5000, rtt_ms=0)["k"] == split.num_layers
+        runtime.set_threads(runtime.default_threads)
+    finally:
+        server.should_exit = True
+        thread.join(5)
