@@ -19,7 +19,7 @@ import pandas as pd
 from edge_agent.agent import MODES as AGENT_MODES
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
 from progvlm.examples import find_example, ground_truth, load_examples
-from progvlm.images import ImageInputError
+from progvlm.images import ImageInputError, load_image
 from progvlm.metrics import SemanticConsistency
 from progvlm.questions import unknown_words
 
@@ -140,6 +140,10 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
         raise gr.Error("Type a question, or pick one of the suggested questions.")
     if not modes:
         raise gr.Error("Choose at least one mode to compare.")
+    try:  # the reason for a bad upload, before any request (the agent would refuse it too)
+        load_image(image)
+    except ImageInputError as e:
+        raise gr.Error(f"Cannot use this image: {e}") from None
     client = EDGE["client"]
     options = dict(bandwidth_mbps=float(bandwidth_mbps), rtt_ms=float(rtt_ms), device_profile=device)
     notes = []
@@ -180,9 +184,29 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
         from progvlm.layer_map import layer_residuals, residual_strip
         residuals = layer_residuals(_layer_split(), image)
         picture = None if residuals is None else residual_strip(image, residuals)
-    except (EdgeAgentError, ImageInputError) as e:
+    except (EdgeAgentError, ImageInputError) as e:  # the agent's (or Pillow's) reason, as said
         raise gr.Error(str(e)) from None
     yield page(ladder, picture)
+
+
+def upload_as_is(preprocess):
+    """Wrap gr.Image's preprocessing so that an upload reaches compare() as it is.
+
+    gradio opens every upload with Pillow first, and a file Pillow cannot open (empty, not an
+    image, a decompression bomb, a PNG whose text chunk inflates past Pillow's limit) failed
+    there with gradio's generic error, before compare() could say why. With this such a file
+    passes through as its path; compare() checks it with progvlm.images.load_image and shows
+    the reason. (An instance attribute, not a gr.Image subclass: gradio writes a .pyi stub
+    next to the module of every component class.)"""
+    @functools.wraps(preprocess)
+    def preprocess_or_pass(payload):
+        try:
+            return preprocess(payload)
+        except Exception:  # noqa: BLE001 - compare() names the reason
+            if payload is not None and payload.path:
+                return str(payload.path)
+            raise gr.Error("The uploaded image could not be received; upload it again.") from None
+    return preprocess_or_pass
 
 
 with gr.Blocks(title="progvlm") as demo:
@@ -196,6 +220,7 @@ with gr.Blocks(title="progvlm") as demo:
     with gr.Row():
         with gr.Column(scale=2):
             image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
+            image.preprocess = upload_as_is(image.preprocess)  # compare() says what is wrong
             gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
                         label="Example scenes (ground truth known)")
             question = gr.Textbox(label="Question", value="describe the scene .")
@@ -235,8 +260,11 @@ with gr.Blocks(title="progvlm") as demo:
 
 def main():
     parser = argparse.ArgumentParser(description="progvlm demo")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    # defaults from gradio's own environment: a hosted Space sets GRADIO_SERVER_NAME=0.0.0.0
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to serve the page on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+                        help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--edge-url", default=None,
                         help="a running edge agent (default: start a cloud backend and an edge agent here)")
     parser.add_argument("--vlm", default=os.environ.get("PROGVLM_VLM"),

@@ -28,6 +28,10 @@ MODES = ("full-cloud", "full-edge", "progressive", "auto")
 JPEG_QUALITY = 90
 DEFAULT_BUDGET_MS = 500.0
 REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's prediction
+# The most time one request may spend on the shaped link (round trip + payload + reply at the
+# asked bandwidth); a request that would take longer is refused before anything is sent. The
+# link's own ranges (progvlm.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
+MAX_LINK_S = 120.0
 
 
 class AskError(ValueError):
@@ -49,8 +53,10 @@ def check_same_models(edge: dict, cloud: dict, cloud_url: str):
 
 class EdgeAgent:
     def __init__(self, runtime: EdgeRuntime, cloud_url: str | None = None, token: str | None = None,
-                 profile: DeviceProfile | None = None, timeout_s: float = 10.0):
+                 profile: DeviceProfile | None = None, timeout_s: float = 10.0,
+                 max_link_s: float = MAX_LINK_S):
         self.runtime = runtime
+        self.max_link_s = max_link_s
         self.profile = profile or get_profile("host")
         self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
         self._cloud_checked = False
@@ -116,9 +122,15 @@ class EdgeAgent:
         if not isinstance(question, str) or not question.strip():
             raise AskError("a question is required")
         try:
-            link = LinkProfile(bandwidth_mbps, rtt_ms)
+            self.runtime.check_question(question)  # e.g. longer than the model reads
         except ValueError as e:
             raise AskError(str(e)) from None
+        try:  # every mode: full-edge sends nothing, but a caller's values are checked alike
+            link = LinkProfile.checked(bandwidth_mbps, rtt_ms)
+        except ValueError as e:
+            raise AskError(str(e)) from None
+        if mode != "full-edge":
+            self._check_link_time(link, 0)  # the round trip alone
         k = L if k is None else k
         if mode == "progressive" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L):
             raise AskError(f"k must be an integer in 1..{L}, got {k!r}")
@@ -166,6 +178,7 @@ class EdgeAgent:
             record.update(answer=answer, payload_bytes=0)
         elif mode == "full-cloud":
             record["payload"] = f"JPEG q{JPEG_QUALITY} at {self.runtime.image_size}×{self.runtime.image_size} (the model's input size)"
+            self._check_link_time(link, len(payload))
             ex = self.cloud.full(payload, question, link)
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
             self._add_link_and_cloud(stages, ex)
@@ -177,6 +190,7 @@ class EdgeAgent:
             sent = parse(data)
             if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
                 raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
+            self._check_link_time(link, len(data))
             # a caller that watches the refinements gets one per layer; otherwise the cloud
             # answers once, when the layers are in (the final answer comes sooner)
             ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement,
@@ -203,6 +217,17 @@ class EdgeAgent:
         if mode == "auto":
             record["auto"]["actual_ms"] = record["total_ms"]
         return record
+
+    def _check_link_time(self, link: LinkProfile, payload_bytes: int):
+        """Refuse a request that would spend longer than max_link_s on the link."""
+        t = link.link_time_s(payload_bytes + REPLY_BYTES_ESTIMATE)
+        if t > self.max_link_s:
+            what = (f"the {payload_bytes:,}-byte payload and its reply" if payload_bytes
+                    else "the round trip and the reply alone")
+            raise AskError(f"at {link.bandwidth_mbps:g} Mbps with an RTT of {link.rtt_ms:g} ms, "
+                           f"{what} would take {t:.1f} s on the link, over this agent's limit of "
+                           f"{self.max_link_s:g} s per request: raise the bandwidth, lower the "
+                           "RTT or send fewer layers")
 
     def _add_link_and_cloud(self, stages: dict, ex):
         cloud = {f"cloud_{name.removesuffix('_ms')}": v for name, v in ex.reply["stage_ms"].items()}

@@ -104,6 +104,14 @@ class OnnxRuntime(EdgeRuntime):
     def preprocess(self, image):
         return model_input(image, self.image_size)
 
+    def check_question(self, question):
+        """The exported language graph reads <bos> question <sep> and the answer in
+        max_text_len positions (the manifest's)."""
+        words = len(question_ids(question)) - 2
+        if words + 2 >= self.max_text_len:
+            raise ValueError(f"question too long: {words} words, this model reads at most "
+                             f"{self.max_text_len - 3}")
+
     def domain_note(self, image):
         """The bundled model's check that a frame looks like its scenes (NumPy and Pillow)."""
         from progvlm.domain import check_scene_domain
@@ -120,10 +128,8 @@ class OnnxRuntime(EdgeRuntime):
     def language(self, tokens, question, grid=None, max_new_tokens=32):
         """Greedy decoding as TinyVLM.generate does it, re-running the whole prompt per token
         (no KV cache in the graph: answers are a few words, the prompt under 32 ids)."""
+        self.check_question(question)
         ids = question_ids(question)
-        if len(ids) >= self.max_text_len:
-            raise ValueError(f"question too long: {len(ids) - 2} words, this model reads at "
-                             f"most {self.max_text_len - 3}")
         batch = np.asarray(tokens, np.float32)[None]
         answer = []
         for _ in range(min(max_new_tokens, self.max_text_len - len(ids))):

@@ -51,6 +51,10 @@ class EdgeRuntime(ABC):
     def language(self, tokens, question: str, grid=None, max_new_tokens: int = 32) -> str:
         """Visual tokens + question → answer (the language half, run on the device)."""
 
+    def check_question(self, question: str):
+        """Raise ValueError (saying the limit) for a question the model cannot read, before any
+        work is done; by default every question is accepted."""
+
     def info(self) -> dict:
         return {"vlm_id": self.model_id, "mae_fingerprint": self.mae_fingerprint.hex(),
                 "num_layers": self.num_layers, "tokens_per_block": self.tokens_per_block}
@@ -81,6 +85,11 @@ class PyTorchRuntime(EdgeRuntime):
 
     def info(self) -> dict:
         return self.split.info()
+
+    def check_question(self, question):
+        check = getattr(self.split.vlm, "check_question", None)  # the backend's own, if any
+        if check is not None:
+            check(question)
 
     def set_threads(self, threads):
         import torch

@@ -21,7 +21,11 @@ class ImageInputError(ValueError):
 
 
 def load_image(source, max_pixels: int | None = None) -> Image.Image:
-    """bytes, a path, a file object or a PIL image → an RGB PIL image (EXIF-upright)."""
+    """bytes, a path, a file object or a PIL image → an RGB PIL image (EXIF-upright).
+
+    Every way untrusted data can make Pillow fail (unidentified format, truncated or corrupt
+    data, a decompression bomb, a PNG text chunk that inflates past Pillow's limit, zlib or
+    struct errors in a plugin, …) becomes ImageInputError with the reason."""
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     if isinstance(source, Image.Image):
         img = source
@@ -33,17 +37,26 @@ def load_image(source, max_pixels: int | None = None) -> Image.Image:
         elif isinstance(source, (str, Path)):
             if not Path(source).is_file():
                 raise ImageInputError(f"no such image file: {source}")
+            if Path(source).stat().st_size == 0:
+                raise ImageInputError("not an image: the file is empty (0 bytes)")
             fp = source
         else:
             fp = source
         try:
             img = Image.open(fp)
         except UnidentifiedImageError:
+            if _empty(fp):
+                raise ImageInputError("not an image: the data is empty (0 bytes)") from None
             raise ImageInputError("not an image: Pillow cannot identify this data as any image "
                                   "format") from None
         except Image.DecompressionBombError as e:
             raise ImageInputError(f"image too large: {e}") from None
-    w, h = img.size
+        except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes
+            raise ImageInputError(f"unreadable image: {_reason(e)}") from None
+    try:
+        w, h = img.size
+    except Exception as e:  # noqa: BLE001
+        raise ImageInputError(f"unreadable image: {_reason(e)}") from None
     if w * h > max_pixels:
         raise ImageInputError(f"image too large: {w}×{h} = {w * h:,} pixels, over the limit of "
                               f"{max_pixels:,} pixels")
@@ -52,9 +65,23 @@ def load_image(source, max_pixels: int | None = None) -> Image.Image:
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageInputError(f"corrupt or truncated image ({img.format or 'unknown'}): {e}") from None
-    return to_rgb(img)
+        return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise ImageInputError(f"image too large: {e}") from None
+    except Exception as e:  # noqa: BLE001 - ValueError, OSError, SyntaxError, EOFError, zlib, struct …
+        raise ImageInputError(f"corrupt or truncated image ({getattr(img, 'format', None) or 'unknown'}): "
+                              f"{_reason(e)}") from None
+
+
+def _empty(fp) -> bool:
+    try:
+        return fp.seek(0, io.SEEK_END) == 0
+    except Exception:  # noqa: BLE001 - not seekable: cannot tell
+        return False
+
+
+def _reason(e: Exception) -> str:
+    return str(e) or type(e).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

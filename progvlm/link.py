@@ -19,23 +19,65 @@ class LinkError(ValueError):
     pass
 
 
+# The ranges a caller may ask for (LinkProfile.checked; the edge agent applies them to every
+# request): wide enough for any real uplink, narrow enough that no value overflows a timer or
+# keeps a thread pacing or sleeping for long.
+MIN_BANDWIDTH_MBPS = 0.01  # 10 kbit/s
+MAX_BANDWIDTH_MBPS = 10_000.0  # 10 Gbit/s
+MAX_RTT_MS = 10_000.0  # 10 s; a geostationary satellite hop is ~0.6 s
+
+
 @dataclass(frozen=True)
 class LinkProfile:
+    """An uplink's bandwidth (Mbps) and round-trip time (ms).
+
+    Ranges a caller may ask for (`LinkProfile.checked`, which the edge agent applies to every
+    request, whatever its mode): bandwidth 0.01–10000 Mbps, RTT 0–10000 ms. The constructor
+    itself only refuses values that are no link at all (not a number, infinite, a bandwidth
+    ≤ 0, a negative RTT), so that pacing can be simulated at any rate with a fake clock.
+    """
     bandwidth_mbps: float
     rtt_ms: float = 0.0
     chunk_bytes: int = 1000  # ≈ one Ethernet payload: pacing granularity
 
     def __post_init__(self):
         bw, rtt = self.bandwidth_mbps, self.rtt_ms
-        if not isinstance(bw, (int, float)) or not math.isfinite(bw) or bw <= 0:
-            raise LinkError(f"bandwidth must be a positive number of Mbps, got {bw!r}")
-        if not isinstance(rtt, (int, float)) or not math.isfinite(rtt) or rtt < 0:
-            raise LinkError(f"RTT must be a non-negative number of ms, got {rtt!r}")
+        if not _is_number(bw) or not math.isfinite(bw) or bw <= 0:
+            raise LinkError(f"bandwidth must be a positive number of Mbps "
+                            f"({_bandwidth_range()}), got {bw!r}")
+        if not _is_number(rtt) or not math.isfinite(rtt) or rtt < 0:
+            raise LinkError(f"RTT must be a non-negative number of ms ({_rtt_range()}), got {rtt!r}")
         if self.chunk_bytes < 1:
             raise LinkError("chunk_bytes must be at least 1")
 
+    @classmethod
+    def checked(cls, bandwidth_mbps: float, rtt_ms: float = 0.0) -> "LinkProfile":
+        """A profile within the documented ranges, or LinkError saying the range."""
+        link = cls(bandwidth_mbps, rtt_ms)
+        if not MIN_BANDWIDTH_MBPS <= link.bandwidth_mbps <= MAX_BANDWIDTH_MBPS:
+            raise LinkError(f"bandwidth must be {_bandwidth_range()}, got {bandwidth_mbps!r}")
+        if not 0 <= link.rtt_ms <= MAX_RTT_MS:
+            raise LinkError(f"RTT must be {_rtt_range()}, got {rtt_ms!r}")
+        return link
+
+    def link_time_s(self, nbytes: int) -> float:
+        """The least time `nbytes` spend on this link, round trip included."""
+        return self.rtt_ms / 1000 + self.serialisation_s(nbytes)
+
     def serialisation_s(self, nbytes: int) -> float:
         return nbytes * 8 / (self.bandwidth_mbps * 1e6)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _bandwidth_range() -> str:
+    return f"{MIN_BANDWIDTH_MBPS:g}–{MAX_BANDWIDTH_MBPS:g} Mbps"
+
+
+def _rtt_range() -> str:
+    return f"0–{MAX_RTT_MS:g} ms"
 
 
 def paced_chunks(data: bytes, profile: LinkProfile, clock=time.perf_counter,

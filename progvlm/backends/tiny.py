@@ -130,3 +130,11 @@ class TinyVLMBackend(VLMBackend):
         text = torch.tensor(text, device=tokens.device)
         logits = self.model.teacher_forced_logits(tokens[None].float(), text[None, None])
         return logits[0, len(prompt) - 1:]  # position i predicts text[i + 1]
+
+    def check_question(self, question: str):
+        """ValueError if `question` is longer than the model reads (TinyVLM.generate's limit:
+        <bos> question <sep> and at least one answer token in max_text_len positions)."""
+        words = len(encode_words(question))
+        if words + 2 >= self.cfg.max_text_len:
+            raise ValueError(f"question too long: {words} words, this model reads at most "
+                             f"{self.cfg.max_text_len - 3}")
