@@ -507,7 +507,7 @@ def _bench_cost_profile(a, log) -> int:
     headline = {key: r[key] for key in ("kind", "note", "images", "skipped", "edge_vision_ms",
                                         "lm_ms_per_token",
                                         "mae_encode_share_of_edge", "vision_macs", "bytes_per_k",
-                                        "jpeg_bytes", "crossover")}
+                                        "jpeg_bytes", "crossover", "crossover_ideal_cloud")}
     headline.update(vlm_id=r["vlm"]["vlm_id"], out=str(out),
                     end_to_end_1mbps_ms={d: {m: v["total_ms"] for m, v in modes.items()}
                                          for d, modes in r["end_to_end_1mbps_ms"].items()})
@@ -521,7 +521,9 @@ def _bench_cost_profile(a, log) -> int:
              + f"; JPEG q90 camera {r['jpeg_bytes']['camera']:.0f}, model size "
              f"{r['jpeg_bytes']['model_input']:.0f}"]
     for device, by_k in r["crossover"].items():
-        lines.append(f"{device}, k={L}: " + "; ".join(describe_interval(iv) for iv in by_k[f"k={L}"]))
+        lines.append(f"{device}, k={L}: " + "; ".join(describe_interval(iv) for iv in by_k[f"k={L}"])
+                     + "; with an ideal cloud: " + "; ".join(
+                         describe_interval(iv) for iv in r["crossover_ideal_cloud"][device][f"k={L}"]))
     _emit(headline, a.json, lines)
     return 0
 
