@@ -163,7 +163,7 @@ def _add_bench(sub):
                        "latency at 0.1–50 Mbps through the real shaped link, asked of an edge agent "
                        "and a cloud backend in child processes; the 1 Mbps breakdown and headline "
                        "ratios; cloud load with 1/4/16 clients; the scene-graph information floor. "
-                       "Writes CSV/JSON, PNG plots and summary.md. Default run ≈ 5 min on 2 cores "
+                       "Writes CSV/JSON, PNG plots and summary.md. Default run ≈ 2 min on 2 cores "
                        "(at most 15); --quick ≈ 1–2 min. With --images DIR (any VLM, e.g. --vlm "
                        "FOLDER --mae FOLDER): the cost profile measured on this host: edge vision "
                        "ms, LM ms per token, MAE share, wire bytes per k, JPEG bytes at camera and "

@@ -89,9 +89,13 @@ def test_a_watched_stream_is_answered_after_every_layer(agent, runtime, image):
 
 
 def test_the_uplink_is_paced_to_the_bandwidth(agent, image):
-    r = agent.ask(image, Q, "full-cloud", bandwidth_mbps=0.5, rtt_ms=10)
-    expected_ms = r["payload_bytes"] * 8 / 0.5e3 + 5  # serialisation + half the RTT
-    assert r["stage_ms"]["uplink"] == pytest.approx(expected_ms, rel=0.10)
+    # serialisation + half the RTT; the pacer is never early, and the least of three requests
+    # (the first one warms the connection) is within 10% on a busy host
+    records = [agent.ask(image, Q, "full-cloud", bandwidth_mbps=0.5, rtt_ms=10) for _ in range(3)]
+    expected_ms = records[0]["payload_bytes"] * 8 / 0.5e3 + 5
+    uplinks = [r["stage_ms"]["uplink"] for r in records]
+    assert min(uplinks) >= 0.98 * expected_ms, (uplinks, expected_ms)
+    assert min(uplinks) <= 1.10 * expected_ms, (uplinks, expected_ms)
 
 
 def test_a_cut_link_gives_the_answer_from_the_layers_that_arrived(agent, runtime, image):

@@ -22,13 +22,16 @@ def _receiver():
 def test_measured_transfer_matches_the_link_within_10_percent(nbytes, rtt_ms):
     profile = LinkProfile(bandwidth_mbps=1.0, rtt_ms=rtt_ms)
     payload = bytes(range(256)) * (nbytes // 256) + b"x" * (nbytes % 256)
-    server, thread, got = _receiver()
-    with server:
-        measured = send_over_tcp(payload, server.getsockname(), profile)
-        thread.join(5)
     expected = nbytes * 8 / 1e6 + rtt_ms / 1000
-    assert got["data"] == payload
-    assert abs(measured - expected) <= 0.10 * expected, (measured, expected)
+    times = []
+    for _ in range(3):  # the pacer is never early; a busy host makes a single run late
+        server, thread, got = _receiver()
+        with server:
+            times.append(send_over_tcp(payload, server.getsockname(), profile))
+            thread.join(5)
+        assert got["data"] == payload
+    assert min(times) >= 0.98 * expected, (times, expected)
+    assert min(times) <= 1.10 * expected, (times, expected)
 
 
 def test_pacing_releases_chunks_on_schedule_with_a_fake_clock():
