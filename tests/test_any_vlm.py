@@ -54,7 +54,7 @@ def make_pair(root: Path, preset: str, images: Path) -> tuple[Path, Path]:
     return vlm, mae
 
 
-@pytest.fixture(scope="module", params=["tiny-idefics3-split", "tiny-llava"])
+@pytest.fixture(scope="module", params=["tiny-idefics3-split", "tiny-smolvlm", "tiny-llava"])
 def pair(request, tmp_path_factory, images):
     return make_pair(tmp_path_factory.mktemp("vlm"), request.param, images)
 
