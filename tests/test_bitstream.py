@@ -101,3 +101,30 @@ def test_entropy_decoder_never_crashes_on_garbage(data, count):
         assert len(out) == count and all(0 <= s < 16 for s in out)
     except entropy.EntropyDecodeError:
         pass
+
+
+def test_a_tile_grid_travels_in_version_2_and_costs_nothing_without_one():
+    layers, plain = _stream(k=2)
+    tiled = pack(FP, 64, 4, layers, grid=(2, 3))
+    assert plain[2] == 1 and tiled[2] == 2 and len(tiled) == len(plain) + 2
+    bs = parse(tiled, expected_fingerprint=FP)
+    assert (bs.grid, bs.num_tokens, bs.layers) == ((2, 3), 64, layers)
+    assert parse(plain).grid is None
+    with pytest.raises(BitstreamError, match="truncated header"):
+        parse(tiled[:9])  # ends inside the grid field
+    with pytest.raises(ValueError, match="grid must be two integers"):
+        pack(FP, 64, 4, layers, grid=(2, 300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_parser_never_crashes_on_mutated_tiled_streams(draw):
+    layers, _ = _stream()
+    data = bytearray(pack(FP, 320, 4, layers, grid=(2, 2)))
+    for _ in range(draw.draw(st.integers(1, 4))):
+        data[draw.draw(st.integers(0, len(data) - 1))] = draw.draw(st.integers(0, 255))
+    try:
+        bs = parse(bytes(data[:draw.draw(st.integers(0, len(data)))]), expected_fingerprint=FP)
+        assert 1 <= len(bs.layers) <= bs.k
+    except BitstreamError:
+        pass
