@@ -228,3 +228,23 @@ def test_accelerate_launch_runs_train_mae(world, tmp_path):
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["training"]["steps"] == 3 and summary["out"] == str(tmp_path / "mae")
     assert load_mae(tmp_path / "mae").cfg.vlm_id == summary["mae"]["vlm_id"]
+
+
+def test_reconstruction_only_training_generates_no_teacher_answers(tmp_path):
+    """--distill 0 needs no teacher: the VLM's language half is never run for the cache."""
+    from progvlm.backends import load_vlm
+    from progvlm.backends.random_hf import write_random_vlm
+    from progvlm.training.train_mae import train_mae_on_images
+    backend = load_vlm(str(write_random_vlm(tmp_path / "vlm", "tiny-llava")))
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although --distill is 0")
+    backend.cloud_half = no_teacher
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    summary = train_mae_on_images(backend, folder, tmp_path / "mae", tmp_path / "work", steps=2,
+                                  batch=2, distill=0.0, log=lambda m: None)
+    assert summary["training"]["distill"] == 0.0

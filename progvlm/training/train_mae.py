@@ -346,7 +346,7 @@ def list_images(folder: Path) -> list[Path]:
 
 def build_teacher_cache(backend, folder: Path, paths: list[Path], cache: Path, prompts: list[str],
                         teacher_tokens: int, shard_images: int = 256, show: bool = True,
-                        log=print) -> dict:
+                        log=print, answers: bool = True) -> dict:
     """Visual tokens, tile grids and the VLM's greedy answer to every prompt, for every image,
     into cache/shard_NNNNN.safetensors ("tokens" (ΣN, D), "answers" (ΣA,) int64) and
     cache/index.json (per image: name, grid, token and answer offsets). Never pickle.
@@ -406,9 +406,11 @@ def build_teacher_cache(backend, folder: Path, paths: list[Path], cache: Path, p
             if tokens.shape[0] % block or tokens.shape[1] != backend.token_dim:
                 raise TrainMAEError(f"{name}: {tuple(tokens.shape)} visual tokens are not blocks "
                                     f"of {block} × {backend.token_dim}")
-            # the teacher: the VLM's own greedy answer from the uncompressed tokens
+            # the teacher: the VLM's own greedy answer from the uncompressed tokens (not
+            # needed, so not generated, when training on reconstruction alone: --distill 0)
             ids = [list(backend.cloud_half(tokens, q, max_new_tokens=teacher_tokens,
-                                           grid=grid).token_ids) for q in prompts]
+                                           grid=grid).token_ids) if answers else []
+                   for q in prompts]
         buf.append((name, tokens, grid, ids))
         if len(buf) == shard_images:
             flush()
@@ -552,7 +554,8 @@ def train_mae_on_images(backend, folder: Path, out: Path | None = None,
     listing = [[p.relative_to(folder).as_posix(), p.stat().st_size] for p in paths]
     data_key = {"source": "images", "folder": str(folder.resolve()), "count": len(paths),
                 "images": hashlib.sha256(json.dumps(listing).encode()).hexdigest(),
-                "prompts": prompts, "teacher_tokens": teacher_tokens}
+                "prompts": prompts, "teacher_tokens": teacher_tokens,
+                "teacher_answers": distill > 0}
     key = run_key(backend.model_id, cfg, data_key)
     name = run_name(key)
     workdir = Path(workdir or Path(work_root) / name)
@@ -566,7 +569,7 @@ def train_mae_on_images(backend, folder: Path, out: Path | None = None,
         bundled = getattr(backend, "family", "") == "bundled"
         backend.model.to("cpu" if bundled else accelerator.device)
         build_teacher_cache(backend, folder, paths, cache, prompts, teacher_tokens, shard_images,
-                            show=True, log=log)
+                            show=True, log=log, answers=distill > 0)
     else:  # the others wait for it by polling: a long build would time out a barrier
         while not json.loads(_read_or(cache / "index.json", "{}")).get("complete"):
             time.sleep(2)
