@@ -283,7 +283,12 @@ def main():
         print(f"cloud backend {cloud.url}, edge agent {edge.url}", file=sys.stderr)
     # SIGTERM ends the app like Ctrl-C does, so the children are stopped on the way out (atexit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    demo.launch(server_name=args.host, server_port=args.port)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port)
+    finally:
+        # a signal that lands while launch() is still starting up leaves its server thread
+        # running, which would keep the process (and, through atexit, its children) alive
+        demo.close()
 
 
 if __name__ == "__main__":
