@@ -281,8 +281,11 @@ def main():
         edge = edge_service(cloud.url, vlm=args.vlm, mae=args.mae).start()
         connect(edge.url, args.vlm, args.mae)
         print(f"cloud backend {cloud.url}, edge agent {edge.url}", file=sys.stderr)
-    # SIGTERM ends the app like Ctrl-C does, so the children are stopped on the way out (atexit)
+    # SIGTERM ends the app like Ctrl-C does, so the children are stopped on the way out (atexit);
+    # Ctrl-C is installed explicitly: a process started in the background by a shell inherits
+    # SIGINT ignored, and Python then never raises KeyboardInterrupt
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         demo.launch(server_name=args.host, server_port=args.port)
     finally:
