@@ -96,10 +96,6 @@ class EdgeAgent:
         stages[name] = to_ms(time.perf_counter() - t0) * factor
         return out
 
-    def _domain_note(self, image) -> str | None:
-        check = getattr(self.runtime, "domain_note", None)
-        return check(image) if check else None
-
     def _jpeg(self, image) -> bytes:
         buf = io.BytesIO()
         resize_for_model(image, self.runtime.image_size).save(buf, "JPEG", quality=JPEG_QUALITY)
@@ -155,7 +151,7 @@ class EdgeAgent:
             factor = profile.compute_factor
             image = self._timed(stages, factor, "edge_preprocess", load_image, image)
             # is this frame like what the model knows? (the bundled model: generated scenes)
-            note = self._timed(stages, factor, "edge_domain_check", self._domain_note, image)
+            note = self._timed(stages, factor, "edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
             if mode == "full-cloud":
                 payload = self._timed(stages, factor, "serialize", self._jpeg, image)

@@ -55,6 +55,10 @@ class EdgeRuntime(ABC):
         """Raise ValueError (saying the limit) for a question the model cannot read, before any
         work is done; by default every question is accepted."""
 
+    def domain_note(self, image: Image.Image) -> str | None:
+        """A warning when the frame is outside what the model knows (None: no warning)."""
+        return None
+
     def info(self) -> dict:
         return {"vlm_id": self.model_id, "mae_fingerprint": self.mae_fingerprint.hex(),
                 "num_layers": self.num_layers, "tokens_per_block": self.tokens_per_block}

@@ -529,13 +529,12 @@ def _bench_cost_profile(a, log) -> int:
 
 
 def cmd_make_random_vlm(a) -> int:
-    from .backends.random_hf import NOTE, NOTE_FILE, backend_kwargs, write_random_vlm
+    from .backends.random_hf import NOTE, NOTE_FILE, write_random_vlm
     out = write_random_vlm(a.out, a.preset, seed=a.seed)
     note = json.loads((out / NOTE_FILE).read_text())
     print(f"{out}: {a.preset}, N x D = {note['visual_tokens']} x {note['token_dim']} visual "
           f"tokens, {note['parameters']:,} parameters ({NOTE})")
-    if backend_kwargs(a.preset):
-        print(f"load it with HFVLMBackend.load(folder, **{backend_kwargs(a.preset)})")
+    print(f"use it with --vlm {out}")
     return 0
 
 

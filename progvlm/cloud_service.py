@@ -88,14 +88,9 @@ class CloudModel:
                 raise RequestError(400, f"bad image: {e}") from None
             t1 = time.perf_counter()
             tokens, grid = self.split.vlm.edge_half_with_grid(image)
-            t2 = time.perf_counter()
-            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, t2)}
-
-            def language():
-                answer = self.split.vlm.cloud_half(tokens, question, grid=grid)
-                answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t2, time.perf_counter())}
-                return answer
-            return {"answer": self._answer(stages, language), "stage_ms": stages}
+            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
+            text = self._answer(stages, self.split.language, tokens, question, grid)
+            return {"answer": text, "stage_ms": stages}
 
     def progressive(self, data: bytes, question: str) -> dict:
         with self._lock:

@@ -115,11 +115,18 @@ class Split:
         """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
         t0 = time.perf_counter()
         tokens = self.decode(frame)
-        t1 = time.perf_counter()
-        answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=frame.grid)
-        stages = {"mae_decode_ms": _ms(t0, t1)}
-        stages.update(answer.stage_ms or {"language_ms": _ms(t1, time.perf_counter())})
-        answer.stage_ms = stages
+        decode_ms = _ms(t0, time.perf_counter())
+        answer = self.language(tokens, question, frame.grid, max_new_tokens)
+        answer.stage_ms = {"mae_decode_ms": decode_ms, **answer.stage_ms}
+        return answer
+
+    def language(self, tokens: torch.Tensor, question: str, grid: Grid = None,
+                 max_new_tokens: int = 32) -> Answer:
+        """The language half; stage_ms is the backend's own split (prefill, generation) or,
+        where it has none, language_ms."""
+        t0 = time.perf_counter()
+        answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
+        answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t0, time.perf_counter())}
         return answer
 
     def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:

@@ -19,7 +19,7 @@ from transformers import Idefics3ForConditionalGeneration  # noqa: E402
 from progvlm.backends import load_vlm  # noqa: E402
 from progvlm.backends.hf import HFVLMBackend  # noqa: E402
 from progvlm.backends.random_hf import (  # noqa: E402
-    NOTE, NOTE_FILE, PRESETS, backend_kwargs, build_config_and_processor, preset_token_shape,
+    NOTE, NOTE_FILE, PRESETS, build_config_and_processor, preset_token_shape,
     write_random_vlm,
 )
 from progvlm.cli import main  # noqa: E402
@@ -63,7 +63,7 @@ def test_tiny_preset_loads_from_disk_and_splits_exactly(folders, preset):
     assert note["note"] == NOTE and note["preset"] == preset and note["seed"] == 0
     assert sum(f.stat().st_size for f in folder.iterdir()) < 5e6  # tiny: a few MB at most
 
-    backend = HFVLMBackend.load(folder, **backend_kwargs(preset))
+    backend = load_vlm(str(folder))  # the one registry
     n_tokens, token_dim = preset_token_shape(preset)
     assert (note["visual_tokens"], note["token_dim"]) == (n_tokens, token_dim)
     assert backend.token_dim == token_dim
@@ -84,7 +84,7 @@ def test_tiny_preset_loads_from_disk_and_splits_exactly(folders, preset):
 
 def test_split_preset_keeps_splitting_on_and_needs_the_grid(folders):
     folder = folders["tiny-idefics3-split"]
-    backend = HFVLMBackend.load(folder, **backend_kwargs("tiny-idefics3-split"))
+    backend = load_vlm(str(folder))
     processor = backend.processor
     assert processor.image_processor.do_image_splitting is True  # survived save + load
     tokens, grid = backend.edge_half_with_grid(noise_image(5, size=(64, 64)))

@@ -19,8 +19,8 @@ weights.  Presets (see `PRESETS`):
 * `tiny-idefics3`, `tiny-smolvlm`, `tiny-llava`: a few hundred kB, load in well under a second;
   for tests and quick demos.
 * `tiny-idefics3-split`: Idefics3 with image splitting saved on; every image less elongated
-  than 2:1 becomes 2x2 tiles + the global image.  Load it with `image_splitting=None` (see
-  `backend_kwargs`), otherwise `HFVLMBackend` forces splitting off.
+  than 2:1 becomes 2x2 tiles + the global image (`progvlm.backends.load_vlm` keeps the
+  processor's own tiling setting).
 * `smolvlm-256m-shape`: the shape of HuggingFaceTB/SmolVLM-256M-Instruct (SigLIP-B/16 at
   512 px, pixel shuffle x4 -> 64 visual tokens of 576 = the SmolLM2-135M width), image
   splitting off; about 0.5 GB (bf16, like the real checkpoint).  Its edge/cloud timings are
@@ -30,7 +30,7 @@ weights.  Presets (see `PRESETS`):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,15 +93,13 @@ class _Recipe:
     do_image_splitting: bool = False
     tie_word_embeddings: bool = False
     save_dtype: torch.dtype = torch.float32
-    backend_kwargs: dict = field(default_factory=dict)
 
 
 _RECIPES: dict[str, _Recipe] = {
     "tiny-idefics3": _Recipe("idefics3", "idefics3", _TINY_VISION, _TINY_TEXT),
     # 64 px longest edge, 32 px tiles: an image less elongated than 2:1 gives 2x2 tiles.
     "tiny-idefics3-split": _Recipe("idefics3", "idefics3", _TINY_VISION, _TINY_TEXT,
-                                   do_image_splitting=True,
-                                   backend_kwargs={"image_splitting": None}),
+                                   do_image_splitting=True),
     "tiny-smolvlm": _Recipe("idefics3", "smolvlm", _TINY_VISION, _TINY_TEXT),
     "tiny-llava": _Recipe("llava", "llava", _TINY_VISION, _TINY_TEXT),
     # HuggingFaceTB/SmolVLM-256M-Instruct: siglip-base-patch16-512 + SmolLM2-135M.  The real
@@ -125,11 +123,6 @@ def _recipe(preset: str) -> _Recipe:
     if preset not in _RECIPES:
         raise ValueError(f"unknown random VLM preset {preset!r}; presets: {', '.join(PRESETS)}")
     return _RECIPES[preset]
-
-
-def backend_kwargs(preset: str) -> dict:
-    """Extra `HFVLMBackend.load` kwargs a preset needs (image_splitting=None for the split one)."""
-    return dict(_recipe(preset).backend_kwargs)
 
 
 def preset_token_shape(preset: str) -> tuple[int, int]:
@@ -236,7 +229,7 @@ def build_random_vlm(preset: str, seed: int = 0):
 def write_random_vlm(out: str | Path, preset: str, seed: int = 0) -> Path:
     """Write a random-weight VLM folder for `preset` to `out` (created); returns `out`.
 
-    The folder loads with `HFVLMBackend.load(out, **backend_kwargs(preset))`, offline.  The same
+    The folder loads with `progvlm.backends.load_vlm(out)` (`--vlm out`), offline.  The same
     preset and seed always give the same weights.  Unknown preset -> ValueError listing them.
     """
     r = _recipe(preset)  # fail before touching the disk
@@ -249,11 +242,10 @@ def write_random_vlm(out: str | Path, preset: str, seed: int = 0) -> Path:
     note = {"note": NOTE, "preset": preset, "description": PRESETS[preset], "seed": seed,
             "visual_tokens": n_tokens, "token_dim": token_dim,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": str(r.save_dtype).removeprefix("torch."),
-            "backend_kwargs": backend_kwargs(preset)}
+            "dtype": str(r.save_dtype).removeprefix("torch.")}
     (out / NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n")
     return out
 
 
-__all__ = ["PRESETS", "NOTE", "NOTE_FILE", "backend_kwargs", "build_config_and_processor",
+__all__ = ["PRESETS", "NOTE", "NOTE_FILE", "build_config_and_processor",
            "build_random_vlm", "preset_token_shape", "write_random_vlm"]
