@@ -100,6 +100,31 @@ def smallest_good_k(rep: dict) -> int:
 
 
 # ---- 2. latency over the shaped link ----------------------------------------------------------
+HEADLINE_MBPS, HEADLINE_RTT_MS = 1.0, 20.0
+QUICK_BANDWIDTHS = (0.1, 1, 10)
+
+
+def equal_accuracy_quality(rep: dict, k: int) -> int:
+    """The lowest JPEG quality at camera size whose accuracy is at least progressive k's: the
+    full-cloud frame that answers as well as the layers it is compared with."""
+    target = rep["per_k"][k - 1]["accuracy"]
+    good = sorted(int(name.rsplit("q", 1)[1]) for name, b in rep["baselines"].items()
+                  if name.startswith("jpeg_camera_q") and b["accuracy"] >= target)
+    return good[0] if good else max(JPEG_QUALITIES)
+
+
+def latency_cells(k_star: int, L: int, q_equal: int) -> list[tuple[str, dict]]:
+    """(row name, /v1/ask form fields) of every configuration the latency sweep asks."""
+    return [("full-cloud camera q90", {"mode": "full-cloud", "frame": "camera", "jpeg_quality": 90}),
+            ("full-cloud model-size q90", {"mode": "full-cloud", "frame": "model", "jpeg_quality": 90}),
+            (f"full-cloud camera q{q_equal} (equal accuracy)",
+             {"mode": "full-cloud", "frame": "camera", "jpeg_quality": q_equal}),
+            ("full-edge", {"mode": "full-edge"}),
+            (f"progressive k={k_star}", {"mode": "progressive", "k": k_star}),
+            (f"progressive k={L}", {"mode": "progressive", "k": L}),
+            ("auto", {"mode": "auto", "budget_ms": AUTO_BUDGET_MS})]
+
+
 def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float, rtt_ms: float,
               **options) -> dict:
     """One request to the edge agent's HTTP API (POST /v1/ask, edge_agent/service.py) → its record."""
@@ -113,31 +138,42 @@ def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float,
     return r.json()
 
 
-def latency(agent_url: str, images: list[str], k_star: int, L: int, log) -> list[dict]:
-    """Every mode at every bandwidth, asked of the edge agent at `agent_url` (host profile),
-    then again under the imx95-emulated profile (edge stages projected)."""
+def latency(agent_url: str, images: list[str], cells: list[tuple[str, dict]], bandwidths,
+            samples: int, headline_samples: int, link_name: str, log, devices=("host", "imx95-emulated"),
+            **link_options) -> list[dict]:
+    """Every cell at every bandwidth, asked of the edge agent at `agent_url`, `samples` times
+    (`headline_samples` at the headline bandwidth), cycling through the images; under the
+    host profile and then the imx95-emulated one (edge stages projected). One warm-up request
+    per cell is not counted (it opens the session, as a device does once)."""
     import httpx
     question = "describe the scene ."
-    configs = [("full-cloud", {}), ("full-edge", {}), (f"progressive k={k_star}", {"k": k_star}),
-               (f"progressive k={L}", {"k": L}), ("auto", {"budget_ms": AUTO_BUDGET_MS})]
     rows = []
-    with httpx.Client(base_url=agent_url, timeout=120.0) as http:
-        for device, label in (("host", "host"), ("imx95-emulated", "imx95-emulated (projected)")):
-            for bw in BANDWIDTHS:
-                log(f"latency at {bw} Mbps ({label})")
-                for name, extra in configs:
-                    if name == "full-cloud" and device != "host":
+    labels = {"host": "host", "imx95-emulated": "imx95-emulated (projected)"}
+    with httpx.Client(base_url=agent_url, timeout=180.0) as http:
+        for device in devices:
+            for bw in bandwidths:
+                n = headline_samples if bw == HEADLINE_MBPS else samples
+                log(f"latency at {bw} Mbps ({link_name} link, {labels[device]}): {n} per cell")
+                for name, fields in cells:
+                    if fields["mode"] == "full-cloud" and device != "host":
                         continue  # nothing of full-cloud runs on the device's compute
-                    records = [ask_agent(http, img, question, name.split()[0], bw, 20,
-                                         device_profile=device, **extra) for img in images]
-                    rows.append(_latency_row(name, label, bw, records))
+                    fields = {**fields, **link_options}
+                    mode = fields.pop("mode")
+                    ask = lambda i: ask_agent(http, images[i % len(images)], question, mode, bw,
+                                              HEADLINE_RTT_MS, device_profile=device, **fields)
+                    ask(0)
+                    records = [ask(i) for i in range(n)]
+                    rows.append(_latency_row(name, labels[device], bw, records, link_name))
     return rows
 
 
-def _latency_row(name: str, device: str, bw: float, records: list[dict]) -> dict:
+def _latency_row(name: str, device: str, bw: float, records: list[dict], link_name: str) -> dict:
     stages = sorted({s for r in records for s in r["stage_ms"]})
-    row = {"mode": name, "device": device, "bandwidth_mbps": bw,
-           "total_ms": statistics.median(r["total_ms"] for r in records),
+    totals = [r["total_ms"] for r in records]
+    q25, q75 = (float(np.percentile(totals, q)) for q in (25, 75))
+    row = {"mode": name, "device": device, "link": link_name, "bandwidth_mbps": bw,
+           "samples": len(records), "total_ms": statistics.median(totals),
+           "total_ms_q25": q25, "total_ms_q75": q75,
            "payload_bytes": statistics.median(r["payload_bytes"] for r in records),
            "k": statistics.median(r.get("k", 0) for r in records)}
     row["stages"] = {s: statistics.median(r["stage_ms"].get(s, 0.0) for r in records) for s in stages}
@@ -235,17 +271,18 @@ def plot_breakdown(rows: list[dict], path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    at1 = [r for r in rows if r["bandwidth_mbps"] == 1]
+    at1 = rows
     stages = list(dict.fromkeys(s for r in at1 for s in r["stages"]))
-    labels = [f"{r['mode']}\n{r['device'].replace(' (projected)', '*')}" for r in at1]
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    labels = [f"{r['mode']}\n{r['device'].replace(' (projected)', '*')}, {r['link']}" for r in at1]
+    fig, ax = plt.subplots(figsize=(14, 5.2))
     bottom = np.zeros(len(at1))
     for i, s in enumerate(stages):
         vals = np.array([r["stages"].get(s, 0.0) for r in at1])
         ax.bar(labels, vals, bottom=bottom, label=s, color=plt.cm.tab20(i % 20))
         bottom += vals
     ax.set_ylabel("ms")
-    ax.set_title("Latency breakdown at 1 Mbps, RTT 20 ms (* imx95-emulated: edge stages projected)")
+    ax.set_title(f"Latency breakdown at {HEADLINE_MBPS:g} Mbps, RTT {HEADLINE_RTT_MS:g} ms "
+                 "(* imx95-emulated: edge stages projected)")
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -254,57 +291,98 @@ def plot_breakdown(rows: list[dict], path: Path):
 
 
 # ---- the whole run ----------------------------------------------------------------------------
-def run_bench(out: Path, seed: int = 0, quick: bool = False, log=print) -> dict:
+def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both", log=print) -> dict:
+    """`link`: "emulated" (the agent paces the bytes itself), "kernel" (a namespace and a veth
+    shaped by the kernel, progvlm/netlink.py; needs root) or "both" (the kernel one where the
+    machine allows it, and the gap between the two)."""
     from .examples import load_examples
+    from .netlink import kernel_link, kernel_link_available
     from .services import cloud_service, edge_service
     from .split import load_split
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     split = load_split("bundled")
     L = split.num_layers
+    kernel_ok, kernel_why = kernel_link_available()
+    if link == "kernel" and not kernel_ok:
+        raise RuntimeError(f"the kernel link is not available here: {kernel_why}")
 
     rows, rep = rate_accuracy(split, seed, 140 if quick else 1000, quick, log)
     _write_csv(out / "rate_accuracy.csv", rows)
     plot_rate_accuracy(rows, out / "rate_accuracy.png")
     k_star = smallest_good_k(rep)
+    q_equal = equal_accuracy_quality(rep, k_star)
+    cells = latency_cells(k_star, L, q_equal)
 
     images = [e["path"] for e in load_examples()][: 1 if quick else 3]
-    with cloud_service(vlm="bundled") as cloud, \
-            edge_service(cloud.url, profile="host", vlm="bundled") as agent:
-        lat = latency(agent.url, images, k_star, L, log)
-        load = load_test(split, cloud.url, images, k_star, 2.0 if quick else 5.0, log)
+    samples, headline_samples = (1, 9) if quick else (3, 15)
+    bandwidths = QUICK_BANDWIDTHS if quick else BANDWIDTHS
+    lat: list[dict] = []
+    load: list[dict] = []
+    if link in ("emulated", "both"):
+        with cloud_service(vlm="bundled") as cloud, \
+                edge_service(cloud.url, profile="host", vlm="bundled") as agent:
+            lat += latency(agent.url, images, cells, bandwidths, samples, headline_samples,
+                           "emulated", log)
+            load = load_test(split, cloud.url, images, k_star, 2.0 if quick else 5.0, log)
+    kernel_note = None
+    if link in ("kernel", "both") and kernel_ok:
+        with kernel_link(HEADLINE_MBPS, HEADLINE_RTT_MS) as kl, \
+                cloud_service(vlm="bundled", port=kl.inner_port, wrap=kl.in_namespace,
+                              public_url=kl.cloud_url) as cloud, \
+                edge_service(cloud.url, profile="host", vlm="bundled") as agent:
+            kernel_note = kl.describe()
+            log(kernel_note)
+            # the agent's own pacing and delay off: the kernel and the relay do both
+            lat += latency(agent.url, images, cells, (HEADLINE_MBPS,), samples, headline_samples,
+                           "kernel", log, devices=("host",), link_emulation="off")
+    elif link == "both":
+        kernel_note = f"kernel link not run: {kernel_why}"
+        log(kernel_note)
     _write_csv(out / "latency.csv", [{k: v for k, v in r.items() if k != "stages"} for r in lat])
-    _write_csv(out / "breakdown_1mbps.csv", [{"mode": r["mode"], "device": r["device"], **r["stages"]}
-                                             for r in lat if r["bandwidth_mbps"] == 1])
+    _write_csv(out / "breakdown_1mbps.csv", [{"mode": r["mode"], "device": r["device"], "link": r["link"],
+                                              **r["stages"]} for r in lat if r["bandwidth_mbps"] == HEADLINE_MBPS])
     _write_csv(out / "load.csv", load)
-    plot_latency(lat, out / "latency_vs_bandwidth.png")
-    plot_breakdown(lat, out / "breakdown_1mbps.png")
+    emulated = [r for r in lat if r["link"] == "emulated"]
+    if emulated:
+        plot_latency(emulated, out / "latency_vs_bandwidth.png")
+    plot_breakdown([r for r in lat if r["bandwidth_mbps"] == HEADLINE_MBPS], out / "breakdown_1mbps.png")
 
-    def at(mode, device="host", bw=1):
-        return next(r for r in lat if r["mode"] == mode and r["device"] == device and r["bandwidth_mbps"] == bw)
+    headline_link = "kernel" if any(r["link"] == "kernel" for r in lat) else "emulated"
+
+    def at(mode, device="host", link_name=headline_link):
+        return next(r for r in lat if r["mode"] == mode and r["device"] == device
+                    and r["link"] == link_name and r["bandwidth_mbps"] == HEADLINE_MBPS)
     base = rep["baselines"]
     prog = at(f"progressive k={k_star}")
     k_bytes = rep["floor"]["bytes_per_k"][k_star]
+    versus = {name: _ratio(prog, at(name)) for name, fields in cells
+              if fields["mode"] in ("full-cloud", "full-edge")}
     headline = {
-        "seed": seed, "quick": quick, "k_star": k_star,
+        "seed": seed, "quick": quick, "k_star": k_star, "link": headline_link,
+        "kernel_link": kernel_note, "equal_accuracy_jpeg_quality": q_equal,
+        "samples_per_headline_cell": headline_samples,
         "k_star_consistency": rep["per_k"][k_star - 1]["consistency"],
         "k_star_accuracy": rep["per_k"][k_star - 1]["accuracy"],
         "uncompressed_accuracy": rep["uncompressed"]["accuracy"],
         "k_star_bytes_mean": k_bytes,
-        "time_1mbps_ms": {"progressive": prog["total_ms"], "full_cloud": at("full-cloud")["total_ms"],
-                          "full_edge_host": at("full-edge")["total_ms"],
-                          "full_edge_imx95_projected": at("full-edge", "imx95-emulated (projected)")["total_ms"],
-                          "progressive_imx95_projected": at(f"progressive k={k_star}", "imx95-emulated (projected)")["total_ms"]},
+        "time_1mbps_ms": {name: at(name)["total_ms"] for name, _ in cells if name != "auto"},
+        "progressive_vs": versus,
         "bytes_vs_jpeg_q90_model": k_bytes / base["jpeg_q90"]["bytes_mean"],
+        "bytes_vs_jpeg_q90_camera": k_bytes / base["jpeg_camera_q90"]["bytes_mean"],
         "bytes_vs_raw_fp16": k_bytes / base["raw_fp16"]["bytes_mean"],
         "scene_graph_bytes_mean": rep["floor"]["scene_graph_bytes_mean"],
         "load": load,
     }
-    t = headline["time_1mbps_ms"]
-    headline["progressive_vs_full_cloud_time"] = t["progressive"] / t["full_cloud"]
-    headline["progressive_vs_full_edge_host_time"] = t["progressive"] / t["full_edge_host"]
-    headline["progressive_vs_full_edge_imx95_time_projected"] = (
-        t["progressive_imx95_projected"] / t["full_edge_imx95_projected"])
+    if emulated:
+        prog_imx = at(f"progressive k={k_star}", "imx95-emulated (projected)", "emulated")
+        edge_imx = at("full-edge", "imx95-emulated (projected)", "emulated")
+        headline["progressive_vs_full_edge_imx95_projected"] = _ratio(prog_imx, edge_imx)
+    if headline_link == "kernel" and emulated:  # the gap: what the emulation misses (or adds)
+        headline["kernel_vs_emulated"] = {
+            name: {"kernel_ms": at(name)["total_ms"], "emulated_ms": at(name, link_name="emulated")["total_ms"],
+                   "ratio": at(name)["total_ms"] / at(name, link_name="emulated")["total_ms"]}
+            for name, _ in cells if name != "full-edge"}
     headline["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps({"headline": headline, "rate_accuracy": rows,
                                                   "mae_report": rep, "latency": lat, "load": load},
@@ -313,22 +391,43 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, log=print) -> dict:
     return headline
 
 
+def _ratio(a: dict, b: dict) -> dict:
+    """a's median time over b's, with the widest ratio the two interquartile ranges allow."""
+    return {"ratio": a["total_ms"] / b["total_ms"],
+            "low": a["total_ms_q25"] / b["total_ms_q75"], "high": a["total_ms_q75"] / b["total_ms_q25"]}
+
+
 def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict], rep: dict) -> str:
-    t = h["time_1mbps_ms"]
     lines = [f"# progvlm bench (seed {h['seed']}{', quick' if h['quick'] else ''})", "",
              f"Smallest k with consistency ≥ {CONSISTENCY_TARGET}: **k = {h['k_star']}** "
              f"({h['k_star_bytes_mean']:.1f} bytes, consistency {h['k_star_consistency']:.3f}, "
-             f"accuracy {h['k_star_accuracy']:.3f} vs {h['uncompressed_accuracy']:.3f} uncompressed).", "",
-             "## At 1 Mbps, RTT 20 ms (medians; host CPU, measured; projected rows marked)", "",
-             "| mode | device | payload bytes | end-to-end ms |", "|---|---|---|---|"]
-    for r in (r for r in lat if r["bandwidth_mbps"] == 1):
-        lines.append(f"| {r['mode']} | {r['device']} | {r['payload_bytes']:.0f} | {r['total_ms']:.1f} |")
-    lines += ["", f"- progressive k={h['k_star']} / full-cloud time: **{h['progressive_vs_full_cloud_time']:.2f}×**",
-              f"- progressive / full-edge time (host): **{h['progressive_vs_full_edge_host_time']:.2f}×**",
-              f"- progressive / full-edge time (imx95-emulated, projected): "
-              f"**{h['progressive_vs_full_edge_imx95_time_projected']:.2f}×**",
-              f"- bytes / JPEG q90 at model size: **{100 * h['bytes_vs_jpeg_q90_model']:.2f}%**; "
-              f"/ raw fp16 tokens: **{100 * h['bytes_vs_raw_fp16']:.3f}%**",
+             f"accuracy {h['k_star_accuracy']:.3f} vs {h['uncompressed_accuracy']:.3f} uncompressed). "
+             f"Equal accuracy for JPEG at camera size (512 px): q{h['equal_accuracy_jpeg_quality']}.", "",
+             f"## At {HEADLINE_MBPS:g} Mbps, RTT {HEADLINE_RTT_MS:g} ms", "",
+             f"Link: {h['kernel_link'] or 'emulated by the agent (paced bytes, slept RTT)'}. "
+             f"Medians of {h['samples_per_headline_cell']} requests per row (interquartile range in "
+             "brackets) over one persistent session; host CPU, measured; projected rows marked.", "",
+             "| mode | device | link | payload bytes | end-to-end ms |", "|---|---|---|---|---|"]
+    for r in (r for r in lat if r["bandwidth_mbps"] == HEADLINE_MBPS):
+        lines.append(f"| {r['mode']} | {r['device']} | {r['link']} | {r['payload_bytes']:.0f} | "
+                     f"{r['total_ms']:.1f} [{r['total_ms_q25']:.1f}–{r['total_ms_q75']:.1f}] |")
+    lines += ["", f"Progressive k={h['k_star']} against ({h['link']} link; ratio of medians, and the "
+              "range the interquartile ranges allow):", ""]
+    for name, v in h["progressive_vs"].items():
+        verdict = "faster" if v["high"] < 1 else "slower" if v["low"] > 1 else "not separable"
+        lines.append(f"- {name}: **{v['ratio']:.2f}×** [{v['low']:.2f}–{v['high']:.2f}] ({verdict})")
+    if "progressive_vs_full_edge_imx95_projected" in h:
+        v = h["progressive_vs_full_edge_imx95_projected"]
+        lines.append(f"- full-edge on imx95-emulated (projected): **{v['ratio']:.2f}×** "
+                     f"[{v['low']:.2f}–{v['high']:.2f}]")
+    if "kernel_vs_emulated" in h:
+        lines += ["", "Kernel link against the agent's emulation (median ms):", "",
+                  "| mode | kernel | emulated | kernel / emulated |", "|---|---|---|---|"]
+        for name, v in h["kernel_vs_emulated"].items():
+            lines.append(f"| {name} | {v['kernel_ms']:.1f} | {v['emulated_ms']:.1f} | {v['ratio']:.2f} |")
+    lines += ["", f"- bytes / JPEG q90 at model size: **{100 * h['bytes_vs_jpeg_q90_model']:.2f}%**; at camera "
+              f"size: **{100 * h['bytes_vs_jpeg_q90_camera']:.3f}%**; / raw fp16 tokens: "
+              f"**{100 * h['bytes_vs_raw_fp16']:.3f}%**",
               f"- scene-graph information floor: {h['scene_graph_bytes_mean']:.1f} bytes per scene "
               f"(ground truth), vs " + ", ".join(f"k={k}: {b:.1f}" for k, b in rep["floor"]["bytes_per_k"].items())
               + " bytes sent (header included)", "",
@@ -340,12 +439,15 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
     for r in load:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['throughput_rps']:.1f} "
                      f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
-    lines += ["", "Latency against bandwidth, all modes:", "",
-              "| mode | device | " + " | ".join(f"{b} Mbps" for b in BANDWIDTHS) + " |",
-              "|---|---|" + "---|" * len(BANDWIDTHS)]
-    for key in dict.fromkeys((r["mode"], r["device"]) for r in lat):
-        vals = [f"{r['total_ms']:.0f}" for r in lat if (r["mode"], r["device"]) == key]
+    emulated = [r for r in lat if r["link"] == "emulated"]
+    bws = sorted({r["bandwidth_mbps"] for r in emulated})
+    lines += ["", "Latency against bandwidth, all modes (emulated link, medians):", "",
+              "| mode | device | " + " | ".join(f"{b:g} Mbps" for b in bws) + " |",
+              "|---|---|" + "---|" * len(bws)]
+    for key in dict.fromkeys((r["mode"], r["device"]) for r in emulated):
+        vals = [f"{r['total_ms']:.0f}" for r in emulated if (r["mode"], r["device"]) == key]
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(vals) + " |")
+    lines += ["", f"Bench run time: {h['bench_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
