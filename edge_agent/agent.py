@@ -110,6 +110,7 @@ class CheckedAsk:
     profile: DeviceProfile
     client: str
     deadline: float  # time.monotonic() by which the record must be ready
+    t_arrived: float  # time.perf_counter() when the check began: the record's wall_ms counts from it
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -190,7 +191,7 @@ class EdgeAgent:
         CloudError when it is down). `device_profile` (host, imx95-emulated) overrides the
         agent's own for this request; both run on one thread, so only the scaling and the labels
         change. `client` names who asks: auto learns its estimates per client."""
-        deadline = time.monotonic() + self.request_timeout_s
+        t_arrived, deadline = time.perf_counter(), time.monotonic() + self.request_timeout_s
         L = self.runtime.num_layers
         try:
             profile = get_profile(device_profile) if device_profile else self.profile
@@ -231,14 +232,13 @@ class EdgeAgent:
         if mode != "full-edge":
             self._check_cloud()
         return CheckedAsk(decoded, decode_ms, question, mode, k, link, budget_ms, cut_after_layer,
-                          profile, client, deadline)
+                          profile, client, deadline, t_arrived)
 
     def run(self, ask: CheckedAsk, on_refinement=None) -> dict:
         """One checked request → its record. Raises BusyError when the device stays taken until
         the deadline, DeadlineError when what is left of it cannot hold the link time."""
         L = self.runtime.num_layers
         mode, question, link, profile, k = ask.mode, ask.question, ask.link, ask.profile, ask.k
-        t_start = time.perf_counter()
         stages: dict[str, float] = {}
         record = {"mode": mode, "question": question, "runtime": self.runtime.name,
                   "vlm_id": self.runtime.model_id,
@@ -321,7 +321,7 @@ class EdgeAgent:
         record["stage_ms"] = {name: round(v, 3) for name, v in stages.items()}
         record["projected_stages"] = projected
         record["total_ms"] = round(sum(stages.values()), 3)
-        record["wall_ms"] = to_ms(time.perf_counter() - t_start)
+        record["wall_ms"] = to_ms(time.perf_counter() - ask.t_arrived)
         if mode == "auto":
             record["auto"]["actual_ms"] = record["total_ms"]
         return record

@@ -136,13 +136,15 @@ def test_binding_beyond_loopback_needs_a_token_or_allow_open(host):
     check_bind(host, None, allow_open=True)
 
 
-def test_serve_refuses_an_open_address_without_a_token_before_loading_anything():
-    env = {k: v for k, v in os.environ.items() if k != "PROGVLM_AGENT_TOKEN"}
+@pytest.mark.parametrize("command, variable", [(["edge_agent", "serve"], "PROGVLM_AGENT_TOKEN"),
+                                               (["progvlm", "serve-cloud"], "PROGVLM_CLOUD_TOKEN")])
+def test_serve_refuses_an_open_address_without_a_token_before_loading_anything(command, variable):
+    env = {k: v for k, v in os.environ.items() if k != variable}
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "edge_agent", "serve", "--host", "0.0.0.0",
+    out = subprocess.run([sys.executable, "-m", *command, "--host", "0.0.0.0",
                           "--port", str(free_port())], capture_output=True, text=True, env=env,
                          timeout=60, cwd=ROOT)
-    assert out.returncode == 2 and "PROGVLM_AGENT_TOKEN" in out.stderr and "--allow-open" in out.stderr
+    assert out.returncode == 2 and variable in out.stderr and "--allow-open" in out.stderr, out.stderr
     assert time.monotonic() - t0 < 30
 
 
@@ -263,7 +265,8 @@ def test_sigterm_ends_the_agent_during_a_long_paced_request(cloud_url):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        assert time.monotonic() - t0 < 5, time.monotonic() - t0
+        waited = time.monotonic() - t0
+        assert waited < 5 and proc.returncode == 0, (waited, proc.returncode)  # the old agent: 10.6 s
     finally:
         if proc.poll() is None:
             proc.kill()
