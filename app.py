@@ -33,8 +33,10 @@ EDGE = {"client": None, "info": {}, "vlm": None, "mae": None}
 consistency = SemanticConsistency()
 
 
-def connect(edge_url: str, vlm: str | None = None, mae: str | None = None):
-    EDGE.update(client=EdgeAgentClient(edge_url), vlm=vlm, mae=mae)
+def connect(edge_url: str, vlm: str | None = None, mae: str | None = None, token: str | None = None):
+    """`token`: the agent's access token (default: $PROGVLM_AGENT_TOKEN, if set)."""
+    token = token or os.environ.get("PROGVLM_AGENT_TOKEN") or None
+    EDGE.update(client=EdgeAgentClient(edge_url, token), vlm=vlm, mae=mae)
     EDGE["info"] = EDGE["client"].info()
 
 
@@ -266,7 +268,8 @@ def main():
     parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
                         help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--edge-url", default=None,
-                        help="a running edge agent (default: start a cloud backend and an edge agent here)")
+                        help="a running edge agent, whose token is in $PROGVLM_AGENT_TOKEN (default: "
+                             "start a cloud backend and an edge agent here)")
     parser.add_argument("--vlm", default=os.environ.get("PROGVLM_VLM"),
                         help="VLM: 'bundled', a model folder or a Hub id (default: $PROGVLM_VLM, else bundled)")
     parser.add_argument("--mae", default=os.environ.get("PROGVLM_MAE"),
@@ -277,9 +280,10 @@ def main():
     else:
         from progvlm.services import cloud_service, edge_service
         print("starting the cloud backend and the edge agent on loopback …", file=sys.stderr)
+        # each child gets a fresh random token: nothing else on this host can use them
         cloud = cloud_service(vlm=args.vlm, mae=args.mae).start()
-        edge = edge_service(cloud.url, vlm=args.vlm, mae=args.mae).start()
-        connect(edge.url, args.vlm, args.mae)
+        edge = edge_service(cloud.url, cloud_token=cloud.token, vlm=args.vlm, mae=args.mae).start()
+        connect(edge.url, args.vlm, args.mae, edge.token)
         print(f"cloud backend {cloud.url}, edge agent {edge.url}", file=sys.stderr)
     # SIGTERM ends the app like Ctrl-C does, so the children are stopped on the way out (atexit);
     # Ctrl-C is installed explicitly: a process started in the background by a shell inherits

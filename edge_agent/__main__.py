@@ -17,7 +17,11 @@ from progvlm.images import ImageInputError
 
 from .agent import MODES
 
-TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
+TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"  # the cloud's token, which this agent sends
+AGENT_TOKEN_ENV = "PROGVLM_AGENT_TOKEN"  # this agent's own, which its clients must send
+# After SIGTERM, in-flight requests get this long before they are cancelled: shutdown never
+# waits on a long paced request
+SHUTDOWN_GRACE_S = 1.0
 
 
 def make_runtime(kind: str, model_dir: Path | None, vlm: str | None = None, mae: Path | None = None):
@@ -75,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(ask)
 
     serve = sub.add_parser("serve", help="run the edge agent service (POST /v1/ask)",
-                           description="The HTTP service the demo calls. Cloud token from "
-                           f"{TOKEN_ENV}.")
-    serve.add_argument("--host", default="127.0.0.1")
+                           description="The HTTP service the demo calls. Its clients send "
+                           f"'Authorization: Bearer <token>' with the token in {AGENT_TOKEN_ENV} "
+                           f"(/healthz is open); it sends the cloud the token in {TOKEN_ENV}. "
+                           "Without a token it serves on loopback only, unless --allow-open.")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (beyond loopback: needs a token or --allow-open)")
     serve.add_argument("--port", type=int, default=8700)
+    serve.add_argument("--allow-open", action="store_true",
+                       help=f"serve beyond loopback without {AGENT_TOKEN_ENV}: anyone who reaches "
+                            "the port can use the agent (and its cloud)")
     serve.add_argument("--cloud-url", default=None, help="the cloud backend (without it: full-edge only)")
     _add_device_options(serve)
 
@@ -103,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_ask(a) -> int:
     from progvlm.services import cloud_service
-    from .agent import AskError, CloudError, EdgeAgent, PairingError
+    from .agent import AskError, CloudError, DeadlineError, EdgeAgent, PairingError
     from .profiles import get_profile
     token = os.environ.get(TOKEN_ENV) or None
     child = None
@@ -111,15 +121,17 @@ def cmd_ask(a) -> int:
     try:
         runtime = make_runtime(a.runtime, a.model_dir, a.vlm, a.mae)
         if cloud_url is None and a.mode != "full-edge":
-            # the same models as this device; an ONNX export names the VLM, not its folder
+            # the same models as this device; an ONNX export names the VLM, not its folder;
+            # a fresh random token unless one is set
             child = cloud_service(token=token, vlm=a.vlm, mae=a.mae)
             print(f"starting a cloud backend at {child.url} for this request …", file=sys.stderr)
             child.start()
-            cloud_url = child.url
+            cloud_url, token = child.url, child.token
         agent = EdgeAgent(runtime, cloud_url, token, get_profile(a.profile))
         record = agent.ask(a.image, a.question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
-                           a.budget_ms, a.cut_after_layer)
-    except (ImageInputError, AskError, CloudError, PairingError, ValueError, RuntimeError) as e:
+                           a.budget_ms, a.cut_after_layer, client="command line")
+    except (ImageInputError, AskError, CloudError, PairingError, DeadlineError, ValueError,
+            RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
@@ -131,18 +143,21 @@ def cmd_ask(a) -> int:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from .agent import EdgeAgent
+    from progvlm.http_limits import OpenBindError, check_bind
+    from progvlm.transport import CloudError
+    from .agent import EdgeAgent, PairingError
     from .profiles import get_profile
     from .service import create_app
-    from .agent import PairingError
-    from progvlm.transport import CloudError
-    try:
+    token = os.environ.get(AGENT_TOKEN_ENV) or None
+    try:  # before loading anything: a refused address costs nothing
+        check_bind(a.host, token, a.allow_open, AGENT_TOKEN_ENV)
         agent = EdgeAgent(make_runtime(a.runtime, a.model_dir, a.vlm, a.mae), a.cloud_url,
                           os.environ.get(TOKEN_ENV) or None, get_profile(a.profile))
-    except (PairingError, CloudError, ValueError) as e:
+    except (OpenBindError, PairingError, CloudError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(agent), host=a.host, port=a.port, log_level="warning")
+    uvicorn.run(create_app(agent, token=token), host=a.host, port=a.port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 

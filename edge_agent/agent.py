@@ -8,13 +8,20 @@
 The record's stage times (ms) add up to its total: edge stages measured here (scaled, and
 listed in `projected_stages`, under a projected device profile), link stages measured through
 the shaped link, cloud stages measured by the cloud.
+
+A request is checked whole (`check`: every field, the image decoded, the cloud's models) before
+any work (`run`), so that a caller streaming the answer gets its errors as real statuses. Every
+wait in a request is bounded by one deadline set when it arrives (`request_timeout_s`).
 """
 from __future__ import annotations
 
 import io
 import math
+import statistics
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 
 from progvlm.bitstream import parse
 from progvlm.images import load_image, resize_for_model
@@ -32,6 +39,9 @@ REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's predicti
 # asked bandwidth); a request that would take longer is refused before anything is sent. The
 # link's own ranges (progvlm.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
 MAX_LINK_S = 120.0
+# The most time one request may take from its arrival to its record, by default: the link's
+# bound and a minute of compute and of waiting for the device (one request at a time)
+COMPUTE_ALLOWANCE_S = 60.0
 
 
 class AskError(ValueError):
@@ -40,6 +50,70 @@ class AskError(ValueError):
 
 class PairingError(RuntimeError):
     """The cloud runs another VLM or MAE than this device: their answers cannot be compared."""
+
+
+class DeadlineError(RuntimeError):  # (not TimeoutError: asyncio.wait_for raises that one)
+    """The request could not finish within its deadline; str(e) says where it stood."""
+
+
+class BusyError(DeadlineError):
+    """Other requests held the device until this one's deadline."""
+
+
+class LinkEstimates:
+    """auto's model of what it cannot measure before sending, the cloud's compute and the
+    protocol overhead, per client: the median of that client's last WINDOW clean requests
+    (answered, nothing cut) on the same link, else on any link, else a prior. A median over a
+    window per client is not moved by one slow or cut request, nor by another client's."""
+
+    WINDOW = 15
+    PRIORS = {"cloud_ms": 30.0, "overhead_ms": 5.0}
+
+    def __init__(self):
+        self._samples: dict[tuple, deque] = {}
+        self._lock = threading.Lock()
+
+    def add(self, client: str, link: LinkProfile, watched: bool, cloud_ms: float, overhead_ms: float):
+        """One clean request's measured cloud and overhead times (`watched`: the cloud answered
+        every layer, so its time holds the earlier layers' answers)."""
+        with self._lock:
+            window = self._samples.setdefault((client, watched), deque(maxlen=self.WINDOW))
+            window.append(((link.bandwidth_mbps, link.rtt_ms), cloud_ms, overhead_ms))
+
+    def estimate(self, client: str, link: LinkProfile, watched: bool) -> dict:
+        """{"cloud_ms": {"ms", "samples", "source"}, "overhead_ms": {…}, "method"}."""
+        with self._lock:
+            window = list(self._samples.get((client, watched), ()))
+        same_link = [s for s in window if s[0] == (link.bandwidth_mbps, link.rtt_ms)]
+        used, source = ((same_link, "this client's requests on this link") if same_link else
+                        (window, "this client's requests on other links") if window else
+                        ([], "prior (no clean request from this client yet)"))
+        out = {"method": f"median of the client's last {self.WINDOW} answered requests with "
+                         "nothing cut (cut or failed ones never count)"}
+        for i, name in ((1, "cloud_ms"), (2, "overhead_ms")):
+            value = statistics.median(s[i] for s in used) if used else self.PRIORS[name]
+            out[name] = {"ms": round(value, 3), "samples": len(used), "source": source}
+        return out
+
+
+@dataclass
+class CheckedAsk:
+    """One request, checked and its image decoded: what `EdgeAgent.run` needs."""
+    image: object  # PIL image
+    decode_ms: float  # measured (not yet scaled by the profile)
+    question: str
+    mode: str
+    k: int
+    link: LinkProfile
+    budget_ms: float
+    cut_after_layer: int | None
+    profile: DeviceProfile
+    client: str
+    deadline: float  # time.monotonic() by which the record must be ready
+    t_arrived: float  # time.perf_counter() when the check began: the record's wall_ms counts from it
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
 
 
 def check_same_models(edge: dict, cloud: dict, cloud_url: str):
@@ -54,9 +128,10 @@ def check_same_models(edge: dict, cloud: dict, cloud_url: str):
 class EdgeAgent:
     def __init__(self, runtime: EdgeRuntime, cloud_url: str | None = None, token: str | None = None,
                  profile: DeviceProfile | None = None, timeout_s: float = 10.0,
-                 max_link_s: float = MAX_LINK_S):
+                 max_link_s: float = MAX_LINK_S, request_timeout_s: float | None = None):
         self.runtime = runtime
         self.max_link_s = max_link_s
+        self.request_timeout_s = max_link_s + COMPUTE_ALLOWANCE_S if request_timeout_s is None else request_timeout_s
         self.profile = profile or get_profile("host")
         self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
         self._cloud_checked = False
@@ -66,10 +141,7 @@ class EdgeAgent:
             except CloudError:
                 pass  # down for now: full-edge still answers; checked again before cloud use
         self._device = threading.Lock()  # one camera, one frame at a time
-        # auto's model of what it cannot measure before sending: the cloud's compute and the
-        # protocol overhead, learned from the answers so far (priors until the first one)
-        self.cloud_ms_estimate = 30.0
-        self.overhead_ms_estimate = 5.0
+        self.estimates = LinkEstimates()  # auto's, learnt per client from clean answers
         if self.profile.threads:
             runtime.set_threads(self.profile.threads)
         self._warm_up()
@@ -105,9 +177,21 @@ class EdgeAgent:
     def ask(self, image, question: str, mode: str = "progressive", k: int | None = None,
             bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
             cut_after_layer: int | None = None, on_refinement=None,
-            device_profile: str | None = None) -> dict:
-        """`device_profile` (host, imx95-emulated) overrides the agent's own for this request;
-        both run on one thread, so only the scaling and the labels change."""
+            device_profile: str | None = None, client: str = "local") -> dict:
+        """Check the request, then run it (see `check` and `run`)."""
+        return self.run(self.check(image, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
+                                   cut_after_layer, device_profile, client), on_refinement)
+
+    def check(self, image, question: str, mode: str = "progressive", k: int | None = None,
+              bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
+              cut_after_layer: int | None = None, device_profile: str | None = None,
+              client: str = "local") -> CheckedAsk:
+        """Everything about a request that can be checked before its work: the fields and their
+        ranges (AskError), the image (ImageInputError), the cloud's models (PairingError, or
+        CloudError when it is down). `device_profile` (host, imx95-emulated) overrides the
+        agent's own for this request; both run on one thread, so only the scaling and the labels
+        change. `client` names who asks: auto learns its estimates per client."""
+        t_arrived, deadline = time.perf_counter(), time.monotonic() + self.request_timeout_s
         L = self.runtime.num_layers
         try:
             profile = get_profile(device_profile) if device_profile else self.profile
@@ -134,22 +218,39 @@ class EdgeAgent:
         if mode == "auto" and not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms)
                                    and budget_ms > 0):
             raise AskError(f"the latency budget must be a positive number of ms, got {budget_ms!r}")
-        if cut_after_layer is not None and mode not in ("progressive", "auto"):
-            raise AskError("cut_after_layer applies to progressive and auto only")
+        if cut_after_layer is not None:
+            if mode not in ("progressive", "auto"):
+                raise AskError("cut_after_layer applies to progressive and auto only")
+            top = k if mode == "progressive" else L  # auto chooses its k later
+            if not 0 <= cut_after_layer <= top:
+                raise AskError(f"cut_after_layer must be in 0..{top}, got {cut_after_layer}")
         if mode != "full-edge" and self.cloud is None:
             raise AskError(f"mode {mode} needs a cloud backend; this agent has none configured")
+        t0 = time.perf_counter()
+        decoded = load_image(image)
+        decode_ms = to_ms(time.perf_counter() - t0)
         if mode != "full-edge":
             self._check_cloud()
+        return CheckedAsk(decoded, decode_ms, question, mode, k, link, budget_ms, cut_after_layer,
+                          profile, client, deadline, t_arrived)
 
-        t_start = time.perf_counter()
+    def run(self, ask: CheckedAsk, on_refinement=None) -> dict:
+        """One checked request → its record. Raises BusyError when the device stays taken until
+        the deadline, DeadlineError when what is left of it cannot hold the link time."""
+        L = self.runtime.num_layers
+        mode, question, link, profile, k = ask.mode, ask.question, ask.link, ask.profile, ask.k
         stages: dict[str, float] = {}
         record = {"mode": mode, "question": question, "runtime": self.runtime.name,
                   "vlm_id": self.runtime.model_id,
                   "device_profile": profile.name, "timing_source": profile.source,
-                  "link": {"bandwidth_mbps": bandwidth_mbps, "rtt_ms": rtt_ms}}
-        with self._device:
+                  "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms}}
+        if not self._device.acquire(timeout=max(ask.remaining_s(), 0.0)):
+            raise BusyError(f"the device was busy with other requests for this request's whole "
+                            f"deadline of {self.request_timeout_s:g} s")
+        try:
             factor = profile.compute_factor
-            image = self._timed(stages, factor, "edge_preprocess", load_image, image)
+            image = ask.image
+            stages["edge_preprocess"] = ask.decode_ms * factor
             # is this frame like what the model knows? (the bundled model: generated scenes)
             note = self._timed(stages, factor, "edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
@@ -166,6 +267,8 @@ class EdgeAgent:
                     k_coded = L if mode == "auto" else k  # auto needs every layer's size to choose
                     layers = self._timed(stages, factor, "mae_encode", self.runtime.mae_encode,
                                          tokens, k_coded)
+        finally:
+            self._device.release()
         projected = list(stages) if profile.projected else []
         if note:
             record["domain_note"] = note
@@ -174,23 +277,24 @@ class EdgeAgent:
             record.update(answer=answer, payload_bytes=0)
         elif mode == "full-cloud":
             record["payload"] = f"JPEG q{JPEG_QUALITY} at {self.runtime.image_size}×{self.runtime.image_size} (the model's input size)"
-            self._check_link_time(link, len(payload))
+            self._check_link_time(link, len(payload), ask)
             ex = self.cloud.full(payload, question, link)
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
             self._add_link_and_cloud(stages, ex)
         else:
             num_tokens = tokens.shape[0]
+            watched = on_refinement is not None
             if mode == "auto":
-                k, record["auto"] = self._choose_k(stages, layers, num_tokens, grid, link, budget_ms)
+                k, record["auto"] = self._choose_k(stages, layers, num_tokens, grid, link,
+                                                   ask.budget_ms, self.estimates.estimate(ask.client, link, watched))
             data = self.runtime.frame_bytes(layers[:k], num_tokens, grid)
             sent = parse(data)
-            if cut_after_layer is not None and not 0 <= cut_after_layer <= k:
-                raise AskError(f"cut_after_layer must be in 0..{k}, got {cut_after_layer}")
-            self._check_link_time(link, len(data))
+            # a cut at or after the last layer sent cuts nothing: the whole frame goes
+            cut = ask.cut_after_layer if ask.cut_after_layer is not None and ask.cut_after_layer < k else None
+            self._check_link_time(link, len(data), ask)
             # a caller that watches the refinements gets one per layer; otherwise the cloud
             # answers once, when the layers are in (the final answer comes sooner)
-            ex = self.cloud.progressive(data, question, link, cut_after_layer, on_refinement,
-                                        refine=on_refinement is not None)
+            ex = self.cloud.progressive(data, question, link, cut, on_refinement, refine=watched)
             self._add_link_and_cloud(stages, ex)
             reply = ex.reply
             record.update(answer=reply["answer"], k=k, layers_used=reply["layers"],
@@ -200,23 +304,35 @@ class EdgeAgent:
                           header_bytes=sent.header_bytes,
                           refinements=[{"layers": r["layers"], "answer": r["answer"],
                                         "edge_t_ms": r["edge_t_ms"]} for r in ex.refinements])
-            if cut_after_layer is not None:
-                record["link_cut_after_layer"] = cut_after_layer
-                record["note"] = (f"the link was cut after layer {cut_after_layer}: the answer is "
-                                  f"from layers 1..{reply['layers']} of {k}")
-            self.cloud_ms_estimate = sum(v for n, v in stages.items() if n.startswith("cloud_"))
-            self.overhead_ms_estimate = stages["overhead"]
+            if cut is not None:
+                record["link_cut_after_layer"] = cut
+                record["note"] = (f"the link was cut after layer {cut}: the answer is from layers "
+                                  f"1..{reply['layers']} of {k}")
+            else:
+                if ask.cut_after_layer is not None:
+                    record["note"] = (f"a cut was asked after layer {ask.cut_after_layer}, at or "
+                                      f"after the last layer sent ({k}): nothing was cut, the "
+                                      f"answer is the full one from layers 1..{reply['layers']}")
+                # only clean answers teach auto: a cut one's overhead holds its wait for the
+                # layers that never came
+                self.estimates.add(ask.client, link, watched,
+                                   sum(v for n, v in stages.items() if n.startswith("cloud_")),
+                                   stages["overhead"])
         record["stage_ms"] = {name: round(v, 3) for name, v in stages.items()}
         record["projected_stages"] = projected
         record["total_ms"] = round(sum(stages.values()), 3)
-        record["wall_ms"] = to_ms(time.perf_counter() - t_start)
+        record["wall_ms"] = to_ms(time.perf_counter() - ask.t_arrived)
         if mode == "auto":
             record["auto"]["actual_ms"] = record["total_ms"]
         return record
 
-    def _check_link_time(self, link: LinkProfile, payload_bytes: int):
-        """Refuse a request that would spend longer than max_link_s on the link."""
+    def _check_link_time(self, link: LinkProfile, payload_bytes: int, ask: CheckedAsk | None = None):
+        """Refuse a request that would spend longer than max_link_s on the link, or (once
+        `ask` is under way) longer than what is left of its deadline."""
         t = link.link_time_s(payload_bytes + REPLY_BYTES_ESTIMATE)
+        if ask is not None and t > ask.remaining_s():
+            raise DeadlineError(f"{t:.1f} s on the link would pass this request's deadline of "
+                                f"{self.request_timeout_s:g} s ({max(ask.remaining_s(), 0):.1f} s left)")
         if t > self.max_link_s:
             what = (f"the {payload_bytes:,}-byte payload and its reply" if payload_bytes
                     else "the round trip and the reply alone")
@@ -236,18 +352,23 @@ class EdgeAgent:
         stages["overhead"] = round(ex.overhead_ms(sum(cloud.values())), 3)
 
     def _choose_k(self, stages: dict, layers: list[bytes], num_tokens: int, grid,
-                  link: LinkProfile, budget_ms: float):
-        """The largest k whose predicted end-to-end time fits the budget (k = 1 if none does)."""
+                  link: LinkProfile, budget_ms: float, estimates: dict):
+        """The largest k whose predicted end-to-end time fits the budget (k = 1 if none does):
+        the edge's measured time, the link's time for k layers and a reply, and the client's
+        estimates of the cloud and the overhead (`LinkEstimates`; the record shows them)."""
         edge_ms = sum(stages.values())
+        unmeasured_ms = estimates["cloud_ms"]["ms"] + estimates["overhead_ms"]["ms"]
         predicted = {}
         for k in range(1, len(layers) + 1):
             nbytes = len(self.runtime.frame_bytes(layers[:k], num_tokens, grid))
             predicted[k] = round(edge_ms + link.rtt_ms + 1e3 * link.serialisation_s(nbytes + REPLY_BYTES_ESTIMATE)
-                                 + self.cloud_ms_estimate + self.overhead_ms_estimate, 3)
+                                 + unmeasured_ms, 3)
         fits = [k for k, t in predicted.items() if t <= budget_ms]
         k = max(fits) if fits else 1
         return k, {"budget_ms": budget_ms, "predicted_ms": predicted, "chosen_k": k,
-                   "predicted_chosen_ms": predicted[k], "fits_budget": bool(fits)}
+                   "predicted_chosen_ms": predicted[k], "fits_budget": bool(fits),
+                   "edge_ms": round(edge_ms, 3), "estimates": estimates}
 
 
-__all__ = ["EdgeAgent", "AskError", "CloudError", "PairingError", "MODES"]
+__all__ = ["EdgeAgent", "AskError", "BusyError", "CheckedAsk", "CloudError", "DeadlineError",
+           "LinkEstimates", "PairingError", "MODES"]

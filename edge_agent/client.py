@@ -13,15 +13,20 @@ class EdgeAgentError(RuntimeError):
 
 
 class EdgeAgentClient:
-    def __init__(self, url: str, timeout_s: float = 60.0):
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0):
+        """`token`: the agent's access token (its PROGVLM_AGENT_TOKEN), sent as a Bearer token."""
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def info(self) -> dict:
         try:
-            return self._http.get("/v1/info").raise_for_status().json()
+            r = self._http.get("/v1/info")
         except httpx.HTTPError as e:
             raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None
+        if r.status_code != 200:
+            raise EdgeAgentError(_reason(r))
+        return r.json()
 
     @staticmethod
     def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, device_profile,

@@ -1,6 +1,6 @@
 """The edge agent as an HTTP service (FastAPI): what the demo's UI calls.
 
-    GET  /healthz
+    GET  /healthz   open
     GET  /v1/info   runtime, device profile, model ids, the cloud it talks to and whether it answers
     POST /v1/ask    multipart: image (file), question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
                     cut_after_layer (fault injection), device_profile, stream
@@ -8,67 +8,162 @@
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
 
-Errors: a bad request → 422, a bad image → 400, an upload over the limit → 413, the cloud
-down or refusing → 502 with its reason (full-edge still answers without a cloud), a cloud
-running another VLM or MAE than this device → 409 naming both.
+With a token configured, /v1/* needs `Authorization: Bearer <token>`; a request a browser sends
+from another origin is refused (progvlm.http_limits). Every error is `{"detail": "<reason>"}`:
+400 an unreadable image, 401 no or a wrong token, 403 cross-origin, 408 a body that stalls,
+409 a cloud running another VLM or MAE than this device (naming both), 413 a body or image over
+the limit, 422 a field missing, malformed or out of range (the range named), 502 the cloud down
+or refusing (full-edge still answers without a cloud), 503 the device busy until the request's
+deadline, 504 the deadline passed. A stream starts only once the whole request has been checked,
+so only a failure during the work itself arrives as an NDJSON error line.
+
+Work runs in daemon threads awaited with the request's deadline: no request holds up shutdown
+(uvicorn's graceful-shutdown timeout cancels the await; the interpreter does not wait for the
+thread).
 """
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
+import time
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
+from progvlm.http_limits import BoundedBody, RequireToken, READ_TIMEOUT_S
 from progvlm.images import ImageInputError
 
-from .agent import AskError, CloudError, EdgeAgent, PairingError
+from .agent import AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
 
 MAX_UPLOAD_BYTES = 20 << 20
+FORM_FIELDS_BYTES = 64 << 10  # room for the form's other fields and the multipart framing
+SETTLE_S = 0.5
+
+
+class ErrorDetail(BaseModel):
+    """Every error this service answers: the reason, as one sentence."""
+    detail: str
+
+
+ERRORS = {
+    400: "The image cannot be read (not an image, truncated, too many pixels), or the multipart "
+         "body cannot be parsed.",
+    401: "No or a wrong access token (`Authorization: Bearer <token>`).",
+    403: "A cross-origin request (an `Origin` header naming another host): not served.",
+    408: "The request body stalled past the read timeout, or took too long in all.",
+    409: "The cloud runs another VLM or MAE than this device.",
+    413: "The body or the image is over the limit.",
+    422: "A field is missing, malformed or out of range; the message names the field and range.",
+    502: "The cloud backend is unreachable or refused the request.",
+    503: "The device stayed busy with other requests until this request's deadline.",
+    504: "The request's deadline passed.",
+}
+
+
+def _documented(*statuses: int) -> dict:
+    return {s: {"model": ErrorDetail, "description": ERRORS[s]} for s in statuses}
 
 
 def _status(e: Exception) -> int:
-    if isinstance(e, ImageInputError):
-        return 400
-    if isinstance(e, AskError):
-        return 422
-    if isinstance(e, CloudError):
-        return 502
-    if isinstance(e, PairingError):  # the cloud runs another VLM or MAE than this device
-        return 409
+    for kind, status in ((ImageInputError, 400), (AskError, 422), (CloudError, 502),
+                         (PairingError, 409), (BusyError, 503), (DeadlineError, 504)):
+        if isinstance(e, kind):
+            return status
     return 500
 
 
 def _detail(e: Exception) -> str:
-    if isinstance(e, (ImageInputError, AskError, CloudError, PairingError)):
+    if _status(e) != 500:
         return str(e)
     return f"internal error: {type(e).__name__}: {e}"
 
 
-def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    app = FastAPI(title="progvlm edge agent", version="1")
+def _error(e: Exception) -> JSONResponse:
+    return JSONResponse({"detail": _detail(e)}, status_code=_status(e))
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args, **kwargs) -> asyncio.Future:
+    """fn(*args) in a daemon thread of its own, as a future of `loop`. Unlike the thread pool's
+    workers, such a thread neither holds up the interpreter's exit nor an awaiting task's
+    cancellation: shutdown never waits on a request."""
+    future = loop.create_future()
+
+    def settle(result, error):
+        if not future.done():  # (cancelled: nobody waits any more)
+            future.set_exception(error) if error else future.set_result(result)
+
+    def work():
+        try:
+            result, error = fn(*args, **kwargs), None
+        except Exception as e:  # noqa: BLE001 - handed to the awaiting request as it is
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: the server has shut down
+
+    threading.Thread(target=work, daemon=True, name=f"edge-{fn.__name__}").start()
+    return future
+
+
+async def _within(future: asyncio.Future, deadline: float, timeout_s: float):
+    """The future's result, or DeadlineError once the deadline (and a moment for the work to
+    report its own reason for missing it, e.g. a busy device) has passed."""
+    remaining = deadline + SETTLE_S - time.monotonic()
+    try:
+        return await asyncio.wait_for(future, max(remaining, 0.0))
+    except asyncio.TimeoutError:
+        raise DeadlineError(f"the request did not finish within its deadline of {timeout_s:g} s") from None
+
+
+def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token: str | None = None,
+               read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
+    """The service for `agent`. `token`: required of every /v1/* request when set."""
+    app = FastAPI(title="progvlm edge agent", version="1",
+                  description="The camera device's side of progvlm. Every error is "
+                              "`{\"detail\": \"<reason>\"}`.")
     app.state.agent = agent
+    # (add_middleware wraps outside-in from the last added: the token is checked before any
+    # body byte is read)
+    app.add_middleware(BoundedBody, max_body_bytes=max_upload_bytes + FORM_FIELDS_BYTES,
+                       read_timeout_s=read_timeout_s)
+    app.add_middleware(RequireToken, token=token)
+
+    @app.exception_handler(RequestValidationError)
+    async def one_sentence(_, e: RequestValidationError):
+        """FastAPI's own 422 lists its errors as objects; this service's errors are one shape."""
+        reasons = []
+        for err in e.errors():
+            field = ".".join(str(part) for part in err["loc"] if part not in ("body", "query"))
+            reasons.append(f"{field}: {err['msg']}" if field else err["msg"])
+        return JSONResponse({"detail": "; ".join(reasons)}, status_code=422)
 
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info")
-    def info():
+    @app.get("/v1/info", responses=_documented(401, 403))
+    async def info():
         rt = agent.runtime
         out = {"runtime": rt.name, "device_profile": agent.profile.name,
                "timing_source": agent.profile.source, **rt.info(),
                "cloud_url": agent.cloud.base_url if agent.cloud else None}
         if agent.cloud:
             try:
-                out["cloud"] = agent.cloud.info()
+                out["cloud"] = await _in_daemon_thread(asyncio.get_running_loop(), agent.cloud.info)
             except CloudError as e:
                 out["cloud_error"] = str(e)
         return out
 
-    @app.post("/v1/ask")
+    ok = {"description": "The record (application/json), or with stream=true NDJSON lines.",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/x-ndjson": {"schema": {"type": "string"}}}}
+
+    @app.post("/v1/ask", responses={200: ok, **_documented(400, 401, 403, 408, 409, 413, 422,
+                                                           502, 503, 504)})
     async def ask(request: Request, image: UploadFile = File(...), question: str = Form(...),
                   mode: str = Form("progressive"), k: int | None = Form(None),
                   bandwidth_mbps: float = Form(1.0), rtt_ms: float = Form(20.0),
@@ -78,36 +173,51 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Fa
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
                                 status_code=413)
-        args = dict(image=data, question=question, mode=mode, k=k, bandwidth_mbps=bandwidth_mbps,
-                    rtt_ms=rtt_ms, budget_ms=budget_ms, cut_after_layer=cut_after_layer,
-                    device_profile=device_profile)
-        if not stream:
-            try:
-                return await run_in_threadpool(agent.ask, **args)
-            except Exception as e:  # every failure reaches the caller as a reason, not a trace
-                return JSONResponse({"detail": _detail(e)}, status_code=_status(e))
-        return StreamingResponse(_stream(agent, args), media_type="application/x-ndjson")
+        loop = asyncio.get_running_loop()
+        client = request.client.host if request.client else "unknown"
+        try:  # everything checkable, before any work and before a stream starts
+            checked = await _within(_in_daemon_thread(
+                loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
+                cut_after_layer, device_profile, client), time.monotonic() + agent.request_timeout_s,
+                agent.request_timeout_s)
+            if not stream:
+                return await _within(_in_daemon_thread(loop, agent.run, checked), checked.deadline,
+                                     agent.request_timeout_s)
+        except Exception as e:  # every failure reaches the caller as a reason, not a trace
+            return _error(e)
+        return StreamingResponse(_ndjson(agent, checked), media_type="application/x-ndjson")
 
     return app
 
 
-def _stream(agent: EdgeAgent, args: dict):
-    """Run the request in a thread; yield its refinements as they arrive, then the record."""
-    lines: queue.Queue = queue.Queue()
+async def _ndjson(agent: EdgeAgent, checked):
+    """Run the checked request in a daemon thread; yield its refinements as they arrive, then
+    the record (or the error that ended the work), never past the deadline."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue = asyncio.Queue()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: the server has shut down
 
     def on_refinement(msg):
-        lines.put({"type": "refinement", "layers": msg["layers"], "answer": msg["answer"],
-                   "edge_t_ms": msg["edge_t_ms"]})
+        put({"type": "refinement", "layers": msg["layers"], "answer": msg["answer"],
+             "edge_t_ms": msg["edge_t_ms"]})
 
     def work():
         try:
-            lines.put({"type": "result", "record": agent.ask(**args, on_refinement=on_refinement)})
-        except Exception as e:
-            lines.put({"type": "error", "status": _status(e), "detail": _detail(e)})
+            put({"type": "result", "record": agent.run(checked, on_refinement=on_refinement)})
+        except Exception as e:  # noqa: BLE001 - reaches the caller as its line
+            put({"type": "error", "status": _status(e), "detail": _detail(e)})
 
-    threading.Thread(target=work, daemon=True).start()
+    threading.Thread(target=work, daemon=True, name="edge-stream").start()
     while True:
-        item = lines.get()
+        try:
+            item = await _within(lines.get(), checked.deadline, agent.request_timeout_s)
+        except DeadlineError as e:
+            item = {"type": "error", "status": 504, "detail": str(e)}
         yield json.dumps(item) + "\n"
         if item["type"] != "refinement":
             return

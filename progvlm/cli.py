@@ -151,6 +151,8 @@ def _add_serve_cloud(sub):
     p.add_argument("--port", type=int, default=8600)
     _add_vlm(p)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    p.add_argument("--allow-open", action="store_true",
+                   help="serve beyond loopback without PROGVLM_CLOUD_TOKEN (anyone who reaches the port can use it)")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
 
@@ -454,7 +456,14 @@ def cmd_make_examples(a) -> int:
 def cmd_serve_cloud(a) -> int:
     import os
     from .cloud_service import TOKEN_ENV, serve
-    serve(a.host, a.port, os.environ.get(TOKEN_ENV) or None, a.vlm, a.mae, a.max_body_bytes, a.threads)
+    from .http_limits import OpenBindError, check_bind
+    token = os.environ.get(TOKEN_ENV) or None
+    try:
+        check_bind(a.host, token, a.allow_open, TOKEN_ENV)
+    except OpenBindError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Start the cloud backend and the edge agent as child processes on loopback, and end them.
 
-The demo and `python -m edge_agent ask` use these when no running service is named. Children
+The demo and `python -m edge_agent ask` use these when no running service is named. Each child
+gets a fresh random access token unless one is given (`child.token`; its clients send it as
+`Authorization: Bearer …`): another user or a web page on this host cannot use it. Children
 end with their parent: on normal exit and Ctrl-C (atexit, context manager), on SIGTERM (the
 caller's handler), and even when the parent is killed outright (Linux PR_SET_PDEATHSIG).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,10 +39,11 @@ def _die_with_parent():
 
 
 class ChildService:
-    """One service process; `url` answers /healthz once started."""
+    """One service process; `url` answers /healthz once started; `token` is what /v1/* needs."""
 
-    def __init__(self, name: str, args: list[str], url: str, env: dict | None = None):
-        self.name, self.args, self.url = name, args, url
+    def __init__(self, name: str, args: list[str], url: str, env: dict | None = None,
+                 token: str | None = None):
+        self.name, self.args, self.url, self.token = name, args, url, token
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._stderr = None
@@ -89,19 +93,28 @@ def _model_args(vlm, mae) -> list[str]:
     return ([] if vlm is None else ["--vlm", str(vlm)]) + ([] if mae is None else ["--mae", str(mae)])
 
 
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
 def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1",
                   vlm=None, mae=None) -> ChildService:
+    """The cloud backend; `token` (default: a fresh random one) is its PROGVLM_CLOUD_TOKEN."""
     port = port or free_port(host)
-    env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
+    token = token or new_token()
     return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port),
-                                          *_model_args(vlm, mae)], f"http://{host}:{port}", env)
+                                          *_model_args(vlm, mae)], f"http://{host}:{port}",
+                        {"PROGVLM_CLOUD_TOKEN": token}, token)
 
 
-def edge_service(cloud_url: str, port: int | None = None, token: str | None = None,
+def edge_service(cloud_url: str, port: int | None = None, cloud_token: str | None = None,
                  host: str = "127.0.0.1", runtime: str = "pytorch", profile: str = "host",
-                 vlm=None, mae=None) -> ChildService:
+                 vlm=None, mae=None, token: str | None = None) -> ChildService:
+    """The edge agent for the cloud at `cloud_url` (which needs `cloud_token`); `token`
+    (default: a fresh random one) is the agent's own PROGVLM_AGENT_TOKEN."""
     port = port or free_port(host)
-    env = {"PROGVLM_CLOUD_TOKEN": token} if token else {}
+    token = token or new_token()
+    env = {"PROGVLM_AGENT_TOKEN": token, **({"PROGVLM_CLOUD_TOKEN": cloud_token} if cloud_token else {})}
     return ChildService("edge agent", ["-m", "edge_agent", "serve", "--host", host, "--port", str(port),
                                        "--cloud-url", cloud_url, "--runtime", runtime, "--profile", profile,
-                                       *_model_args(vlm, mae)], f"http://{host}:{port}", env)
+                                       *_model_args(vlm, mae)], f"http://{host}:{port}", env, token)

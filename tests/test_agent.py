@@ -114,13 +114,45 @@ def test_auto_picks_the_largest_k_that_fits_and_shows_predicted_and_actual(agent
     predicted = generous["auto"]["predicted_ms"]
     assert list(predicted.values()) == sorted(predicted.values())  # more layers, more time
     # a budget between the k=1 and k=4 predictions at a thin link picks a k in between
-    # (the cloud and overhead estimates learnt from each answer are held fixed in between)
-    estimates = agent.cloud_ms_estimate, agent.overhead_ms_estimate
     slow = agent.ask(image, Q, "auto", bandwidth_mbps=0.02, rtt_ms=0, budget_ms=10_000)
     p = slow["auto"]["predicted_ms"]
-    agent.cloud_ms_estimate, agent.overhead_ms_estimate = estimates
     middle = agent.ask(image, Q, "auto", bandwidth_mbps=0.02, rtt_ms=0, budget_ms=(p[1] + p[4]) / 2)
     assert 1 <= middle["k"] < 4 and middle["auto"]["actual_ms"] == middle["total_ms"]
+
+
+def test_a_cut_at_or_after_the_last_layer_says_nothing_was_cut(agent, runtime, image):
+    r = agent.ask(image, Q, "progressive", k=2, cut_after_layer=2, rtt_ms=5)
+    assert (r["layers_used"], r["partial"]) == (2, False) and "link_cut_after_layer" not in r
+    assert "nothing was cut" in r["note"] and "cut after layer" not in r["note"]
+    assert r["answer"] == reference(runtime, image, 2)
+    a = agent.ask(image, Q, "auto", budget_ms=10_000, cut_after_layer=4, rtt_ms=5)
+    assert (a["k"], a["partial"]) == (4, False) and "nothing was cut" in a["note"]
+
+
+def test_auto_predicts_from_this_clients_clean_requests_not_the_last_one(agent, image):
+    link = dict(bandwidth_mbps=0.05, rtt_ms=0)
+    for _ in range(3):
+        agent.ask(image, Q, "progressive", k=1, client="steady", **link)
+    before = agent.ask(image, Q, "auto", budget_ms=10_000, client="steady", **link)["auto"]
+    used = before["estimates"]
+    assert used["cloud_ms"]["samples"] == used["overhead_ms"]["samples"] == 4 - 1  # auto's own not yet
+    assert "median" in used["method"] and "this client" in used["cloud_ms"]["source"]
+    # a cut request (its overhead holds the wait for layers that never came), an outlier from
+    # this client and a slow stranger must not move the next choice
+    cut = agent.ask(image, Q, "progressive", k=4, cut_after_layer=1, client="steady", **link)
+    assert cut["stage_ms"]["overhead"] > 0
+    from progvlm.link import LinkProfile
+    agent.estimates.add("steady", LinkProfile(**link), False, cloud_ms=5_000, overhead_ms=5_000)
+    agent.estimates.add("stranger", LinkProfile(**link), False, cloud_ms=9_000, overhead_ms=9_000)
+    budget = before["predicted_ms"][4] + 250
+    after = agent.ask(image, Q, "auto", budget_ms=budget, client="steady", **link)["auto"]
+    assert after["chosen_k"] == 4, after
+    est = after["estimates"]
+    assert est["cloud_ms"]["samples"] == 5  # 3 progressive + the first auto + the outlier; no cut
+    assert est["cloud_ms"]["ms"] < 1_000 and est["overhead_ms"]["ms"] < 1_000, est
+    stranger = agent.ask(image, Q, "auto", budget_ms=10_000, client="newcomer", **link)["auto"]
+    assert stranger["estimates"]["cloud_ms"]["samples"] == 0  # a new client starts from the priors
+    assert "prior" in stranger["estimates"]["cloud_ms"]["source"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

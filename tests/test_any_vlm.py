@@ -63,7 +63,7 @@ def pair(request, tmp_path_factory, images):
 def cloud(pair):
     vlm, mae = pair
     with cloud_service(vlm=vlm, mae=mae) as child:
-        yield child.url
+        yield child  # its url, and its token (each child gets a fresh random one)
 
 
 @pytest.mark.slow
@@ -71,7 +71,7 @@ def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
     vlm, mae = pair
     runtime = PyTorchRuntime.load(str(vlm), mae)
     split = runtime.split
-    agent = EdgeAgent(runtime, cloud)
+    agent = EdgeAgent(runtime, cloud.url, cloud.token)
     image = images / "im1.png"
     records = {m: agent.ask(image, Q, m, k=2, bandwidth_mbps=5, rtt_ms=2) for m in MODES}
     # full-edge: the whole model on the frame; full-cloud: the whole model on the JPEG it sent
@@ -94,7 +94,7 @@ def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
 def test_a_mismatched_pair_is_refused(pair, cloud):
     # the bundled VLM at the edge, a transformers VLM in the cloud: refused before any request
     with pytest.raises(PairingError, match="runs VLM hf:.*this device runs VLM progvlm-tiny@"):
-        EdgeAgent(PyTorchRuntime.load("bundled"), cloud)
+        EdgeAgent(PyTorchRuntime.load("bundled"), cloud.url, cloud.token)
     # an MAE trained for one VLM with another VLM
     with pytest.raises(SplitError, match="belongs to"):
         load_split("bundled", pair[1])

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def app():
     sys.path.insert(0, str(ROOT))
     import app as demo_app
-    with cloud_service() as cloud, edge_service(cloud.url) as edge:
-        demo_app.connect(edge.url)
+    with cloud_service() as cloud, edge_service(cloud.url, cloud_token=cloud.token) as edge:
+        demo_app.connect(edge.url, token=edge.token)
         yield demo_app
 
 

@@ -1,0 +1,160 @@
+"""HTTP hardening shared by the cloud backend and the edge agent (plain ASGI, any framework):
+
+    check_bind    refuse to listen beyond loopback without an access token, unless told to
+    RequireToken  `Authorization: Bearer <token>` on every path but the open ones (401), and no
+                  cross-origin browser request at all (403): these are APIs for programs
+    BoundedBody   a request body bounded while it streams (413 at once for a declared length
+                  over the limit, else as soon as the bytes counted pass it) and read against a
+                  timeout (408 when it stalls or takes too long in all)
+
+The services add the middlewares with `app.add_middleware(...)`; neither adds CORS headers, so a
+browser never hands a page another origin's answer.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import time
+from urllib.parse import urlsplit
+
+import anyio
+
+OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs"})  # nothing secret in any of them
+READ_TIMEOUT_S = 10.0  # the longest a client may leave a started body silent
+BODY_TIMEOUT_S = 60.0  # the longest a whole body may take to arrive
+
+
+class OpenBindError(ValueError):
+    """A service asked to listen beyond loopback with no access token; str(e) says what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; any other name or address (0.0.0.0 and :: included)
+    may be reachable from elsewhere."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_bind(host: str, token: str | None, allow_open: bool,
+               token_env: str = "the service's token variable") -> None:
+    """Raise OpenBindError for a non-loopback `host` without a token, unless `allow_open`."""
+    if token or allow_open or is_loopback(host):
+        return
+    raise OpenBindError(f"refusing to serve on {host or 'every interface'!s} without an access "
+                        f"token: anyone who reaches the port could use this service. Set "
+                        f"{token_env} (clients then send 'Authorization: Bearer <token>'), or "
+                        "pass --allow-open to serve without one on purpose")
+
+
+def bearer_ok(header: str | None, token: str | None) -> bool:
+    """Whether an Authorization header carries `token` (always, when no token is configured)."""
+    if not token:
+        return True
+    return header is not None and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_error(send, status: int, detail: str, headers: tuple = ()):
+    """A JSON `{"detail": …}` response that closes the connection: the rest of a refused body
+    is never read, so the connection cannot carry another request."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequireToken:
+    """401 without the token on every HTTP path but `open_paths`; 403 for any request that a
+    browser sent from another origin (its `Origin` header names another host than `Host`), with
+    or without a token. (WebSocket routes check the token themselves.)"""
+
+    def __init__(self, app, token: str | None, open_paths=OPEN_PATHS):
+        self.app, self.token, self.open_paths = app, token, frozenset(open_paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        origin = _header(scope, b"origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (_header(scope, b"host") or "").lower():
+            return await _send_error(send, 403, f"cross-origin requests are not served (Origin "
+                                                f"{origin}): this API is for programs, not web pages")
+        if scope["path"] not in self.open_paths and not bearer_ok(_header(scope, b"authorization"), self.token):
+            return await _send_error(send, 401, "missing or wrong access token",
+                                     ((b"www-authenticate", b"Bearer"),))
+        return await self.app(scope, receive, send)
+
+
+class BoundedBody:
+    """Bound every HTTP request body while it arrives: over `max_body_bytes` → 413 (at once for a
+    declared Content-Length, without reading; a chunked body as soon as the count passes it);
+    no bytes for `read_timeout_s`, or not all within `body_timeout_s` → 408. The application
+    then sees the client as gone (`http.disconnect`) and whatever it answers is dropped."""
+
+    def __init__(self, app, max_body_bytes: int, read_timeout_s: float = READ_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.limit = app, max_body_bytes
+        self.read_timeout_s, self.body_timeout_s = read_timeout_s, body_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            return await _send_error(send, 413, f"request body of {int(declared):,} bytes is over "
+                                                f"the limit of {self.limit:,} bytes")
+        state = {"received": 0, "body_done": False, "refused": False, "started": False}
+        deadline = time.monotonic() + self.body_timeout_s
+
+        async def refuse(status: int, detail: str):
+            if not state["started"]:  # (an app answering before its body is in keeps its answer)
+                await _send_error(send, status, detail)
+            state["refused"] = True
+            return {"type": "http.disconnect"}
+
+        async def bounded_receive():
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            if state["body_done"]:  # e.g. a streaming response listening for a disconnect
+                return await receive()
+            wait = min(self.read_timeout_s, deadline - time.monotonic())
+            message = None
+            with anyio.move_on_after(max(wait, 0.0)):
+                message = await receive()
+            if message is None:
+                if wait < self.read_timeout_s:
+                    return await refuse(408, f"the request body did not arrive within "
+                                             f"{self.body_timeout_s:g} s")
+                return await refuse(408, f"the request body stalled: no bytes for "
+                                         f"{self.read_timeout_s:g} s")
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.limit:
+                    return await refuse(413, f"request body over the limit of {self.limit:,} bytes")
+                state["body_done"] = not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message):
+            if state["refused"] and not state["started"]:
+                return  # the client already has its 408/413
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+
+__all__ = ["BoundedBody", "OpenBindError", "RequireToken", "bearer_ok", "check_bind", "is_loopback"]
