@@ -1,6 +1,7 @@
 """The edge agent: one question about one image, in the mode asked, as one timed record.
 
-    full-cloud   frame → JPEG (at the model's input size) → link → cloud runs the whole VLM
+    full-cloud   frame → JPEG (the camera frame as it is, by default; or at the model's input
+                 size) → link → cloud runs the whole VLM
     full-edge    the whole VLM on the device; nothing crosses the link
     progressive  vision half → MAE layers 1..k → link (layer by layer) → cloud answers
     auto         progressive with the largest k whose predicted end-to-end time fits the budget
@@ -32,7 +33,10 @@ from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
 
 MODES = ("full-cloud", "full-edge", "progressive", "auto")
-JPEG_QUALITY = 90
+JPEG_QUALITY = 90  # full-cloud's default; a caller may ask 1..95 (Pillow's useful range)
+# full-cloud's frame: the camera's own (what a device without the model would send), or the
+# frame already resized to the model's input (which presumes the device knows the model)
+FRAMES = ("camera", "model")
 DEFAULT_BUDGET_MS = 500.0
 REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's prediction
 # The most time one request may spend on the shaped link (round trip + payload + reply at the
@@ -107,6 +111,8 @@ class CheckedAsk:
     link: LinkProfile
     budget_ms: float
     cut_after_layer: int | None
+    frame: str  # full-cloud's JPEG: "camera" or "model" size
+    jpeg_quality: int
     profile: DeviceProfile
     client: str
     deadline: float  # time.monotonic() by which the record must be ready
@@ -168,29 +174,35 @@ class EdgeAgent:
         stages[name] = to_ms(time.perf_counter() - t0) * factor
         return out
 
-    def _jpeg(self, image) -> bytes:
+    def _jpeg(self, image, frame: str, quality: int) -> bytes:
+        if frame == "model":
+            image = resize_for_model(image, self.runtime.image_size)
         buf = io.BytesIO()
-        resize_for_model(image, self.runtime.image_size).save(buf, "JPEG", quality=JPEG_QUALITY)
+        image.save(buf, "JPEG", quality=quality)
         return buf.getvalue()
 
     # ---- one request -----------------------------------------------------------------------
     def ask(self, image, question: str, mode: str = "progressive", k: int | None = None,
             bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
             cut_after_layer: int | None = None, on_refinement=None,
-            device_profile: str | None = None, client: str = "local") -> dict:
+            device_profile: str | None = None, client: str = "local", **options) -> dict:
         """Check the request, then run it (see `check` and `run`)."""
         return self.run(self.check(image, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                                   cut_after_layer, device_profile, client), on_refinement)
+                                   cut_after_layer, device_profile, client, **options), on_refinement)
 
     def check(self, image, question: str, mode: str = "progressive", k: int | None = None,
               bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
               cut_after_layer: int | None = None, device_profile: str | None = None,
-              client: str = "local") -> CheckedAsk:
+              client: str = "local", frame: str = "camera", jpeg_quality: int = JPEG_QUALITY,
+              link_emulation: bool = True) -> CheckedAsk:
         """Everything about a request that can be checked before its work: the fields and their
         ranges (AskError), the image (ImageInputError), the cloud's models (PairingError, or
         CloudError when it is down). `device_profile` (host, imx95-emulated) overrides the
         agent's own for this request; both run on one thread, so only the scaling and the labels
-        change. `client` names who asks: auto learns its estimates per client."""
+        change. `client` names who asks: auto learns its estimates per client. `frame` and
+        `jpeg_quality`: full-cloud's JPEG. `link_emulation=False`: a real shaped network lies
+        between this agent and the cloud (progvlm.netlink), so the agent paces and sleeps
+        nothing; bandwidth and RTT then describe that network."""
         t_arrived, deadline = time.perf_counter(), time.monotonic() + self.request_timeout_s
         L = self.runtime.num_layers
         try:
@@ -206,9 +218,13 @@ class EdgeAgent:
         except ValueError as e:
             raise AskError(str(e)) from None
         try:  # every mode: full-edge sends nothing, but a caller's values are checked alike
-            link = LinkProfile.checked(bandwidth_mbps, rtt_ms)
+            link = LinkProfile.checked(bandwidth_mbps, rtt_ms, emulated=bool(link_emulation))
         except ValueError as e:
             raise AskError(str(e)) from None
+        if frame not in FRAMES:
+            raise AskError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+        if not isinstance(jpeg_quality, int) or isinstance(jpeg_quality, bool) or not 1 <= jpeg_quality <= 95:
+            raise AskError(f"jpeg_quality must be an integer in 1..95, got {jpeg_quality!r}")
         if mode != "full-edge":
             self._check_link_time(link, 0)  # the round trip alone
         k = L if k is None else k
@@ -232,7 +248,7 @@ class EdgeAgent:
         if mode != "full-edge":
             self._check_cloud()
         return CheckedAsk(decoded, decode_ms, question, mode, k, link, budget_ms, cut_after_layer,
-                          profile, client, deadline, t_arrived)
+                          frame, jpeg_quality, profile, client, deadline, t_arrived)
 
     def run(self, ask: CheckedAsk, on_refinement=None) -> dict:
         """One checked request → its record. Raises BusyError when the device stays taken until
@@ -243,7 +259,8 @@ class EdgeAgent:
         record = {"mode": mode, "question": question, "runtime": self.runtime.name,
                   "vlm_id": self.runtime.model_id,
                   "device_profile": profile.name, "timing_source": profile.source,
-                  "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms}}
+                  "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms,
+                           "emulated": link.emulated}}
         if not self._device.acquire(timeout=max(ask.remaining_s(), 0.0)):
             raise BusyError(f"the device was busy with other requests for this request's whole "
                             f"deadline of {self.request_timeout_s:g} s")
@@ -255,7 +272,8 @@ class EdgeAgent:
             note = self._timed(stages, factor, "edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
             if mode == "full-cloud":
-                payload = self._timed(stages, factor, "serialize", self._jpeg, image)
+                payload = self._timed(stages, factor, "serialize", self._jpeg, image, ask.frame,
+                                      ask.jpeg_quality)
             else:
                 pixels = self._timed(stages, factor, "edge_preprocess_model", self.runtime.preprocess, image)
                 stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
@@ -276,7 +294,9 @@ class EdgeAgent:
         if mode == "full-edge":
             record.update(answer=answer, payload_bytes=0)
         elif mode == "full-cloud":
-            record["payload"] = f"JPEG q{JPEG_QUALITY} at {self.runtime.image_size}×{self.runtime.image_size} (the model's input size)"
+            w, h = (image.size if ask.frame == "camera" else (self.runtime.image_size,) * 2)
+            record["payload"] = (f"JPEG q{ask.jpeg_quality} at {w}×{h} "
+                                 f"({'the camera frame' if ask.frame == 'camera' else 'the model input size'})")
             self._check_link_time(link, len(payload), ask)
             ex = self.cloud.full(payload, question, link)
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))

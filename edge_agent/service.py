@@ -3,7 +3,8 @@
     GET  /healthz   open
     GET  /v1/info   runtime, device profile, model ids, the cloud it talks to and whether it answers
     POST /v1/ask    multipart: image (file), question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                    cut_after_layer (fault injection), device_profile, stream
+                    cut_after_layer (fault injection), device_profile, stream, frame (full-cloud:
+                    camera or model size), jpeg_quality, link_emulation (false over a real network)
                     → one JSON record (edge_agent/agent.py); with stream=true, NDJSON lines:
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
@@ -168,7 +169,12 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                   mode: str = Form("progressive"), k: int | None = Form(None),
                   bandwidth_mbps: float = Form(1.0), rtt_ms: float = Form(20.0),
                   budget_ms: float | None = Form(None), cut_after_layer: int | None = Form(None),
-                  device_profile: str | None = Form(None), stream: bool = Form(False)):
+                  device_profile: str | None = Form(None), stream: bool = Form(False),
+                  frame: str = Form("camera", description="full-cloud's JPEG: the camera frame or "
+                                    "the frame at the model's input size (camera, model)"),
+                  jpeg_quality: int = Form(90, description="full-cloud's JPEG quality, 1..95"),
+                  link_emulation: bool = Form(True, description="false: a real shaped network "
+                                              "lies between agent and cloud; nothing is paced here")):
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
@@ -178,7 +184,8 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
         try:  # everything checkable, before any work and before a stream starts
             checked = await _within(_in_daemon_thread(
                 loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                cut_after_layer, device_profile, client), time.monotonic() + agent.request_timeout_s,
+                cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation),
+                time.monotonic() + agent.request_timeout_s,
                 agent.request_timeout_s)
             if not stream:
                 return await _within(_in_daemon_thread(loop, agent.run, checked), checked.deadline,

@@ -138,9 +138,9 @@ def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float,
     return r.json()
 
 
-def latency(agent_url: str, images: list[str], cells: list[tuple[str, dict]], bandwidths,
-            samples: int, headline_samples: int, link_name: str, log, devices=("host", "imx95-emulated"),
-            **link_options) -> list[dict]:
+def latency(agent_url: str, token: str | None, images: list[str], cells: list[tuple[str, dict]],
+            bandwidths, samples: int, headline_samples: int, link_name: str, log,
+            devices=("host", "imx95-emulated"), **link_options) -> list[dict]:
     """Every cell at every bandwidth, asked of the edge agent at `agent_url`, `samples` times
     (`headline_samples` at the headline bandwidth), cycling through the images; under the
     host profile and then the imx95-emulated one (edge stages projected). One warm-up request
@@ -149,7 +149,8 @@ def latency(agent_url: str, images: list[str], cells: list[tuple[str, dict]], ba
     question = "describe the scene ."
     rows = []
     labels = {"host": "host", "imx95-emulated": "imx95-emulated (projected)"}
-    with httpx.Client(base_url=agent_url, timeout=180.0) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=agent_url, timeout=180.0, headers=headers) as http:
         for device in devices:
             for bw in bandwidths:
                 n = headline_samples if bw == HEADLINE_MBPS else samples
@@ -181,7 +182,7 @@ def _latency_row(name: str, device: str, bw: float, records: list[dict], link_na
 
 
 # ---- 4. load ----------------------------------------------------------------------------------
-def load_test(split, cloud_url: str, images: list[str], k_star: int, seconds: float, log) -> list[dict]:
+def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str], k_star: int, seconds: float, log) -> list[dict]:
     """N clients, each sending progressive requests back to back over loopback (no shaping)."""
     from .images import load_image
     from .link import LinkProfile
@@ -195,7 +196,7 @@ def load_test(split, cloud_url: str, images: list[str], k_star: int, seconds: fl
         stop = time.perf_counter() + seconds
 
         def client(i):
-            link = CloudLink(cloud_url)
+            link = CloudLink(cloud_url, cloud_token)
             j = 0
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
@@ -321,20 +322,20 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
     load: list[dict] = []
     if link in ("emulated", "both"):
         with cloud_service(vlm="bundled") as cloud, \
-                edge_service(cloud.url, profile="host", vlm="bundled") as agent:
-            lat += latency(agent.url, images, cells, bandwidths, samples, headline_samples,
+                edge_service(cloud.url, cloud_token=cloud.token, profile="host", vlm="bundled") as agent:
+            lat += latency(agent.url, agent.token, images, cells, bandwidths, samples, headline_samples,
                            "emulated", log)
-            load = load_test(split, cloud.url, images, k_star, 2.0 if quick else 5.0, log)
+            load = load_test(split, cloud.url, cloud.token, images, k_star, 2.0 if quick else 5.0, log)
     kernel_note = None
     if link in ("kernel", "both") and kernel_ok:
         with kernel_link(HEADLINE_MBPS, HEADLINE_RTT_MS) as kl, \
-                cloud_service(vlm="bundled", port=kl.inner_port, wrap=kl.in_namespace,
+                cloud_service(vlm="bundled", host=kl.listen_host, port=kl.inner_port, wrap=kl.in_namespace,
                               public_url=kl.cloud_url) as cloud, \
-                edge_service(cloud.url, profile="host", vlm="bundled") as agent:
+                edge_service(cloud.url, cloud_token=cloud.token, profile="host", vlm="bundled") as agent:
             kernel_note = kl.describe()
             log(kernel_note)
             # the agent's own pacing and delay off: the kernel and the relay do both
-            lat += latency(agent.url, images, cells, (HEADLINE_MBPS,), samples, headline_samples,
+            lat += latency(agent.url, agent.token, images, cells, (HEADLINE_MBPS,), samples, headline_samples,
                            "kernel", log, devices=("host",), link_emulation="off")
     elif link == "both":
         kernel_note = f"kernel link not run: {kernel_why}"

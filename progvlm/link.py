@@ -39,6 +39,10 @@ class LinkProfile:
     bandwidth_mbps: float
     rtt_ms: float = 0.0
     chunk_bytes: int = 1000  # ≈ one Ethernet payload: pacing granularity
+    # False: a real network carries the bytes (e.g. progvlm.netlink's kernel link), so nothing
+    # is paced or slept here; bandwidth and RTT then only describe that network, to split the
+    # measured time into the uplink and downlink stages
+    emulated: bool = True
 
     def __post_init__(self):
         bw, rtt = self.bandwidth_mbps, self.rtt_ms
@@ -51,9 +55,9 @@ class LinkProfile:
             raise LinkError("chunk_bytes must be at least 1")
 
     @classmethod
-    def checked(cls, bandwidth_mbps: float, rtt_ms: float = 0.0) -> "LinkProfile":
+    def checked(cls, bandwidth_mbps: float, rtt_ms: float = 0.0, emulated: bool = True) -> "LinkProfile":
         """A profile within the documented ranges, or LinkError saying the range."""
-        link = cls(bandwidth_mbps, rtt_ms)
+        link = cls(bandwidth_mbps, rtt_ms, emulated=emulated)
         if not MIN_BANDWIDTH_MBPS <= link.bandwidth_mbps <= MAX_BANDWIDTH_MBPS:
             raise LinkError(f"bandwidth must be {_bandwidth_range()}, got {bandwidth_mbps!r}")
         if not 0 <= link.rtt_ms <= MAX_RTT_MS:
@@ -66,6 +70,11 @@ class LinkProfile:
 
     def serialisation_s(self, nbytes: int) -> float:
         return nbytes * 8 / (self.bandwidth_mbps * 1e6)
+
+    def propagate(self, sleep=time.sleep):
+        """One way of the round trip, emulated (a real network has already paid it)."""
+        if self.emulated:
+            sleep(self.rtt_ms / 2000)
 
 
 def _is_number(x) -> bool:
@@ -97,7 +106,7 @@ def paced_segments(segments: list[bytes], profile: LinkProfile, clock=time.perf_
             chunk = data[i:i + profile.chunk_bytes]
             due = start + profile.serialisation_s(sent + len(chunk))
             wait = due - clock()
-            if wait > 0:
+            if wait > 0 and profile.emulated:
                 sleep(wait)
             sent += len(chunk)
             yield chunk

@@ -13,7 +13,7 @@ Needs Linux, root, `ip` and `tc` (iproute2). `kernel_link_available()` says why 
 
     with kernel_link(1.0, 20.0) as link:
         cloud = subprocess.Popen(link.in_namespace([python, "-m", "progvlm", "serve-cloud",
-                                 "--host", "127.0.0.1", "--port", str(link.inner_port)]))
+                                 "--host", link.listen_host, "--port", str(link.inner_port)]))
         ... the edge on this host talks to link.cloud_url ...
 
 The relay is also a command: `python -m progvlm.netlink relay LISTEN_HOST:PORT TARGET_HOST:PORT
@@ -105,6 +105,11 @@ class KernelLink:
     delay_by: str  # "netem" (kernel) or "relay" (the delay relay; see the module doc)
     inner_port: int  # where the cloud must listen: 127.0.0.1 inside the namespace
     cloud_port: int = CLOUD_PORT
+
+    @property
+    def listen_host(self) -> str:
+        """Where the cloud binds inside the namespace: behind the relay, its loopback."""
+        return self.cloud_ip if self.delay_by == "netem" else "127.0.0.1"
 
     @property
     def cloud_url(self) -> str:

@@ -42,8 +42,9 @@ class ChildService:
     """One service process; `url` answers /healthz once started; `token` is what /v1/* needs."""
 
     def __init__(self, name: str, args: list[str], url: str, env: dict | None = None,
-                 token: str | None = None):
+                 token: str | None = None, wrap=None):
         self.name, self.args, self.url, self.token = name, args, url, token
+        self.wrap = wrap or (lambda cmd: cmd)  # e.g. progvlm.netlink's `in_namespace`
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._stderr = None
@@ -51,7 +52,7 @@ class ChildService:
     def start(self, timeout_s: float = 60.0) -> "ChildService":
         # a file, not a pipe: a pipe nobody reads fills up and blocks a chatty child
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen(self.wrap([sys.executable, *self.args]), cwd=ROOT, env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=self._stderr,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         atexit.register(self.stop)
@@ -98,13 +99,15 @@ def new_token() -> str:
 
 
 def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1",
-                  vlm=None, mae=None) -> ChildService:
-    """The cloud backend; `token` (default: a fresh random one) is its PROGVLM_CLOUD_TOKEN."""
+                  vlm=None, mae=None, wrap=None, public_url: str | None = None) -> ChildService:
+    """The cloud backend; `token` (default: a fresh random one) is its PROGVLM_CLOUD_TOKEN.
+    `wrap` runs its command line inside something (a network namespace), and `public_url`
+    is where it is reached from here then (default: host and port)."""
     port = port or free_port(host)
     token = token or new_token()
     return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port),
-                                          *_model_args(vlm, mae)], f"http://{host}:{port}",
-                        {"PROGVLM_CLOUD_TOKEN": token}, token)
+                                          *_model_args(vlm, mae)], public_url or f"http://{host}:{port}",
+                        {"PROGVLM_CLOUD_TOKEN": token}, token, wrap)
 
 
 def edge_service(cloud_url: str, port: int | None = None, cloud_token: str | None = None,

@@ -239,3 +239,34 @@ def test_the_ask_command_starts_a_cloud_and_prints_the_record(image):
                           "x", "--mode", "full-edge", "--bandwidth-mbps", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bandwidth" in bad.stderr
+
+
+def test_full_cloud_sends_the_camera_frame_by_default_or_the_model_size_frame(agent, image):
+    camera = agent.ask(image, "how many objects are there ?", mode="full-cloud", bandwidth_mbps=100, rtt_ms=0)
+    model = agent.ask(image, "how many objects are there ?", mode="full-cloud", bandwidth_mbps=100,
+                      rtt_ms=0, frame="model")
+    low = agent.ask(image, "how many objects are there ?", mode="full-cloud", bandwidth_mbps=100,
+                    rtt_ms=0, jpeg_quality=20)
+    w, h = Image.open(image).size
+    assert camera["payload"].startswith(f"JPEG q90 at {w}×{h}") and "camera" in camera["payload"]
+    assert "q90" in model["payload"] and "model input" in model["payload"]
+    # the example frames are 4× the model's input on a side: their JPEG is many times larger
+    assert camera["payload_bytes"] > 4 * model["payload_bytes"]
+    assert low["payload_bytes"] < camera["payload_bytes"] / 2 and "q20" in low["payload"]
+
+
+@pytest.mark.parametrize("fields, reason", [({"frame": "phone"}, "frame must be one of camera, model"),
+                                            ({"jpeg_quality": 0}, "jpeg_quality must be an integer in 1..95"),
+                                            ({"jpeg_quality": 96}, "1..95")])
+def test_full_cloud_frame_options_are_checked(agent, image, fields, reason):
+    with pytest.raises(AskError, match=reason):
+        agent.ask(image, "how many objects are there ?", mode="full-cloud", **fields)
+
+
+def test_without_link_emulation_nothing_is_paced(agent, image):
+    """Over a real network (link_emulation off) the agent sleeps no RTT and paces no bytes:
+    on loopback the exchange then takes far less than the described link would."""
+    record = agent.ask(image, "how many objects are there ?", mode="progressive", k=4,
+                       bandwidth_mbps=0.05, rtt_ms=400, link_emulation=False)
+    assert record["link"]["emulated"] is False
+    assert record["total_ms"] < 300  # emulated: ≥ 400 ms of RTT alone
