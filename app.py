@@ -34,10 +34,14 @@ consistency = SemanticConsistency()
 
 
 def connect(edge_url: str, vlm: str | None = None, mae: str | None = None, token: str | None = None):
-    """`token`: the agent's access token (default: $PROGVLM_AGENT_TOKEN, if set)."""
+    """`token`: the agent's access token (default: $PROGVLM_AGENT_TOKEN, if set). Loads what
+    the page itself uses (the sentence-embedding model, the layer map's models) now, so the
+    first Run does not wait for them."""
     token = token or os.environ.get("PROGVLM_AGENT_TOKEN") or None
     EDGE.update(client=EdgeAgentClient(edge_url, token), vlm=vlm, mae=mae)
     EDGE["info"] = EDGE["client"].info()
+    consistency("a red circle", "a blue square")
+    _layer_split()
 
 
 def model_banner(info: dict) -> str:
@@ -155,33 +159,36 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
                      "It knows only its scene vocabulary (shapes, colours, sizes, counts, positions).")
     records, cards = {}, {m: card(None, None, None, m) for m in MODES}
 
-    def page(ladder=None, picture=None):
+    def page(ladder=None, picture=None):  # the outputs, in the order run.click lists them
         return (*[cards[m] for m in MODES], breakdown(records), ladder or [], picture,
                 "\n\n".join(notes), list(records.values()))
     try:
         truth = ground_truth(image, question, EXAMPLES)
-        progress(0.05, desc="full-edge reference (uncompressed tokens)")
-        # the answer from uncompressed visual tokens: the reference for semantic consistency
-        reference = client.ask(image, question, mode="full-edge")["answer"]
-        for i, mode in enumerate(modes):
-            progress(0.1 + 0.6 * i / len(modes), desc=f"running {mode}")
-            extra = ({"k": int(k)} if mode == "progressive"
-                     else {"budget_ms": float(budget_ms)} if mode == "auto" else {})
-            for item in client.ask_stream(image, question, mode=mode, **options, **extra):
-                if item["type"] == "refinement":
-                    cards[mode] = card(None, None, None, mode, item | extra)
-                else:
-                    records[mode] = item["record"]
-                    cards[mode] = card(item["record"], truth, reference, mode)
-                    note = item["record"].get("domain_note")
-                    if note and note not in notes:
-                        notes.append(f"⚠ {note}")
-                yield page()
-        ladder = []
-        for j in range(1, int(EDGE["info"].get("num_layers", NUM_LAYERS)) + 1):
-            progress(0.7 + 0.2 * j / NUM_LAYERS, desc=f"compression ladder k={j}")
-            r = client.ask(image, question, mode="progressive", k=j, **options)
-            ladder.append([j, r["payload_bytes"], r["answer"], f"{consistency(r['answer'], reference):.3f}"])
+        progress(0.05, desc="asking the edge agent (every mode, one request)")
+        reference, ladder, done = None, [], 0
+        extra = {"progressive": {"k": int(k)}, "auto": {"budget_ms": float(budget_ms)}}
+        # one request: the agent sees, encodes and sends the frame once for every mode, and the
+        # ladder comes from one progressive stream answered after each layer
+        for event in client.compare_stream(image, question, modes, k=int(k), budget_ms=float(budget_ms),
+                                           **options):
+            if event["type"] == "reference":  # uncompressed tokens: the consistency reference
+                reference = event["answer"]
+            elif event["type"] == "refinement":
+                mode = event["mode"]
+                cards[mode] = card(None, None, None, mode, event | extra.get(mode, {}))
+            elif event["type"] == "result":
+                mode, record = event["mode"], event["record"]
+                records[mode] = record
+                cards[mode] = card(record, truth, reference, mode)
+                note = record.get("domain_note")
+                if note and f"⚠ {note}" not in notes:
+                    notes.append(f"⚠ {note}")
+                done += 1
+                progress(0.1 + 0.7 * done / len(modes), desc=f"{mode} answered")
+            elif event["type"] == "ladder":
+                ladder = [[row["k"], row["payload_bytes"], row["answer"],
+                           f"{consistency(row['answer'], reference):.3f}"] for row in event["rows"]]
+            yield page(ladder)
         progress(0.95, desc="what each layer adds")
         from progvlm.layer_map import layer_residuals, residual_strip
         residuals = layer_residuals(_layer_split(), image)

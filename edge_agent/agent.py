@@ -16,6 +16,7 @@ wait in a request is bounded by one deadline set when it arrives (`request_timeo
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import statistics
@@ -174,6 +175,15 @@ class EdgeAgent:
         stages[name] = to_ms(time.perf_counter() - t0) * factor
         return out
 
+    def _step(self, memo: dict, stages: dict, factor: float, name: str, fn, *args):
+        """`_timed`, done once per `memo`: a repeat reuses the result and its measured time."""
+        if name not in memo:
+            t0 = time.perf_counter()
+            memo[name] = (fn(*args), to_ms(time.perf_counter() - t0))
+        out, ms = memo[name]
+        stages[name] = ms * factor
+        return out
+
     def _jpeg(self, image, frame: str, quality: int) -> bytes:
         if frame == "model":
             image = resize_for_model(image, self.runtime.image_size)
@@ -250,9 +260,12 @@ class EdgeAgent:
         return CheckedAsk(decoded, decode_ms, question, mode, k, link, budget_ms, cut_after_layer,
                           frame, jpeg_quality, profile, client, deadline, t_arrived)
 
-    def run(self, ask: CheckedAsk, on_refinement=None) -> dict:
+    def run(self, ask: CheckedAsk, on_refinement=None, shared: dict | None = None) -> dict:
         """One checked request → its record. Raises BusyError when the device stays taken until
-        the deadline, DeadlineError when what is left of it cannot hold the link time."""
+        the deadline, DeadlineError when what is left of it cannot hold the link time.
+        `shared`: the device's work on this frame, kept across the modes of one comparison
+        (`compare`), so the frame is preprocessed, seen and encoded once; each record then
+        carries those stages' measured times and says they were shared."""
         L = self.runtime.num_layers
         mode, question, link, profile, k = ask.mode, ask.question, ask.link, ask.profile, ask.k
         stages: dict[str, float] = {}
@@ -261,32 +274,38 @@ class EdgeAgent:
                   "device_profile": profile.name, "timing_source": profile.source,
                   "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms,
                            "emulated": link.emulated}}
+        memo = {} if shared is None else shared
         if not self._device.acquire(timeout=max(ask.remaining_s(), 0.0)):
             raise BusyError(f"the device was busy with other requests for this request's whole "
                             f"deadline of {self.request_timeout_s:g} s")
         try:
             factor = profile.compute_factor
+            step = lambda name, fn, *args: self._step(memo, stages, factor, name, fn, *args)
             image = ask.image
             stages["edge_preprocess"] = ask.decode_ms * factor
             # is this frame like what the model knows? (the bundled model: generated scenes)
-            note = self._timed(stages, factor, "edge_domain_check", self.runtime.domain_note, image)
+            note = step("edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
             if mode == "full-cloud":
                 payload = self._timed(stages, factor, "serialize", self._jpeg, image, ask.frame,
                                       ask.jpeg_quality)
             else:
-                pixels = self._timed(stages, factor, "edge_preprocess_model", self.runtime.preprocess, image)
+                pixels = step("edge_preprocess_model", self.runtime.preprocess, image)
                 stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
-                tokens, grid = self._timed(stages, factor, "edge_vision", self.runtime.vision, pixels)
+                tokens, grid = step("edge_vision", self.runtime.vision, pixels)
                 if mode == "full-edge":
-                    answer = self._timed(stages, factor, "edge_language", self.runtime.language,
-                                         tokens, question, grid)
+                    answer = step(f"edge_language {question}", self.runtime.language, tokens, question, grid)
+                    stages["edge_language"] = stages.pop(f"edge_language {question}")
                 else:
-                    k_coded = L if mode == "auto" else k  # auto needs every layer's size to choose
-                    layers = self._timed(stages, factor, "mae_encode", self.runtime.mae_encode,
-                                         tokens, k_coded)
+                    # auto needs every layer's size to choose; a comparison encodes once for all
+                    k_coded = L if mode == "auto" or shared is not None else k
+                    layers = step(f"mae_encode {k_coded}", self.runtime.mae_encode, tokens, k_coded)
+                    stages["mae_encode"] = stages.pop(f"mae_encode {k_coded}")
         finally:
             self._device.release()
+        if shared is not None and mode != "full-cloud":
+            record["note_shared"] = ("edge stages measured once for this frame and shared by the "
+                                     "modes of one comparison")
         projected = list(stages) if profile.projected else []
         if note:
             record["domain_note"] = note
@@ -345,6 +364,73 @@ class EdgeAgent:
         if mode == "auto":
             record["auto"]["actual_ms"] = record["total_ms"]
         return record
+
+    # ---- one frame, every mode ----------------------------------------------------------
+    def check_compare(self, image, question: str, modes, k: int | None = None,
+                      budget_ms: float | None = None, **fields) -> tuple[CheckedAsk, list[str]]:
+        """`check` for a comparison: the modes (a non-empty subset of MODES), k, the budget and
+        every field of `check`; the deadline covers every mode's run."""
+        if isinstance(modes, str):
+            modes = [m.strip() for m in modes.split(",") if m.strip()]
+        modes = list(dict.fromkeys(modes))
+        unknown = [m for m in modes if m not in MODES]
+        if not modes or unknown:
+            raise AskError(f"modes must be a non-empty list of {', '.join(MODES)}"
+                           + (f"; unknown: {', '.join(map(repr, unknown))}" if unknown else ""))
+        cloud_mode = next((m for m in modes if m != "full-edge"), None)
+        checked = self.check(image, question, "progressive" if cloud_mode else "full-edge", k,
+                             budget_ms=budget_ms, **fields)
+        if "auto" in modes:
+            self.check(checked.image, question, "auto", budget_ms=budget_ms,
+                       **{n: v for n, v in fields.items() if n != "cut_after_layer"})
+        runs = len(modes) + 2  # the modes, the reference answer and the ladder's stream
+        deadline = time.monotonic() + runs * self.request_timeout_s
+        return dataclasses.replace(checked, deadline=deadline,
+                                   budget_ms=DEFAULT_BUDGET_MS if budget_ms is None else budget_ms), modes
+
+    def compare(self, checked: CheckedAsk, modes: list[str], on_event=lambda event: None) -> dict:
+        """Every mode for one frame and question, the device's work on the frame done once
+        (`run(shared=…)`). Events, in order, through `on_event`:
+            {"type": "reference", "answer"}  the answer from uncompressed visual tokens (full-edge)
+            {"type": "refinement", "mode", "layers", "answer", "edge_t_ms"}  as layers are answered
+            {"type": "result", "mode", "record"}  per mode
+            {"type": "ladder", "rows": [{"k", "payload_bytes", "answer", "edge_t_ms"}]}  k = 1..L,
+                from one progressive stream of every layer, answered after each
+        Returns {"reference", "records", "ladder"}."""
+        L = self.runtime.num_layers
+        shared: dict = {}
+        out = {"records": {}}
+        as_mode = lambda mode, **kw: dataclasses.replace(checked, mode=mode, t_arrived=time.perf_counter(), **kw)
+        reference = self.run(as_mode("full-edge"), shared=shared)
+        out["reference"] = reference["answer"]
+        on_event({"type": "reference", "answer": reference["answer"]})
+        ladder_record = None
+        for mode in modes:
+            if mode == "full-edge":
+                record = reference  # the same answer, the same stages
+            else:
+                watch = lambda msg, mode=mode: on_event({"type": "refinement", "mode": mode,
+                                                         "layers": msg["layers"], "answer": msg["answer"],
+                                                         "edge_t_ms": msg["edge_t_ms"]})
+                record = self.run(as_mode(mode), on_refinement=watch if mode != "full-cloud" else None,
+                                  shared=shared)
+                if mode == "progressive" and checked.k == L:
+                    ladder_record = record
+            out["records"][mode] = record
+            on_event({"type": "result", "mode": mode, "record": record})
+        if self.cloud is not None and any(m != "full-edge" for m in modes):
+            if ladder_record is None:  # one stream of every layer, each answered as it arrives
+                ladder_record = self.run(as_mode("progressive", k=L), on_refinement=lambda msg: None,
+                                         shared=shared)
+            # what a request for k layers sends (its own header: a k = L stream's prefix differs)
+            (tokens, grid), _ = shared["edge_vision"]
+            layers, _ = shared[f"mae_encode {L}"]
+            sizes = [len(self.runtime.frame_bytes(layers[:j], tokens.shape[0], grid)) for j in range(1, L + 1)]
+            out["ladder"] = [{"k": r["layers"], "payload_bytes": sizes[r["layers"] - 1],
+                              "answer": r["answer"], "edge_t_ms": r["edge_t_ms"]}
+                             for r in ladder_record["refinements"]]
+            on_event({"type": "ladder", "rows": out["ladder"]})
+        return out
 
     def _check_link_time(self, link: LinkProfile, payload_bytes: int, ask: CheckedAsk | None = None):
         """Refuse a request that would spend longer than max_link_s on the link, or (once

@@ -48,8 +48,25 @@ class EdgeAgentClient:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer,
                           device_profile, True)
+        yield from self._lines("/v1/ask", data, form)
+
+    def compare_stream(self, image: str | Path | bytes, question: str, modes, k: int | None = None,
+                       bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
+                       device_profile: str | None = None) -> Iterator[dict]:
+        """POST /v1/compare: every mode for one frame in one request. Yields the agent's events
+        (reference, refinement, result, ladder) until done; raises EdgeAgentError with its reason."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        form = {"question": question, "modes": ",".join(modes), "bandwidth_mbps": str(bandwidth_mbps),
+                "rtt_ms": str(rtt_ms)}
+        for name, value in (("k", k), ("budget_ms", budget_ms), ("device_profile", device_profile)):
+            if value is not None:
+                form[name] = str(value)
+        yield from self._lines("/v1/compare", data, form, until="done")
+
+    def _lines(self, path: str, data: bytes, form: dict, until: str | None = None) -> Iterator[dict]:
+        """The NDJSON lines of a streamed POST, up to (not including) a line of type `until`."""
         try:
-            with self._http.stream("POST", "/v1/ask", files={"image": ("image", data)}, data=form) as r:
+            with self._http.stream("POST", path, files={"image": ("image", data)}, data=form) as r:
                 if r.status_code != 200:
                     r.read()
                     raise EdgeAgentError(_reason(r))
@@ -59,6 +76,8 @@ class EdgeAgentClient:
                     item = json.loads(line)
                     if item["type"] == "error":
                         raise EdgeAgentError(item["detail"])
+                    if item["type"] == until:
+                        return
                     yield item
         except httpx.HTTPError as e:
             raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None

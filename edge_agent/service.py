@@ -8,6 +8,9 @@
                     → one JSON record (edge_agent/agent.py); with stream=true, NDJSON lines:
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
+    POST /v1/compare  the same fields with `modes` (comma-separated) instead of mode: every mode
+                    for one frame, the device's work done once; NDJSON lines reference,
+                    refinement/result per mode, the ladder k = 1..L, then done (the demo's Run)
 
 With a token configured, /v1/* needs `Authorization: Bearer <token>`; a request a browser sends
 from another origin is refused (progvlm.http_limits). Every error is `{"detail": "<reason>"}`:
@@ -37,7 +40,7 @@ from pydantic import BaseModel
 from progvlm.http_limits import BoundedBody, RequireToken, READ_TIMEOUT_S
 from progvlm.images import ImageInputError
 
-from .agent import AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
+from .agent import MODES, AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
 
 MAX_UPLOAD_BYTES = 20 << 20
 FORM_FIELDS_BYTES = 64 << 10  # room for the form's other fields and the multipart framing
@@ -194,7 +197,69 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
             return _error(e)
         return StreamingResponse(_ndjson(agent, checked), media_type="application/x-ndjson")
 
+    events = {"description": "NDJSON lines: reference, refinement and result per mode, ladder, "
+                             "then done (or error)",
+              "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
+
+    @app.post("/v1/compare", responses={200: events, **_documented(400, 401, 403, 408, 409, 413, 422,
+                                                                   502, 503, 504)})
+    async def compare(request: Request, image: UploadFile = File(...), question: str = Form(...),
+                      modes: str = Form(",".join(MODES), description="comma-separated, of "
+                                        + ", ".join(MODES)),
+                      k: int | None = Form(None), bandwidth_mbps: float = Form(1.0),
+                      rtt_ms: float = Form(20.0), budget_ms: float | None = Form(None),
+                      device_profile: str | None = Form(None), frame: str = Form("camera"),
+                      jpeg_quality: int = Form(90), link_emulation: bool = Form(True)):
+        """Every mode for one frame and question in one request, the device's work on the frame
+        done once; the compression ladder k = 1..L from one progressive stream's per-layer
+        answers (what the demo page asks per Run)."""
+        data = await image.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
+                                status_code=413)
+        loop = asyncio.get_running_loop()
+        client = request.client.host if request.client else "unknown"
+        fields = dict(bandwidth_mbps=bandwidth_mbps, rtt_ms=rtt_ms, device_profile=device_profile,
+                      client=client, frame=frame, jpeg_quality=jpeg_quality, link_emulation=link_emulation)
+        try:
+            checked, mode_list = await _within(_in_daemon_thread(
+                loop, agent.check_compare, data, question, modes, k, budget_ms, **fields),
+                time.monotonic() + agent.request_timeout_s, agent.request_timeout_s)
+        except Exception as e:  # noqa: BLE001 - every failure reaches the caller as a reason
+            return _error(e)
+        return StreamingResponse(_compare_ndjson(agent, checked, mode_list),
+                                 media_type="application/x-ndjson")
+
     return app
+
+
+async def _compare_ndjson(agent: EdgeAgent, checked, modes: list[str]):
+    """agent.compare in a daemon thread; its events as lines, then done (or the error)."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue = asyncio.Queue()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is closed: the server has shut down
+
+    def work():
+        try:
+            agent.compare(checked, modes, on_event=put)
+            put({"type": "done"})
+        except Exception as e:  # noqa: BLE001 - reaches the caller as its line
+            put({"type": "error", "status": _status(e), "detail": _detail(e)})
+
+    threading.Thread(target=work, daemon=True, name="edge-compare").start()
+    while True:
+        try:
+            item = await _within(lines.get(), checked.deadline, agent.request_timeout_s)
+        except DeadlineError as e:
+            item = {"type": "error", "status": 504, "detail": str(e)}
+        yield json.dumps(item) + "\n"
+        if item["type"] in ("done", "error"):
+            return
 
 
 async def _ndjson(agent: EdgeAgent, checked):

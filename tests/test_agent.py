@@ -270,3 +270,39 @@ def test_without_link_emulation_nothing_is_paced(agent, image):
                        bandwidth_mbps=0.05, rtt_ms=400, link_emulation=False)
     assert record["link"]["emulated"] is False
     assert record["total_ms"] < 300  # emulated: ≥ 400 ms of RTT alone
+
+
+def test_compare_runs_every_mode_seeing_the_frame_once(agent, image, monkeypatch):
+    """One comparison: vision and MAE encode run once for all modes, the ladder k = 1..L comes
+    from one progressive stream, and each mode's answer equals its own request's."""
+    calls = {"vision": 0, "mae_encode": 0}
+    for name in calls:
+        original = getattr(agent.runtime, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+        monkeypatch.setattr(agent.runtime, name, counted)
+    checked, modes = agent.check_compare(image, Q, "full-cloud,full-edge,progressive,auto", k=2,
+                                         bandwidth_mbps=100, rtt_ms=0)
+    events = []
+    out = agent.compare(checked, modes, on_event=events.append)
+    assert calls == {"vision": 1, "mae_encode": 1}
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "reference" and kinds[-1] == "ladder"
+    assert [e["mode"] for e in events if e["type"] == "result"] == modes
+    L = agent.runtime.num_layers
+    ladder = out["ladder"]
+    assert [row["k"] for row in ladder] == list(range(1, L + 1))
+    sizes = [row["payload_bytes"] for row in ladder]
+    assert sizes == sorted(sizes) and sizes[1] == out["records"]["progressive"]["payload_bytes"]
+    monkeypatch.undo()
+    alone = agent.ask(image, Q, mode="progressive", k=2, bandwidth_mbps=100, rtt_ms=0)
+    assert out["records"]["progressive"]["answer"] == alone["answer"] == ladder[1]["answer"]
+    assert out["reference"] == out["records"]["full-edge"]["answer"]
+
+
+@pytest.mark.parametrize("modes, reason", [("", "non-empty"), ("progressive,teleport", "unknown: 'teleport'")])
+def test_compare_checks_its_modes(agent, image, modes, reason):
+    with pytest.raises(AskError, match=reason):
+        agent.check_compare(image, Q, modes)
