@@ -1,5 +1,8 @@
 import os
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,3 +34,31 @@ def split():
     the services' tests build their apps and runtimes on it instead of loading it again."""
     from progvlm.split import load_split
     return load_split(None, None)
+
+
+@dataclass(frozen=True)
+class RunningCloud:
+    url: str
+    token: str
+
+
+@pytest.fixture(scope="session")
+def running_cloud(split):
+    """The cloud backend (progvlm.cloud_service) serving `split` on loopback, in a thread of
+    this process: a real URL for CloudLink and the edge agent, without a second model load."""
+    import uvicorn
+    from progvlm.cloud_service import create_app
+    from progvlm.services import free_port
+    token, port = "test-cloud-token", free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(split, token), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the cloud backend did not start")
+        time.sleep(0.02)
+    yield RunningCloud(f"http://127.0.0.1:{port}", token)
+    server.should_exit = True
+    thread.join(5)
