@@ -8,9 +8,10 @@ and for the cloud a real JPEG (/v1/full) and a real bitstream from split.pack(sp
 (/v1/progressive), whole, cut and as each other's body.
 
 Both apps run in-process (ASGI); the edge agent talks to a real cloud on loopback
-(conftest.running_cloud). The fast set
-runs a few fuzzed examples per operation with a fixed seed; `-m slow` runs many, seeded anew.
-A failure prints the request as a curl command, and the check that failed with its reason.
+(conftest.running_cloud). The fast set runs 30 fuzzed examples per operation and generation
+mode with a fixed seed, besides schemathesis's coverage cases (`python -m pytest
+tests/test_api_fuzz.py`, ~15 s); `-m slow` runs 200, seeded anew each run. A failure prints the
+check that failed with its reason, and the request as a curl command.
 """
 import io
 import json
@@ -25,8 +26,13 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.transport.serialization import Binary
 
+from edge_agent.agent import MODES, EdgeAgent
+from edge_agent.runtime import PyTorchRuntime
+from edge_agent.service import create_app as create_edge_app
 from progvlm.bitstream import parse
+from progvlm.cloud_service import create_app as create_cloud_app
 from progvlm.examples import load_examples
 from progvlm.images import resize_for_model
 
@@ -65,16 +71,35 @@ def real_bodies(split):
             "bitstream_cut": cut}
 
 
-def _mixed_with(real: list[bytes]):
-    """A hook for flatmap_body: the generated body, or a real one in its place (or, for a
-    multipart form, in its `image` field), so every run both fuzzes and exercises the model."""
+def _or_real(generated: dict, real: dict):
+    """The generated fields, or with real values in place of some."""
+    return st.one_of(st.just(generated), st.fixed_dictionaries(real).map(lambda r: {**generated, **r}))
+
+
+def _hooks(schema, real_bodies: dict[str, list[bytes]]):
+    """Generated requests, many of them carrying a real body (in the edge's multipart form, a
+    real image) and a real question, so that the fuzzer reaches the model, not only the input
+    checks. Each operation mostly gets its own kind of body, sometimes another's (a JPEG sent
+    to /v1/progressive must be refused with a reason)."""
+    every = [body for bodies in real_bodies.values() for body in bodies]
+
+    def real_for(context):
+        return st.sampled_from(real_bodies.get(context.operation.path, []) * 3 + every)
+
+    @schema.hook
     def flatmap_body(context, body):
-        if isinstance(body, (bytes, bytearray)):
-            return st.one_of(st.just(body), st.sampled_from(real))
-        if isinstance(body, dict) and "image" in body:
-            return st.one_of(st.just(body), st.sampled_from(real).map(lambda b: {**body, "image": b}))
+        if isinstance(body, (bytes, Binary)):  # a raw body (schemathesis wraps bytes in Binary)
+            return st.one_of(st.just(body), real_for(context).map(Binary))
+        if isinstance(body, dict):
+            return _or_real(body, {"image": real_for(context), "question": st.just(Q),
+                                   "mode": st.sampled_from(MODES)})
         return st.just(body)
-    return flatmap_body
+
+    @schema.hook
+    def flatmap_query(context, query):
+        if "question" in context.operation.query:  # the cloud's question is in the query
+            return _or_real(query or {}, {"question": st.just(Q)})
+        return st.just(query)
 
 
 # ---- the two apps --------------------------------------------------------------------------
@@ -82,48 +107,51 @@ def _mixed_with(real: list[bytes]):
 def _schema(app, real, max_examples, seed, headers=None):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app,
                                             config=_config(max_examples, seed, headers))
-    schema.hook("flatmap_body")(_mixed_with(real))
+    _hooks(schema, real)
     return schema
 
 
 @pytest.fixture(scope="module")
 def cloud_app(split):
-    from progvlm.cloud_service import create_app
-    return create_app(split, token=TOKEN)
+    return create_cloud_app(split, token=TOKEN)
 
 
 @pytest.fixture(scope="module")
 def edge_app(split, running_cloud):
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.runtime import PyTorchRuntime
-    from edge_agent.service import create_app
     runtime = PyTorchRuntime(split)
     # max_link_s: a fuzzed 0.01 Mbps / 10 s RTT request is refused (422) instead of taking
     # minutes on the emulated link; requests that fit run end to end
-    yield create_app(EdgeAgent(runtime, running_cloud.url, running_cloud.token, max_link_s=0.5))
+    yield create_edge_app(EdgeAgent(runtime, running_cloud.url, running_cloud.token, max_link_s=0.5))
     runtime.set_threads(runtime.default_threads)
+
+
+def _cloud_bodies(real: dict) -> dict:
+    return {"/v1/full": [real["jpeg"], real["png"]],
+            "/v1/progressive": [real["bitstream"], real["bitstream_cut"]]}
+
+
+def _edge_bodies(real: dict) -> dict:
+    return {"/v1/ask": [real["png"], real["jpeg"]]}
 
 
 @pytest.fixture(scope="module")
 def cloud_schema(cloud_app, real_bodies):
-    return _schema(cloud_app, list(real_bodies.values()), FAST_EXAMPLES, seed=1,
-                   headers=AUTH)
+    return _schema(cloud_app, _cloud_bodies(real_bodies), FAST_EXAMPLES, seed=1, headers=AUTH)
 
 
 @pytest.fixture(scope="module")
 def edge_schema(edge_app, real_bodies):
-    return _schema(edge_app, [real_bodies["png"], real_bodies["jpeg"]], FAST_EXAMPLES, seed=1)
+    return _schema(edge_app, _edge_bodies(real_bodies), FAST_EXAMPLES, seed=1)
 
 
 @pytest.fixture(scope="module")
 def cloud_schema_slow(cloud_app, real_bodies):
-    return _schema(cloud_app, list(real_bodies.values()), SLOW_EXAMPLES, seed=None,
-                   headers=AUTH)
+    return _schema(cloud_app, _cloud_bodies(real_bodies), SLOW_EXAMPLES, seed=None, headers=AUTH)
 
 
 @pytest.fixture(scope="module")
 def edge_schema_slow(edge_app, real_bodies):
-    return _schema(edge_app, [real_bodies["png"], real_bodies["jpeg"]], SLOW_EXAMPLES, seed=None)
+    return _schema(edge_app, _edge_bodies(real_bodies), SLOW_EXAMPLES, seed=None)
 
 
 # ---- the fuzzers ---------------------------------------------------------------------------
