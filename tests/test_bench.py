@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from progvlm.bench import scene_graph_bits
 from progvlm.data import EVAL_STREAM, scenes
 
@@ -19,6 +21,7 @@ def test_the_information_floor_counts_the_scene_graph():
     assert math.isclose(scene_graph_bits(three) - scene_graph_bits(one), 2 * per_object)
 
 
+@pytest.mark.slow  # the whole quick benchmark: 80 s on a busy two-core host
 def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     out = subprocess.run([sys.executable, "-m", "progvlm", "bench", "--quick", "--json", "--seed", "3",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -16,6 +16,9 @@ import pytest
 
 from progvlm.services import free_port
 
+# starts the demo with its two services and a browser: ~50 s; CI runs it with `-m slow`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = ROOT / "tests" / "artifacts" / "demo.png"

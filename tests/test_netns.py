@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# two namespaces, a shaped veth and two services started in them: CI runs it with `-m slow`
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 RATE_MBIT = 1
 BURST_BYTES = 1600  # tbf lets this much through at line rate before it starts shaping
