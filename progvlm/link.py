@@ -8,8 +8,6 @@ time reported is the measured wall time of really sending those bytes, never a f
 from __future__ import annotations
 
 import math
-import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -110,41 +108,3 @@ def paced_segments(segments: list[bytes], profile: LinkProfile, clock=time.perf_
                 sleep(wait)
             sent += len(chunk)
             yield chunk
-
-
-def send_over_tcp(data: bytes, address: tuple[str, int], profile: LinkProfile,
-                  timeout_s: float = 30.0) -> float:
-    """Send `data` length-prefixed through the shaped link to a receiver that answers one ack
-    byte after the last byte; returns the measured seconds from start to ack (RTT included)."""
-    t0 = time.perf_counter()
-    time.sleep(profile.rtt_ms / 2000)  # the request's propagation
-    with socket.create_connection(address, timeout=timeout_s) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(struct.pack(">I", len(data)))
-        for chunk in paced_chunks(data, profile):
-            sock.sendall(chunk)
-        if sock.recv(1) != b"\x01":
-            raise LinkError("the receiver closed the link before acknowledging the payload")
-    time.sleep(profile.rtt_ms / 2000)  # the reply's propagation
-    return time.perf_counter() - t0
-
-
-def receive_one(server: socket.socket) -> bytes:
-    """Accept one connection on a listening socket, read one length-prefixed payload, ack it."""
-    conn, _ = server.accept()
-    with conn:
-        header = _read_exact(conn, 4)
-        (n,) = struct.unpack(">I", header)
-        data = _read_exact(conn, n)
-        conn.sendall(b"\x01")
-    return data
-
-
-def _read_exact(conn: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        part = conn.recv(min(65536, n - len(buf)))
-        if not part:
-            raise LinkError(f"link cut after {len(buf)} of {n} bytes")
-        buf += part
-    return bytes(buf)
