@@ -5,8 +5,6 @@ The timed path is the product's: progvlm.transport.CloudLink sending through
 progvlm.link.paced_chunks / paced_segments to a real cloud backend on loopback."""
 import io
 import math
-import socket
-import threading
 
 import pytest
 from PIL import Image
