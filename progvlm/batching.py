@@ -30,6 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,6 +124,27 @@ class MicroBatcher:
             raise mine.error
         return mine.outcome
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        with self._lock:
+            return len(self._queue)
+
+    @contextmanager
+    def paused(self):
+        """No batch starts inside this block (one already running finishes); on leaving it,
+        what queued meanwhile runs. For draining and for tests that need a known batch."""
+        with self._lock:
+            while self._running:
+                self._finished.wait()
+            self._running = True
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._running = False
+                self._finished.notify_all()
+
     def _collect(self) -> list[_Pending]:
         """(Lock held.) The queue's head, up to max_batch; while clients are concurrent,
         first wait at most max_wait_ms for the queue to reach the previous batch's size."""
@@ -138,18 +160,28 @@ class MicroBatcher:
         return batch
 
     def _run(self, batch: list[_Pending]):
-        started = time.perf_counter()
-        try:
-            results = self.run_batch([p.item for p in batch])
-        except Exception as e:
-            if len(batch) == 1:
-                batch[0].error, batch[0].done = e, True
+        outcomes = run_isolated(self.run_batch, [p.item for p in batch], [p.submitted for p in batch])
+        for p, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Batched):
+                p.outcome = outcome
             else:
-                for p in batch:
-                    self._run([p])
-            return
-        for p, result in zip(batch, results):
-            p.outcome, p.done = Batched(result, _ms(p.submitted, started), len(batch)), True
+                p.error = outcome
+            p.done = True
+
+
+def run_isolated(run_batch: Callable[[list], list], items: list,
+                 submitted: list[float]) -> list[Batched | Exception]:
+    """run_batch(items) as one batch, each result a Batched (submitted[i]: when item i was
+    queued, perf_counter). If the batch raises, each item runs alone, so that only the
+    failing ones get their exception (returned, not raised)."""
+    started = time.perf_counter()
+    try:
+        results = run_batch(items)
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+        return [run_isolated(run_batch, [item], [t])[0] for item, t in zip(items, submitted)]
+    return [Batched(r, _ms(t, started), len(items)) for r, t in zip(results, submitted)]
 
 
 @dataclass
@@ -185,24 +217,30 @@ class BatchingCloudModel(CloudModel):
     batches (see the module docstring). Subclasses may route `_submit` elsewhere (the Ray
     Serve deployment hands jobs to @serve.batch)."""
 
-    def __init__(self, split: Split, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS):
+    def __init__(self, split: Split, max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+                 submit: Callable[[Job], Batched] | None = None, how: str | None = None):
+        """`submit` (job → Batched, raising what the job raised): where jobs are batched; by
+        default a MicroBatcher in this process (the Ray Serve replica passes its @serve.batch
+        method). `how`: the batching policy as /v1/info states it."""
         super().__init__(split)
-        self.batcher = MicroBatcher(lambda jobs: run_jobs(split, jobs), max_batch, max_wait_ms)
+        self.max_batch, self.max_wait_ms = max_batch, max_wait_ms
+        self.batcher = None
+        if submit is None:
+            self.batcher = MicroBatcher(lambda jobs: run_jobs(split, jobs), max_batch, max_wait_ms)
+            submit = self.batcher.submit
+            how = how or (f"up to {max_batch} concurrent requests run as one batch, waiting at "
+                          f"most {max_wait_ms:g} ms for it to fill, and only while clients are "
+                          "concurrent")
+        self._submit = submit
+        self._how = how or f"up to {max_batch} concurrent requests run as one batch"
 
-    def _describe_batching(self, max_batch: int, max_wait_ms: float) -> dict:
-        how = (f"batched: up to {max_batch} concurrent requests run as one batch (waiting at "
-               f"most {max_wait_ms:g} ms for it to fill, and only while clients are concurrent)")
+    def info(self) -> dict:
+        how = "batched: " + self._how
         if not self.split.vlm.batches_language:
             how += "; this VLM's backend has no batch path, so its language half runs one by one"
         return {**self.split.info(), "concurrency": how,
-                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms,
+                "batching": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
                              "backend_batches": self.split.vlm.batches_language}}
-
-    def info(self) -> dict:
-        return self._describe_batching(self.batcher.max_batch, self.batcher.max_wait_ms)
-
-    def _submit(self, job: Job) -> Batched:
-        return self.batcher.submit(job)
 
     def _run(self, stages: dict, job: Job) -> tuple[str, int]:
         try:

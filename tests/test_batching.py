@@ -188,7 +188,7 @@ def test_requests_queued_while_a_batch_runs_share_the_next_one():
     others = [threading.Thread(target=client, args=(f"r{i}",)) for i in range(6)]
     for t in others:
         t.start()
-    while sum(1 for _ in batcher._queue) < 6:  # all six queued behind the running batch
+    while batcher.queued < 6:  # all six queued behind the running batch
         threading.Event().wait(0.001)
     release.set()
     for t in [first, *others]:
@@ -204,7 +204,6 @@ def test_one_bad_request_fails_alone():
             raise ValueError(f"negative: {[i for i in items if i < 0]}")
         return [i + 1 for i in items]
     batcher = MicroBatcher(run, max_batch=8, max_wait_ms=0)
-    batcher._running = True  # hold the batch back until all three are queued
     outcomes = {}
 
     def client(i):
@@ -213,13 +212,11 @@ def test_one_bad_request_fails_alone():
         except ValueError as e:
             outcomes[i] = str(e)
     threads = [threading.Thread(target=client, args=(i,)) for i in (1, -5, 2)]
-    for t in threads:
-        t.start()
-    while sum(1 for _ in batcher._queue) < 3:
-        threading.Event().wait(0.001)
-    with batcher._lock:
-        batcher._running = False
-        batcher._finished.notify_all()
+    with batcher.paused():  # all three in one batch
+        for t in threads:
+            t.start()
+        while batcher.queued < 3:
+            threading.Event().wait(0.001)
     for t in threads:
         t.join(10)
     assert outcomes == {1: 2, -5: "negative: [-5]", 2: 3}
@@ -290,7 +287,6 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(split, models):
         requests += [(data, qa.question) for qa in training_questions(scene, rng)[:3]]
     requests.append((requests[0][0], " ".join(["red"] * 40)))  # fails alone, not its batch
     want = [locked.progressive(*r)["answer"] for r in requests[:-1]]
-    batching.batcher._running = True  # hold the model until every request is queued
     got = [None] * len(requests)
 
     def client(i):
@@ -299,13 +295,11 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(split, models):
         except RequestError as e:
             got[i] = e
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    while sum(1 for _ in batching.batcher._queue) < len(requests):
-        threading.Event().wait(0.001)
-    with batching.batcher._lock:
-        batching.batcher._running = False
-        batching.batcher._finished.notify_all()
+    with batching.batcher.paused():  # every request queued before the first batch
+        for t in threads:
+            t.start()
+        while batching.batcher.queued < len(requests):
+            threading.Event().wait(0.001)
     for t in threads:
         t.join(60)
     assert [g["answer"] for g in got[:-1]] == want
