@@ -319,7 +319,6 @@ def _measure_main(argv=None):
     import json
 
     import numpy as np
-    import torch
 
     from .data import training_questions
     from .scenes import generate_scene, render_scene
@@ -327,7 +326,9 @@ def _measure_main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m progvlm.batching", description=_measure_main.__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds (lock, batched, lock, ...); the median is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -338,12 +339,19 @@ def _measure_main(argv=None):
         scene = generate_scene(9000 + seed)
         data = split.pack(split.edge(render_scene(scene)))
         requests += [(data, qa.question) for qa in training_questions(scene, rng)]
-    for name, model in (("lock", CloudModel(split)), ("batched", BatchingCloudModel(split))):
+    models = {"lock": CloudModel(split), "batched": BatchingCloudModel(split)}
+    for model in models.values():
         model.warm_up()
         measure_clients(model, requests, 4, 1.0)  # warm the allocator and the batch shapes
-        for clients in args.clients:
-            print(json.dumps({"model": name, **measure_clients(model, requests, clients,
-                                                               args.seconds)}), flush=True)
+    for clients in args.clients:
+        runs = {name: [] for name in models}
+        for _ in range(args.rounds):  # interleaved: a busy host slows both alike
+            for name, model in models.items():
+                runs[name].append(measure_clients(model, requests, clients, args.seconds))
+        for name, results in runs.items():
+            median = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
+            print(json.dumps({"model": name, **median,
+                              "all_req_per_s": [r["req_per_s"] for r in results]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from progvlm.backends.base import Answer, VLMBackend
+from progvlm.backends.base import VLMBackend
 from progvlm.batching import BatchingCloudModel, Job, MicroBatcher, run_jobs
 from progvlm.cloud_service import CloudModel, RequestError
 from progvlm.data import training_questions
