@@ -157,6 +157,50 @@ def _add_serve_cloud(sub):
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
 
 
+def _add_serve_cloud_ray(sub):
+    from .batching import MAX_BATCH, MAX_WAIT_MS
+    p = sub.add_parser("serve-cloud-ray", help="the cloud backend on Ray Serve: replicas, "
+                       "request batching, autoscaling (pip install 'ray[serve]')",
+                       description="The serve-cloud HTTP contract (the same FastAPI app, WebSocket "
+                       "included) served by Ray Serve replicas, each batching concurrent requests "
+                       "with @serve.batch. PROGVLM_CLOUD_TOKEN as for serve-cloud.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8600)
+    _add_vlm(p)
+    p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    p.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                   help="scale between MIN and MAX replicas instead (aiming at one full batch "
+                        "in flight per replica)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="requests per batch at most")
+    p.add_argument("--batch-wait-ms", type=float, default=MAX_WAIT_MS,
+                   help="how long a batch waits to fill after its first request")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=0.0,
+                   help="Ray GPUs per replica (0.5: two replicas share a GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (default: start a local one)")
+
+
+def cmd_serve_cloud_ray(a) -> int:
+    import os
+    from .cloud_service import TOKEN_ENV
+    try:
+        from .ray_serve import serve_ray
+        import ray.serve  # noqa: F401
+    except ImportError:
+        print("error: serve-cloud-ray needs Ray Serve: pip install 'ray[serve]' (see "
+              "requirements.txt for the tested version)", file=sys.stderr)
+        return 2
+    serve_ray(a.host, a.port, a.ray_address, vlm=a.vlm, mae=a.mae,
+              token=os.environ.get(TOKEN_ENV) or None, max_body_bytes=a.max_body_bytes,
+              replicas=a.replicas, autoscale=tuple(a.autoscale) if a.autoscale else None,
+              max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, threads=a.threads,
+              num_cpus=a.num_cpus, num_gpus=a.num_gpus)
+    return 0
+
+
 def _add_bench(sub):
     p = sub.add_parser("bench", help="the paper-style experiment (bundled VLM), or the cost "
                        "profile of any VLM on your images (--images)",
@@ -214,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `python -m progvlm <command> --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae, _add_ask,
-                _add_make_examples, _add_serve_cloud, _add_bench, _add_make_random_vlm):
+                _add_make_examples, _add_serve_cloud, _add_serve_cloud_ray, _add_bench,
+                _add_make_random_vlm):
         add(sub)
     return parser
 
@@ -570,4 +615,5 @@ def main(argv=None) -> int:
 _COMMANDS = {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
             "eval-mae": cmd_eval_mae, "ask": cmd_ask,
             "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud,
-            "bench": cmd_bench, "make-random-vlm": cmd_make_random_vlm}
+            "bench": cmd_bench, "make-random-vlm": cmd_make_random_vlm,
+            "serve-cloud-ray": cmd_serve_cloud_ray}

@@ -4,6 +4,8 @@
     wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py),
                                              applied once, by the transport
     cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms)
+            Split.decode_batch(frames) / language_batch([(tokens, question, grid), ...])
+                                             the same for many requests as one batch
     whole:  Split.whole(image, question)    -> the unsplit VLM (full-edge, full-cloud)
 
 `load_split(vlm_spec, mae_folder)` is the one loader: the agent, the cloud service, evaluation,
@@ -111,6 +113,30 @@ class Split:
         except EntropyDecodeError as e:
             raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
 
+    @torch.no_grad()
+    def decode_batch(self, frames: list[Frame]) -> list[torch.Tensor]:
+        """decode() of many frames, the MAE decoder run once over all their blocks (each block
+        with its own frame's k): the same tokens as one by one (tests/test_batching.py) for a
+        fraction of the time. The steps are MAE.decompress's, split so the batch can share its
+        decoder pass. Raises BitstreamError for the first frame that cannot be decoded."""
+        if not frames:
+            return []
+        N, L = self.mae.cfg.num_tokens, self.num_layers
+        latents, ks = [], []
+        for frame in frames:
+            if not 1 <= frame.k <= L or frame.num_tokens <= 0 or frame.num_tokens % N:
+                raise bitstream.BitstreamError(f"{frame.k} layers of {frame.num_tokens} tokens "
+                                               f"do not fit this MAE (1..{L} layers, blocks of {N})")
+            try:
+                idx = self.mae.edge_codec().decode_indices(frame.layers, frame.num_tokens)
+            except EntropyDecodeError as e:
+                raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
+            latents.append(self.mae.rvq.lookup(torch.from_numpy(idx)).view(frame.num_tokens // N, N, -1))
+            ks += [frame.k] * (frame.num_tokens // N)
+        tokens = self.mae.decode_latent(torch.cat(latents), torch.tensor(ks))
+        return [block.reshape(-1, tokens.shape[-1])
+                for block in tokens.split([f.num_tokens // N for f in frames])]
+
     def cloud(self, frame: Frame, question: str, max_new_tokens: int = 32) -> Answer:
         """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
         t0 = time.perf_counter()
@@ -128,6 +154,26 @@ class Split:
         answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
         answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t0, time.perf_counter())}
         return answer
+
+    def language_batch(self, requests: list[tuple[torch.Tensor, str, Grid]],
+                       max_new_tokens: int = 32) -> list[Answer]:
+        """The language half of many requests (tokens, question, grid) at once: the answers
+        language() gives one by one, in order. A backend that batches (batches_language)
+        runs them as one batch, and every answer's stage_ms is then the batch's (prefill_ms
+        and generation_ms, or language_ms), shared by all len(requests); otherwise they run
+        one by one with stage_ms of their own. A ValueError (a question the model cannot
+        read) fails the whole call: callers that must isolate requests retry them alone."""
+        if not self.vlm.batches_language:
+            return [self.language(t, q, g, max_new_tokens) for t, q, g in requests]
+        if not requests:
+            return []
+        tokens, questions, grids = (list(column) for column in zip(*requests))
+        t0 = time.perf_counter()
+        answers = self.vlm.cloud_half_batch(tokens, questions, max_new_tokens, grids)
+        batch_ms = {"language_ms": _ms(t0, time.perf_counter())}
+        for answer in answers:
+            answer.stage_ms = answer.stage_ms or dict(batch_ms)
+        return answers
 
     def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
         """The unsplit VLM: full-edge on the device, full-cloud on the server."""

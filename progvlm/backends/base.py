@@ -78,8 +78,16 @@ class VLMBackend(ABC):
         return None
 
     # Batched forms; backends override them where batching pays.
+    #: True where cloud_half_batch runs the requests as one batch (not this default loop)
+    batches_language: bool = False
+
     def edge_half_batch(self, images: list[Image.Image]) -> list[torch.Tensor]:
         return [self.edge_half(im) for im in images]
 
-    def cloud_half_batch(self, tokens: list[torch.Tensor], questions: list[str]) -> list[Answer]:
-        return [self.cloud_half(t, q) for t, q in zip(tokens, questions)]
+    def cloud_half_batch(self, tokens: list[torch.Tensor], questions: list[str],
+                         max_new_tokens: int = 32, grids: list[Grid] | None = None) -> list[Answer]:
+        """cloud_half for many requests: the same answers, in order. This default runs them one
+        by one; a backend that overrides it batches them (and sets batches_language)."""
+        grids = grids if grids is not None else [None] * len(tokens)
+        return [self.cloud_half(t, q, max_new_tokens, grid=g)
+                for t, q, g in zip(tokens, questions, grids)]

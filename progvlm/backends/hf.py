@@ -262,6 +262,47 @@ class HFVLMBackend(VLMBackend):
                                   attention_mask=enc["attention_mask"], **self._gen(max_new_tokens))
         return self._decode(out[0, ids.shape[1]:])
 
+    #: cloud_half_batch runs one left-padded batch through generate (not a loop)
+    batches_language = True
+
+    @torch.no_grad()
+    def cloud_half_batch(self, tokens: list[torch.Tensor], questions: list[str],
+                         max_new_tokens: int = 32, grids=None) -> list[Answer]:
+        """cloud_half for many requests in one generate call: each prompt built exactly as
+        cloud_half builds it, left-padded with the pad token and masked out (positions come
+        from the attention mask, so every row's positions are its own).
+
+        Padding changes the shapes the kernels see, so logits can differ from the unbatched
+        ones in the last bits; the greedy answers of the tiny random models are equal
+        (tests/test_batching.py), a real model's could differ where two tokens nearly tie,
+        as with any batched serving (vLLM included)."""
+        grids = grids if grids is not None else [None] * len(tokens)
+        rows = []
+        for t, question, grid in zip(tokens, questions, grids):
+            if t.ndim != 2 or t.shape[1] != self.token_dim:
+                raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(t.shape)}")
+            ids = self._prompt_ids(question, t.shape[0], grid)["input_ids"][0]
+            embeds = self.model.get_input_embeddings()(ids)
+            slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+            rows.append((ids, embeds.masked_scatter(slots, t.to(embeds.device, embeds.dtype))))
+        if not rows:
+            return []
+        gen = self._gen(max_new_tokens)
+        pad = gen.get("pad_token_id", self.model.generation_config.pad_token_id)
+        longest = max(len(ids) for ids, _ in rows)
+        embed_pad = self.model.get_input_embeddings()(torch.tensor([pad], device=self.model.device))
+        batch_ids = torch.full((len(rows), longest), pad, dtype=rows[0][0].dtype,
+                               device=self.model.device)
+        mask = torch.zeros_like(batch_ids)
+        batch_embeds = embed_pad.expand(len(rows), longest, -1).clone()
+        for i, (ids, embeds) in enumerate(rows):
+            batch_ids[i, longest - len(ids):] = ids
+            mask[i, longest - len(ids):] = 1
+            batch_embeds[i, longest - len(ids):] = embeds
+        out = self.model.generate(input_ids=batch_ids, inputs_embeds=batch_embeds,
+                                  attention_mask=mask, **gen)
+        return [self._decode(row[longest:]) for row in out]
+
     @torch.no_grad()
     def answer(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
         inputs = self._processor_inputs(image, question)

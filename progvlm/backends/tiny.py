@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -80,20 +79,26 @@ class TinyVLMBackend(VLMBackend):
         check = check_scene_domain(image)
         return None if check.in_domain else check.reason
 
+    #: cloud_half_batch runs one padded batch (see TinyVLM.generate), not a loop
+    batches_language = True
+
     @torch.no_grad()
-    def cloud_half_batch(self, tokens, questions, max_new_tokens: int = 32):
-        """Questions are grouped by token length so that each group decodes as one batch."""
-        groups = defaultdict(list)
-        prompts = [question_ids(encode_words(q)) for q in questions]
-        for i, p in enumerate(prompts):
-            groups[len(p)].append(i)
-        out: list[Answer | None] = [None] * len(questions)
-        for idx in groups.values():
-            ids = self.model.generate(torch.stack([tokens[i] for i in idx]).float(),
-                                      torch.tensor([prompts[i] for i in idx]), max_new_tokens)
-            for row, i in zip(ids.tolist(), idx):
-                out[i] = _answer(row)
-        return out
+    def cloud_half_batch(self, tokens, questions, max_new_tokens: int = 32, grids=None):
+        """One batch, questions of any lengths (left-padded, masked): every answer is the one
+        cloud_half gives alone. Each answer's stage_ms holds the batch's prefill and
+        generation times (the whole batch's, shared)."""
+        if grids is not None and any(g is not None for g in grids):
+            raise ValueError("the bundled VLM has a fixed layout: grid must be None")
+        if not tokens:
+            return []
+        timings = {}
+        ids = self.model.generate(torch.stack(list(tokens)).float(),
+                                  [question_ids(encode_words(q)) for q in questions],
+                                  max_new_tokens, timings)
+        answers = [_answer(row) for row in ids.tolist()]
+        for a in answers:
+            a.stage_ms = dict(timings)
+        return answers
 
     @torch.no_grad()
     def cloud_half(self, tokens, question, max_new_tokens: int = 32, grid=None):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID
+from ..questions import BOS, EOS, PAD, SEP, VOCAB, WORD_TO_ID
 from ..scenes import COLOURS, GRID, SHAPES, SIZES
 
 
@@ -78,19 +78,23 @@ class Attention(nn.Module):
         self.capture = False
         self.captured = None
 
-    def forward(self, x, causal: bool, past=None):
+    def forward(self, x, causal: bool, past=None, key_mask=None):
         """x: (B, T, D). past: (k, v) that every query of x also sees (a KV cache, or a
-        shared visual prefix). Returns the output and this segment's (k, v)."""
+        shared visual prefix). key_mask (B, P+T), optional: False at keys no query may see
+        (the padding of a batch of prompts of different lengths).
+        Returns the output and this segment's (k, v)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if past is None:
+        if past is None and key_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal and T > 1))
         else:
-            pk, pv = past
+            pk, pv = past if past is not None else (k[:, :, :0], v[:, :, :0])
             P = pk.shape[2]
             mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device)
             if causal:
                 mask[:, P:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :]  # (B, 1, T, P+T)
             keys = torch.cat([pk, k], 2)
             out = F.scaled_dot_product_attention(q, keys, torch.cat([pv, v], 2), attn_mask=mask)
             if self.capture:
@@ -107,8 +111,8 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, causal: bool, past=None):
-        a, kv = self.attn(self.ln1(x), causal, past)
+    def forward(self, x, causal: bool, past=None, key_mask=None):
+        a, kv = self.attn(self.ln1(x), causal, past, key_mask)
         x = x + a
         return x + self.mlp(self.ln2(x)), kv
 
@@ -150,17 +154,22 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(D, cfg.lm_heads) for _ in range(cfg.lm_layers))
         self.ln = nn.LayerNorm(D)
 
-    def forward_embeds(self, x, past: KVCache | None = None):
-        """Run embeddings x (B, T, D), positions already added, after `past`.
+    def forward_embeds(self, x, past: KVCache | None = None, key_mask=None):
+        """Run embeddings x (B, T, D), positions already added, after `past`; key_mask
+        (B, P+T), optional, hides padding (see Attention).
         Returns final hidden states and the (k, v) of this segment, one pair per layer."""
         new = []
         for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, causal=True, past=None if past is None else past[i])
+            x, kv = blk(x, causal=True, past=None if past is None else past[i], key_mask=key_mask)
             new.append(kv)
         return self.ln(x), new
 
     def embed_text(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.tok(ids) + self.pos_text[start:start + ids.shape[1]]
+
+    def embed_text_at(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) at text positions (B, T): each row of a batch where it stands."""
+        return self.tok(ids) + self.pos_text[positions]
 
     def embed_visual(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens + self.pos_visual
@@ -212,37 +221,76 @@ class TinyVLM(nn.Module):
         return self.projector(self.vision(pixels))
 
     # ---- the cloud half ------------------------------------------------------------------
-    def _prompt(self, tokens: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
+    def _prompt(self, tokens: torch.Tensor, prompt_ids: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """The LM input for visual tokens (B, N, D) and prompts <bos> question <sep> (B, Tq):
-        the visual tokens first, then the text (LLaVA's layout)."""
-        return torch.cat([self.lm.embed_visual(tokens), self.lm.embed_text(prompt_ids)], 1)
+        the visual tokens first, then the text (LLaVA's layout). positions (B, Tq): each text
+        token's position, where the prompts are left-padded (default 0..Tq-1)."""
+        text = (self.lm.embed_text(prompt_ids) if positions is None
+                else self.lm.embed_text_at(prompt_ids, positions))
+        return torch.cat([self.lm.embed_visual(tokens), text], 1)
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, question_ids: torch.Tensor, max_new: int = 16,
+    def generate(self, tokens: torch.Tensor, question_ids, max_new: int = 16,
                  timings: dict | None = None):
-        """Greedy answers. tokens (B, N, D); question_ids (B, Tq) = <bos> words <sep>, all of one
-        length. Returns (B, ≤max_new) answer ids, ending at <eos> (or padded with it).
+        """Greedy answers. tokens (B, N, D); question_ids: (B, Tq) = <bos> words <sep>, or a
+        list of B such id lists of any lengths. Returns (B, ≤max_new) answer ids, ending at
+        <eos> (or padded with it).
+
+        Prompts of different lengths are left-padded between the visual tokens and the text
+        and the padding is masked out of every attention, with each row's text at its own
+        positions: every row gets the tokens it gets alone (tests/test_batching.py). Each row
+        stops where it would alone (<eos>, max_new or the model's max_text_len) and leaves the
+        batch then, so a long answer does not keep finished rows computing.
         With `timings` given, adds prefill_ms (the prompt pass, first answer token included) and
         generation_ms (every further token)."""
-        B = tokens.shape[0]
-        if question_ids.shape[1] >= self.cfg.max_text_len:
-            raise ValueError(f"question too long: {question_ids.shape[1] - 2} words, this model "
-                             f"reads at most {self.cfg.max_text_len - 3}")
+        rows = question_ids.tolist() if isinstance(question_ids, torch.Tensor) else question_ids
+        B, L = tokens.shape[0], self.cfg.max_text_len
+        if len(rows) != B:
+            raise ValueError(f"{B} sets of visual tokens but {len(rows)} questions")
+        lengths = torch.tensor([len(r) for r in rows])
+        longest = int(lengths.max())
+        if longest >= L:
+            raise ValueError(f"question too long: {longest - 2} words, this model "
+                             f"reads at most {L - 3}")
+        eos, pad = WORD_TO_ID[EOS], WORD_TO_ID[PAD]
+        # left padding: the last prompt token of every row sits in the last column
+        ids = torch.tensor([[pad] * (longest - len(r)) + list(r) for r in rows])
+        padded = bool((lengths < longest).any())
+        key_mask = positions = None
+        if padded:  # equal lengths keep the unmasked path: the very ops of a single request
+            column = torch.arange(longest)[None]
+            first = (longest - lengths)[:, None]
+            positions = (column - first).clamp_min(0)
+            key_mask = torch.cat([torch.ones(B, tokens.shape[1], dtype=torch.bool),
+                                  column >= first], 1)
         t0 = time.perf_counter()
-        hidden, cache = self.lm.forward_embeds(self._prompt(tokens, question_ids))
+        hidden, cache = self.lm.forward_embeds(self._prompt(tokens, ids, positions),
+                                               key_mask=key_mask)
         logits = self.lm.logits(hidden[:, -1])
         t1 = time.perf_counter()
-        pos = question_ids.shape[1]
-        out, done = [], torch.zeros(B, dtype=torch.bool)
-        eos = WORD_TO_ID[EOS]
-        for _ in range(min(max_new, self.cfg.max_text_len - pos)):
+        limits = (L - lengths).clamp_max(max_new)  # answer tokens each row may have
+        pos = lengths.clone()  # the next token's text position, per row
+        out = torch.full((B, int(limits.max())), eos)
+        active = torch.arange(B)  # rows still generating; finished ones leave the batch
+        steps = 0
+        for step in range(out.shape[1]):
             nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-            out.append(nxt)
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            hidden, new = self.lm.forward_embeds(self.lm.embed_text(nxt[:, None], pos), cache)
+            out[active, step] = nxt
+            steps = step + 1
+            going = (nxt != eos) & (limits[active] > steps)  # as the row would alone
+            if not bool(going.all()):
+                if not bool(going.any()):
+                    break
+                keep = going.nonzero()[:, 0]
+                active, nxt, pos = active[keep], nxt[keep], pos[keep]
+                cache = [(k[keep], v[keep]) for k, v in cache]
+                key_mask = None if key_mask is None else key_mask[keep]
+            if key_mask is not None:
+                key_mask = torch.cat([key_mask, torch.ones(len(active), 1, dtype=torch.bool)], 1)
+            x = (self.lm.embed_text(nxt[:, None], int(pos[0])) if not padded
+                 else self.lm.embed_text_at(nxt[:, None], pos[:, None]))
+            hidden, new = self.lm.forward_embeds(x, cache, key_mask=key_mask)
             cache = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2))
                      for (pk, pv), (k, v) in zip(cache, new)]
             logits = self.lm.logits(hidden[:, -1])
@@ -250,7 +298,7 @@ class TinyVLM(nn.Module):
         if timings is not None:
             timings["prefill_ms"] = (t1 - t0) * 1e3
             timings["generation_ms"] = (time.perf_counter() - t1) * 1e3
-        return torch.stack(out, 1)
+        return out[:, :steps]
 
     # ---- training -------------------------------------------------------------------------
     def teacher_forced_logits(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
