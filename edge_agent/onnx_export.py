@@ -1,7 +1,8 @@
 """Export the device's models for ONNX Runtime: what a board runs without PyTorch.
 
     vision.onnx        pixels (1, 3, S, S) → visual tokens (1, N, D)
-    mae_encoder.onnx   visual tokens (N, D) → latent (N, d)
+    mae_encoder.onnx   visual tokens (N, D) → latent (N, d); the code assignment and range
+                       coding of the k layers sent run in NumPy (mae_tables.*)
     language.onnx      visual tokens (1, N, D) + text ids (1, T) → next-token logits (1, V)
                        (full-edge; one greedy step over the whole prompt, no KV cache: the
                        answers here are a few tokens long)
@@ -48,12 +49,15 @@ class _Vision(nn.Module):
 
 
 class _Encoder(nn.Module):
+    """The MAE's inference encoder (MAE.inference_encoder): the token standardisation folded
+    into the first layer, so the graph is Gemm → GELU → Gemm, as in the PyTorch runtime."""
+
     def __init__(self, mae):
         super().__init__()
-        self.mae = mae
+        self.encoder = mae.inference_encoder()
 
     def forward(self, tokens):
-        return self.mae.encode_latent(tokens)
+        return self.encoder(tokens)
 
 
 def sha256(path: Path) -> str:

@@ -4,10 +4,13 @@
     OnnxRuntime     exported ONNX graphs plus the NumPy MAE coder (edge_agent/onnx_runtime.py):
                     what an aarch64 i.MX95 board runs, without PyTorch installed
 
-Stages, each timed by the agent where it calls them:
+Stages, each timed by the agent where it calls them. They start from a camera frame
+(progvlm.images.raw_frame: pixels, as a camera delivers them); decoding an image FILE
+(progvlm.images.load_image) is host work before the device's stages, timed apart from them.
     preprocess  image → model input (the backend's own: the processor for transformers VLMs)
     vision      model input → visual tokens (N, D) and the layout the cloud needs (grid)
-    mae_encode  visual tokens → payloads of layers 1..k (only the layers sent are coded)
+    mae_encode  visual tokens → payloads of layers 1..k (only the k stages sent are assigned
+                and coded; the encoder runs with the token standardisation folded in)
     language    visual tokens + question → answer text (full-edge: the VLM on the device)
     whole       image + question → answer: the unsplit VLM, the same one the cloud runs
 
@@ -37,7 +40,7 @@ class EdgeRuntime(ABC):
 
     @abstractmethod
     def preprocess(self, image: Image.Image):
-        """RGB image → the model's input."""
+        """RGB camera frame (progvlm.images.raw_frame or a decoded file) → the model's input."""
 
     @abstractmethod
     def vision(self, model_input):

@@ -1,8 +1,16 @@
 """Image input: anything Pillow reads becomes a correct RGB frame, or a clear error.
 
-Handles alpha (composited over white), palettes, greyscale, 16-bit and 32-bit integer or float
-greyscale (rescaled, not clipped), CMYK, and EXIF orientation. Size is checked from the header,
-before any pixel is decoded, against a configured pixel limit.
+Two ways in, kept apart so that their costs are not confused:
+  * load_image: an image FILE (PNG, JPEG, … as bytes, a path or a file object) → RGB frame.
+    Container decoding is host work: a camera delivers pixels, not files.
+  * raw_frame: pixels as a camera delivers them (an H×W×3 uint8 array, or RGB24 bytes with
+    their width and height) → RGB frame, validated, nothing decoded. The device's stages
+    start here.
+
+load_image handles alpha (composited over white), palettes, greyscale, 16-bit and 32-bit
+integer or float greyscale (rescaled, not clipped), CMYK, and EXIF orientation. Size is checked
+from the header (raw_frame: from the dimensions), before any pixel is decoded or read, against
+a configured pixel limit.
 """
 from __future__ import annotations
 
@@ -71,6 +79,53 @@ def load_image(source, max_pixels: int | None = None) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - ValueError, OSError, SyntaxError, EOFError, zlib, struct …
         raise ImageInputError(f"corrupt or truncated image ({getattr(img, 'format', None) or 'unknown'}): "
                               f"{_reason(e)}") from None
+
+
+def raw_frame(pixels, width: int | None = None, height: int | None = None,
+              max_pixels: int | None = None) -> Image.Image:
+    """A camera frame → an RGB PIL image, with no container to decode.
+
+    `pixels`: an H×W×3 uint8 NumPy array (RGB, rows top to bottom), or RGB24 bytes (3 bytes per
+    pixel, row-major, no padding) with `width` and `height`. Given with an array, `width` and
+    `height` must match its shape. Raises ImageInputError naming what is wrong: not RGB24 or
+    H×W×3 uint8, a zero or negative dimension, more pixels than `max_pixels`, or a byte count
+    that is not width × height × 3."""
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(pixels, np.ndarray):
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ImageInputError(f"a raw frame is an H×W×3 RGB array; got shape {pixels.shape}")
+        if pixels.dtype != np.uint8:
+            raise ImageInputError(f"a raw frame holds uint8 RGB values (0..255); got {pixels.dtype}")
+        h, w = pixels.shape[:2]
+        for name, given, actual in (("width", width, w), ("height", height, h)):
+            if given is not None and given != actual:
+                raise ImageInputError(f"frame {name} {given} does not match the array's {actual} "
+                                      f"(shape {pixels.shape}: height × width × 3)")
+        _check_frame_size(w, h, max_pixels)
+        return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    if not isinstance(pixels, (bytes, bytearray, memoryview)):
+        raise ImageInputError(f"a raw frame is RGB24 bytes or an H×W×3 uint8 array; got "
+                              f"{type(pixels).__name__}")
+    if width is None or height is None:
+        raise ImageInputError("raw RGB24 bytes need the frame's width and height")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ImageInputError(f"frame {name} must be an integer, got {value!r}")
+    _check_frame_size(int(width), int(height), max_pixels)
+    expected = int(width) * int(height) * 3
+    if len(memoryview(pixels).cast("B")) != expected:
+        raise ImageInputError(f"an RGB24 frame of {width}×{height} is {expected:,} bytes (3 per "
+                              f"pixel); got {len(memoryview(pixels).cast('B')):,}")
+    return Image.frombuffer("RGB", (int(width), int(height)), bytes(pixels), "raw", "RGB", 0, 1)
+
+
+def _check_frame_size(width: int, height: int, max_pixels: int):
+    if width <= 0 or height <= 0:
+        raise ImageInputError(f"frame has no pixels ({width}×{height}): width and height must be "
+                              "at least 1")
+    if width * height > max_pixels:
+        raise ImageInputError(f"frame too large: {width}×{height} = {width * height:,} pixels, "
+                              f"over the limit of {max_pixels:,} pixels")
 
 
 def _empty(fp) -> bool:

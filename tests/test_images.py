@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progvlm.images import ImageInputError, load_image
+from progvlm.images import ImageInputError, load_image, raw_frame
 
 
 def _bytes(img, fmt="PNG", **kw):
@@ -74,3 +74,50 @@ def test_truncated_image_is_a_clear_error():
     data = _bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
     with pytest.raises(ImageInputError, match="corrupt or truncated"):
         load_image(data[: len(data) // 2])
+
+
+# ---- raw camera frames: pixels, no container -------------------------------------------------
+
+def test_a_raw_frame_is_the_same_image_as_its_decoded_file():
+    camera = Image.effect_noise((40, 30), 60).convert("RGB")  # 40 wide, 30 high
+    pixels = np.asarray(camera)
+    for frame in (raw_frame(pixels), raw_frame(pixels.tobytes(), 40, 30),
+                  raw_frame(bytearray(pixels.tobytes()), width=40, height=30),
+                  raw_frame(memoryview(pixels.tobytes()), 40, 30)):
+        assert frame.mode == "RGB" and frame.size == (40, 30)
+        assert np.array_equal(np.asarray(frame), np.asarray(load_image(_bytes(camera))))
+
+
+def test_a_non_contiguous_array_is_read_in_display_order():
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8, 3), np.uint8)
+    flipped = pixels[:, ::-1]  # a view with a negative stride, as a mirrored sensor gives
+    assert np.array_equal(np.asarray(raw_frame(flipped)), flipped)
+
+
+@pytest.mark.parametrize("pixels,kw,reason", [
+    (b"\x00" * 100, dict(width=8, height=4), r"RGB24 frame of 8×4 is 96 bytes \(3 per pixel\); got 100"),
+    (b"\x00" * 95, dict(width=8, height=4), "is 96 bytes.*got 95"),
+    (b"", dict(width=0, height=4), r"no pixels \(0×4\)"),
+    (b"\x00" * 12, dict(width=4, height=-1), r"no pixels \(4×-1\)"),
+    (b"\x00" * 12, {}, "need the frame's width and height"),
+    (b"\x00" * 12, dict(width=2.0, height=2), "width must be an integer, got 2.0"),
+    (b"\x00" * 12, dict(width=True, height=4), "width must be an integer"),
+    (np.zeros((4, 8), np.uint8), {}, r"H×W×3 RGB array; got shape \(4, 8\)"),
+    (np.zeros((4, 8, 4), np.uint8), {}, r"got shape \(4, 8, 4\)"),
+    (np.zeros((4, 8, 3), np.float32), {}, r"uint8 RGB values \(0..255\); got float32"),
+    (np.zeros((0, 8, 3), np.uint8), {}, r"no pixels \(8×0\)"),
+    (np.zeros((4, 8, 3), np.uint8), dict(width=4), "width 4 does not match the array's 8"),
+    ([[[0, 0, 0]]], {}, "RGB24 bytes or an H×W×3 uint8 array; got list"),
+])
+def test_bad_raw_frames_say_what_is_wrong(pixels, kw, reason):
+    with pytest.raises(ImageInputError, match=reason):
+        raw_frame(pixels, **kw)
+
+
+def test_an_oversized_raw_frame_is_refused_before_its_bytes_are_read():
+    # the dimensions alone are refused: 100000×100000 would be 30 GB of RGB24
+    with pytest.raises(ImageInputError, match=r"too large: 100000×100000 = 10,000,000,000 pixels"):
+        raw_frame(b"short", 100_000, 100_000)
+    with pytest.raises(ImageInputError, match=r"too large: 8×4 = 32 pixels.*limit of 31"):
+        raw_frame(np.zeros((4, 8, 3), np.uint8), max_pixels=31)
+    assert raw_frame(np.zeros((4, 8, 3), np.uint8), max_pixels=32).size == (8, 4)

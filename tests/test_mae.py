@@ -1,14 +1,19 @@
 """The MAE: any-prefix decoding, bytes that round-trip, a frozen VLM, resumable training."""
 import json
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
 from progvlm.backends.tiny import TinyVLMBackend
 from progvlm.bitstream import BitstreamError, parse
-from progvlm.models.mae import MAE, MAEConfig, load_mae
+from progvlm.examples import load_examples
+from progvlm.images import load_image
+from progvlm.models.mae import DEFAULT_MAE, MAE, MAEConfig, load_mae
 from progvlm.models.tiny_vlm import TinyVLM, TinyVLMConfig
-from progvlm.split import Frame, Split
+from progvlm.scenes import generate_scene, render_scene
+from progvlm.split import Frame, Split, load_split
 from progvlm.training.train_mae import train_mae
 
 SMALL_VLM = TinyVLMConfig(vision_width=32, vision_layers=1, token_dim=32, lm_layers=1)
@@ -99,3 +104,104 @@ def test_training_resumes_from_its_checkpoint(trained, tmp_path):
     s = train_mae(backend, tmp_path / "m", tmp_path / "w", steps=6, **kw)
     assert any("resumed" in m and "step 4" in m for m in logs)
     assert s["training"]["steps"] == 6
+
+
+# ---- the edge's fast path against today's bitstream (bundled VLM and MAE) ----------------------
+
+GENERATED_SCENES = 18  # with the six examples: 24 frames × 64 tokens × every k (300 more
+# scenes were checked once, by hand: no index differed)
+
+
+@contextmanager
+def _one_thread():
+    """The edge's setting (its device profiles run one thread); on a busy shared host, two
+    threads on these small ops mostly wait for each other (measured: 10× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with _one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """The bundled split and the visual tokens of the examples and of generated scenes."""
+    split = load_split()
+    images = [load_image(ex["path"]) for ex in load_examples()]
+    size = split.vlm.input_size  # rendered at the model's size: no resize to pay for
+    images += [render_scene(generate_scene(90_000 + seed), size) for seed in range(GENERATED_SCENES)]
+    with _one_thread():
+        return split, [split.vlm.vision(split.vlm.preprocess(im))[0] for im in images]
+
+
+def _unfolded_layers(mae: MAE, tokens: torch.Tensor, k: int) -> list[bytes]:
+    """The edge coding as it was before the fold, restated independently of MAE.compress and
+    MAEEncoderTables.indices: the training path's encode_latent (standardise, then the
+    Sequential encoder), the cost |c|² − 2r·c + λ·bits as one expression, fresh stage models."""
+    with torch.no_grad():
+        latent = mae.encode_latent(tokens).numpy()
+    q, residual, indices = mae.rvq, latent, []
+    for layer in range(k):
+        cb = q.codebooks[layer].numpy()
+        bits = (q.rate_lambda[layer] * q.rate_scale * q.typical_dist[layer] * q.code_bits(layer)).numpy()
+        cost = (cb ** 2).sum(-1) - 2.0 * residual @ cb.T + bits
+        indices.append(cost.argmin(1))
+        residual = residual - cb[indices[-1]]
+    models = mae.stage_models()
+    return [models[l].encode(indices[l]) for l in range(k)]
+
+
+def test_compress_is_byte_identical_to_the_unfolded_coding_for_every_k(bundled, one_thread):
+    split, frames = bundled
+    mae, L = split.mae, split.num_layers
+    for tokens in frames:
+        for k in range(1, L + 1):
+            assert mae.compress(tokens, k) == _unfolded_layers(mae, tokens, k), k
+    two_blocks = torch.cat(frames[:2])  # M = 2N: tiles or a batch of frames, coded as one
+    assert mae.compress(two_blocks, L) == _unfolded_layers(mae, two_blocks, L)
+
+
+def test_the_committed_fingerprint_survives_the_edge_caches(bundled):
+    split, frames = bundled
+    mae = split.mae
+    committed = json.loads((DEFAULT_MAE / "config.json").read_text())["fingerprint"]
+    keys = set(mae.state_dict())
+    mae.compress(frames[0], 1)  # builds the folded encoder and the coding tables
+    assert mae.inference_encoder() is mae.inference_encoder()  # built once, not per call
+    assert set(mae.state_dict()) == keys  # the folded copy is no part of the weights
+    assert mae.fingerprint().hex() == committed == split.fingerprint.hex()
+
+
+def test_the_coder_assigns_only_the_stages_asked_and_each_is_a_prefix(bundled):
+    split, frames = bundled
+    codec, L = split.mae.edge_codec(), split.num_layers
+    latent = split.mae._latent(frames[0])
+    every = codec.indices(latent)
+    assert every.shape == (L, 64)
+    for k in range(1, L + 1):
+        assert np.array_equal(codec.indices(latent, k), every[:k])
+
+
+def test_the_folded_encoder_is_the_standardised_encoder():
+    """With a mean and std far from 0 and 1 per channel, so a fold that scaled rows instead of
+    columns, or forgot the mean, would be far off."""
+    torch.manual_seed(1)
+    mae = MAE(MAEConfig(**SMALL_MAE, num_tokens=64, token_dim=32)).eval()
+    mae.token_mean.copy_(torch.randn(32) * 3)
+    mae.token_std.copy_(torch.rand(32) * 4 + 0.1)
+    tokens = mae.token_mean + mae.token_std * torch.randn(64, 32)
+    with torch.no_grad():
+        reference = mae.encode_latent(tokens)
+    assert torch.allclose(mae.inference_encoder()(tokens), reference, atol=1e-5, rtol=1e-5)
+    mae.token_mean.add_(1.0)  # new weights: stale until the caches are invalidated, as documented
+    mae.invalidate_caches()
+    with torch.no_grad():
+        assert torch.allclose(mae.inference_encoder()(tokens), mae.encode_latent(tokens),
+                              atol=1e-5, rtol=1e-5)
