@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from progvlm.bitstream import parse
-from progvlm.images import load_image, resize_for_model
+from progvlm.images import load_image, raw_frame, resize_for_model
 from progvlm.link import LinkProfile
 from progvlm.transport import CloudError, CloudLink, to_ms
 
@@ -106,6 +106,7 @@ class CheckedAsk:
     """One request, checked and its image decoded: what `EdgeAgent.run` needs."""
     image: object  # PIL image
     decode_ms: float  # measured (not yet scaled by the profile)
+    from_file: bool  # decoded from a file (host work, its own stage) or a raw camera frame
     question: str
     mode: str
     k: int
@@ -121,6 +122,11 @@ class CheckedAsk:
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
+
+
+def _check_budget(budget_ms):
+    if not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms) and budget_ms > 0):
+        raise AskError(f"the latency budget must be a positive number of ms, got {budget_ms!r}")
 
 
 def check_same_models(edge: dict, cloud: dict, cloud_url: str):
@@ -204,7 +210,8 @@ class EdgeAgent:
               bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
               cut_after_layer: int | None = None, device_profile: str | None = None,
               client: str = "local", frame: str = "camera", jpeg_quality: int = JPEG_QUALITY,
-              link_emulation: bool = True) -> CheckedAsk:
+              link_emulation: bool = True, image_format: str = "file", width: int | None = None,
+              height: int | None = None) -> CheckedAsk:
         """Everything about a request that can be checked before its work: the fields and their
         ranges (AskError), the image (ImageInputError), the cloud's models (PairingError, or
         CloudError when it is down). `device_profile` (host, imx95-emulated) overrides the
@@ -212,7 +219,10 @@ class EdgeAgent:
         change. `client` names who asks: auto learns its estimates per client. `frame` and
         `jpeg_quality`: full-cloud's JPEG. `link_emulation=False`: a real shaped network lies
         between this agent and the cloud (progvlm.netlink), so the agent paces and sleeps
-        nothing; bandwidth and RTT then describe that network."""
+        nothing; bandwidth and RTT then describe that network. `image_format`: "file" (PNG,
+        JPEG, …: decoding it is the host's work, stage `file_decode`, never projected) or
+        "rgb24" (a raw camera frame of `width` × `height`, as a camera delivers it: the device's
+        stages start from its pixels)."""
         t_arrived, deadline = time.perf_counter(), time.monotonic() + self.request_timeout_s
         L = self.runtime.num_layers
         try:
@@ -241,9 +251,8 @@ class EdgeAgent:
         if mode == "progressive" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L):
             raise AskError(f"k must be an integer in 1..{L}, got {k!r}")
         budget_ms = DEFAULT_BUDGET_MS if budget_ms is None else budget_ms
-        if mode == "auto" and not (isinstance(budget_ms, (int, float)) and math.isfinite(budget_ms)
-                                   and budget_ms > 0):
-            raise AskError(f"the latency budget must be a positive number of ms, got {budget_ms!r}")
+        if mode == "auto":
+            _check_budget(budget_ms)
         if cut_after_layer is not None:
             if mode not in ("progressive", "auto"):
                 raise AskError("cut_after_layer applies to progressive and auto only")
@@ -252,12 +261,14 @@ class EdgeAgent:
                 raise AskError(f"cut_after_layer must be in 0..{top}, got {cut_after_layer}")
         if mode != "full-edge" and self.cloud is None:
             raise AskError(f"mode {mode} needs a cloud backend; this agent has none configured")
+        if image_format not in ("file", "rgb24"):
+            raise AskError(f"image_format must be file or rgb24, got {image_format!r}")
         t0 = time.perf_counter()
-        decoded = load_image(image)
+        decoded = load_image(image) if image_format == "file" else raw_frame(image, width, height)
         decode_ms = to_ms(time.perf_counter() - t0)
         if mode != "full-edge":
             self._check_cloud()
-        return CheckedAsk(decoded, decode_ms, question, mode, k, link, budget_ms, cut_after_layer,
+        return CheckedAsk(decoded, decode_ms, image_format == "file", question, mode, k, link, budget_ms, cut_after_layer,
                           frame, jpeg_quality, profile, client, deadline, t_arrived)
 
     def run(self, ask: CheckedAsk, on_refinement=None, shared: dict | None = None) -> dict:
@@ -282,7 +293,11 @@ class EdgeAgent:
             factor = profile.compute_factor
             step = lambda name, fn, *args: self._step(memo, stages, factor, name, fn, *args)
             image = ask.image
-            stages["edge_preprocess"] = ask.decode_ms * factor
+            if ask.from_file:  # a container to decode: the host's work, not the device's compute
+                stages["file_decode"] = ask.decode_ms
+                stages["edge_preprocess"] = 0.0
+            else:
+                stages["edge_preprocess"] = ask.decode_ms * factor
             # is this frame like what the model knows? (the bundled model: generated scenes)
             note = step("edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
@@ -306,7 +321,7 @@ class EdgeAgent:
         if shared is not None and mode != "full-cloud":
             record["note_shared"] = ("edge stages measured once for this frame and shared by the "
                                      "modes of one comparison")
-        projected = list(stages) if profile.projected else []
+        projected = [name for name in stages if name != "file_decode"] if profile.projected else []
         if note:
             record["domain_note"] = note
 
@@ -381,8 +396,7 @@ class EdgeAgent:
         checked = self.check(image, question, "progressive" if cloud_mode else "full-edge", k,
                              budget_ms=budget_ms, **fields)
         if "auto" in modes:
-            self.check(checked.image, question, "auto", budget_ms=budget_ms,
-                       **{n: v for n, v in fields.items() if n != "cut_after_layer"})
+            _check_budget(DEFAULT_BUDGET_MS if budget_ms is None else budget_ms)
         runs = len(modes) + 2  # the modes, the reference answer and the ladder's stream
         deadline = time.monotonic() + runs * self.request_timeout_s
         return dataclasses.replace(checked, deadline=deadline,

@@ -177,7 +177,10 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                                     "the frame at the model's input size (camera, model)"),
                   jpeg_quality: int = Form(90, description="full-cloud's JPEG quality, 1..95"),
                   link_emulation: bool = Form(True, description="false: a real shaped network "
-                                              "lies between agent and cloud; nothing is paced here")):
+                                              "lies between agent and cloud; nothing is paced here"),
+                  image_format: str = Form("file", description="file (PNG, JPEG, …) or rgb24 (a "
+                                           "raw camera frame of width × height)"),
+                  width: int | None = Form(None), height: int | None = Form(None)):
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
@@ -187,7 +190,8 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
         try:  # everything checkable, before any work and before a stream starts
             checked = await _within(_in_daemon_thread(
                 loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation),
+                cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation,
+                image_format, width, height),
                 time.monotonic() + agent.request_timeout_s,
                 agent.request_timeout_s)
             if not stream:
@@ -209,7 +213,9 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                       k: int | None = Form(None), bandwidth_mbps: float = Form(1.0),
                       rtt_ms: float = Form(20.0), budget_ms: float | None = Form(None),
                       device_profile: str | None = Form(None), frame: str = Form("camera"),
-                      jpeg_quality: int = Form(90), link_emulation: bool = Form(True)):
+                      jpeg_quality: int = Form(90), link_emulation: bool = Form(True),
+                      image_format: str = Form("file"), width: int | None = Form(None),
+                      height: int | None = Form(None)):
         """Every mode for one frame and question in one request, the device's work on the frame
         done once; the compression ladder k = 1..L from one progressive stream's per-layer
         answers (what the demo page asks per Run)."""
@@ -220,7 +226,8 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
         loop = asyncio.get_running_loop()
         client = request.client.host if request.client else "unknown"
         fields = dict(bandwidth_mbps=bandwidth_mbps, rtt_ms=rtt_ms, device_profile=device_profile,
-                      client=client, frame=frame, jpeg_quality=jpeg_quality, link_emulation=link_emulation)
+                      client=client, frame=frame, jpeg_quality=jpeg_quality, link_emulation=link_emulation,
+                      image_format=image_format, width=width, height=height)
         try:
             checked, mode_list = await _within(_in_daemon_thread(
                 loop, agent.check_compare, data, question, modes, k, budget_ms, **fields),

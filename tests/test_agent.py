@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from edge_agent.agent import AskError, CloudError, EdgeAgent
+from progvlm.images import ImageInputError
 from progvlm.link import LinkProfile
 from edge_agent.profiles import get_profile
 from edge_agent.runtime import PyTorchRuntime
@@ -310,3 +311,19 @@ def test_compare_runs_every_mode_seeing_the_frame_once(agent, image, monkeypatch
 def test_compare_checks_its_modes(agent, image, modes, reason):
     with pytest.raises(AskError, match=reason):
         agent.check_compare(image, Q, modes)
+
+
+def test_a_raw_camera_frame_starts_the_device_stages_and_a_file_is_decoded_apart(agent, image):
+    """A file's decoding is the host's work (`file_decode`, never projected); a raw RGB24 frame
+    is what a camera delivers: same answer, no file stage."""
+    import numpy as np
+    pixels = np.asarray(Image.open(image).convert("RGB"))
+    h, w, _ = pixels.shape
+    from_file = agent.ask(image, Q, "full-edge", device_profile="imx95-emulated")
+    raw = agent.ask(pixels.tobytes(), Q, "full-edge", device_profile="imx95-emulated",
+                    image_format="rgb24", width=w, height=h)
+    assert raw["answer"] == from_file["answer"]
+    assert "file_decode" in from_file["stage_ms"] and "file_decode" not in from_file["projected_stages"]
+    assert "file_decode" not in raw["stage_ms"] and "edge_preprocess" in raw["projected_stages"]
+    with pytest.raises(ImageInputError, match="RGB24 frame of .* is 786,432 bytes"):
+        agent.ask(pixels.tobytes()[:-3], Q, "full-edge", image_format="rgb24", width=w, height=h)
