@@ -95,7 +95,8 @@ def card(record: dict | None, truth: str | None, reference: str | None, mode: st
 
 
 # The record's stages, grouped for the chart (a stacked bar stays readable with few colours)
-STAGE_GROUPS = {"edge_preprocess": "edge: preprocess + vision", "edge_vision": "edge: preprocess + vision",
+STAGE_GROUPS = {"file_decode": "host: image file decode", "connect": "connect",
+                "cloud_queue": "cloud: queue", "edge_preprocess": "edge: preprocess + vision", "edge_vision": "edge: preprocess + vision",
                 "edge_language": "edge: language model", "mae_encode": "edge: encode (MAE / JPEG)",
                 "serialize": "edge: encode (MAE / JPEG)", "uplink": "uplink",
                 "cloud_image_decode": "cloud: decode + vision", "cloud_vision": "cloud: decode + vision",
