@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True)
     _add_model_options(export)
 
+    prof = sub.add_parser("profile", help="the edge half's stage times from camera frames (JSON)",
+                          description="Time the device's stages on raw camera frames (the images' "
+                          "pixels, no file decoding): preprocess, vision, MAE encode for k = 1 and "
+                          "k = L; medians over the images of the best of several runs each, one "
+                          "thread; and the MAE's share of the edge half. Host CPU, measured.")
+    prof.add_argument("--images", required=True, type=Path, nargs="+", help="image files or folders")
+    prof.add_argument("--repeats", type=int, default=7, help="runs per stage and image (best taken)")
+    _add_device_options(prof)
+
     enc = sub.add_parser("encode", help="image → progressive bitstream of k layers",
                          description="Run the VLM's edge half and the MAE encoder on one image "
                          "and write the first k layers as a bitstream; prints sizes and stage "
@@ -188,13 +197,60 @@ def cmd_encode(a) -> int:
     return 0
 
 
+def cmd_profile(a) -> int:
+    import statistics
+    import time
+
+    import numpy as np
+
+    from progvlm.images import load_image, raw_frame
+    runtime = make_runtime(a.runtime, a.model_dir, a.vlm, a.mae)
+    runtime.set_threads(1)
+    paths = [p for arg in a.images for p in (sorted(arg.iterdir()) if arg.is_dir() else [arg])]
+    frames = []
+    for p in paths:
+        try:  # the camera's pixels: decoding the file is not the device's work
+            frames.append(np.asarray(load_image(p)))
+        except ImageInputError as e:
+            print(f"skipping {p}: {e}", file=sys.stderr)
+    if not frames:
+        print("error: no readable images", file=sys.stderr)
+        return 2
+    L = runtime.num_layers
+
+    def best_ms(fn, *args):
+        times = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return out, min(times)
+    rows = []
+    for pixels in [frames[0]] + frames:  # the first pass warms up
+        r = {}
+        x, r["edge_preprocess_ms"] = best_ms(lambda: runtime.preprocess(raw_frame(pixels)))
+        (tokens, grid), r["edge_vision_ms"] = best_ms(runtime.vision, x)
+        for k in (1, L):
+            _, r[f"mae_encode_k{k}_ms"] = best_ms(runtime.mae_encode, tokens, k)
+        rows.append(r)
+    med = {key: round(statistics.median(r[key] for r in rows[1:]), 4) for key in rows[0]}
+    for k in (1, L):
+        med[f"mae_share_of_edge_k{k}"] = round(med[f"mae_encode_k{k}_ms"] / (
+            med["edge_preprocess_ms"] + med["edge_vision_ms"] + med[f"mae_encode_k{k}_ms"]), 4)
+    print(json.dumps({"runtime": runtime.name, "vlm_id": runtime.model_id, "frames": len(frames),
+                      "L": L, "threads": 1, "timing": "host CPU, measured; raw frames, best of "
+                      f"{a.repeats} per image, median over images", **med}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.command is None:
         parser.print_help()
         return 2
-    return {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode}[a.command](a)
+    return {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode,
+            "profile": cmd_profile}[a.command](a)
 
 
 if __name__ == "__main__":
