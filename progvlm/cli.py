@@ -146,13 +146,19 @@ def _add_serve_cloud(sub):
                        description="The GPU-server side: /healthz, /v1/info, POST /v1/full (image + "
                        "question), POST /v1/progressive and WS /v1/progressive/stream (bitstream + "
                        "question). With PROGVLM_CLOUD_TOKEN set, /v1/* needs 'Authorization: "
-                       "Bearer <token>'. The model runs one request at a time (a lock).")
+                       "Bearer <token>'. The model runs one request at a time (a lock). The "
+                       "WebSocket carries many requests on one kept-open socket (the edge agent's "
+                       "session); browser pages may open it only from an --allow-origin.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
     _add_vlm(p)
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger bodies get 413")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (scheme://host[:port]) whose pages may open the "
+                        "WebSocket; repeatable (default: none; clients that send no Origin, "
+                        "like the edge agent, are always served)")
 
 
 def _add_bench(sub):
@@ -447,8 +453,12 @@ def cmd_make_examples(a) -> int:
 
 def cmd_serve_cloud(a) -> int:
     import os
-    from .cloud_service import TOKEN_ENV, serve
-    serve(a.host, a.port, os.environ.get(TOKEN_ENV) or None, a.vlm, a.mae, a.max_body_bytes, a.threads)
+    from . import cloud_service
+    token = os.environ.get(cloud_service.TOKEN_ENV) or None
+    if token is None:
+        print(cloud_service.open_access_warning(a.host), file=sys.stderr, flush=True)
+    cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
+                        allowed_origins=a.allow_origin)
     return 0
 
 
