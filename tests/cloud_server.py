@@ -10,11 +10,11 @@ from progvlm.services import free_port
 
 
 @contextlib.contextmanager
-def serving(app, port: int | None = None, **config):
+def serving(app, port: int | None = None, log_level: str = "info", **config):
     """Yield the base URL of `app` served on a free loopback port; stop it on exit. Logging
     goes through the root logger (log_config=None), so caplog sees uvicorn's records too."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port or free_port(),
-                                           log_config=None, log_level="info", **config))
+                                           log_config=None, log_level=log_level, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
