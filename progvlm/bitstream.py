@@ -116,12 +116,44 @@ def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[byte
         pack_layer(i, p) for i, p in enumerate(layers))
 
 
-def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
-    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
-    data = bytes(data)
-    if len(data) < _FIXED.size + 2:
-        raise TruncatedStream(f"truncated header: {len(data)} bytes, a header needs at least "
-                             f"{_FIXED.size + 5}")
+@dataclass
+class Header:
+    """The header of a stream: what a receiver needs to know where each layer ends."""
+    fingerprint: bytes
+    num_tokens: int
+    num_layers: int
+    lengths: list[int]  # payload bytes of layers 1..k (their checksums not included)
+    header_bytes: int
+    grid: tuple[int, int] | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.lengths)
+
+    def layer_ends(self) -> list[int]:
+        """Offsets in the wire form where each announced layer ends (its checksum included)."""
+        ends, end = [], self.header_bytes
+        for length in self.lengths:
+            end += length + _CRC.size
+            ends.append(end)
+        return ends
+
+
+# magic, version, fingerprint, N (a varint: one byte at least) and L|k: the bytes needed before
+# anything past the fixed fields can be read
+_MIN_FIELDS_BYTES = _FIXED.size + 2
+# the longest header: fixed fields, N, grid, L|k, k lengths (4-byte varints at most), checksum
+MAX_HEADER_BYTES = _FIXED.size + 4 + 2 + 1 + 4 * MAX_LAYERS + _CRC.size
+
+
+def parse_header(data: bytes, expected_fingerprint: bytes | None = None) -> Header:
+    """The header at the start of `data` (a whole stream or any prefix of one). Reads the header
+    bytes only, so a receiver can call it on a growing buffer at a cost that does not grow.
+    Raises TruncatedStream while the header is incomplete, BitstreamError if it is bad."""
+    if len(data) < _MIN_FIELDS_BYTES:
+        raise TruncatedStream(f"truncated header: {len(data)} bytes; reading a header's fields "
+                              f"(magic, version, fingerprint, N, L|k) needs at least "
+                              f"{_MIN_FIELDS_BYTES}")
     magic, version, fp = _FIXED.unpack_from(data)
     if magic != MAGIC:
         raise BitstreamError(f"not a progvlm bitstream (magic {magic!r}, expected {MAGIC!r})")
@@ -155,10 +187,17 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise BitstreamError(f"wrong MAE fingerprint: the stream was written by MAE {fp.hex()}, "
                              f"this decoder is {expected_fingerprint.hex()}")
-    pos += _CRC.size
-    header_bytes = pos
+    return Header(fp, n, L, lengths, pos + _CRC.size, grid)
+
+
+def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
+    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
+    data = bytes(data)
+    header = parse_header(data, expected_fingerprint)
+    pos = header.header_bytes
+    k = header.k
     layers = []
-    for i, length in enumerate(lengths):
+    for i, length in enumerate(header.lengths):
         end = pos + length + _CRC.size
         if end > len(data):
             break  # cut inside layer i: layers 0..i-1 stand
@@ -172,4 +211,5 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
         raise TruncatedStream("truncated stream: not even layer 1 is complete")
     if len(layers) == k and pos != len(data):
         raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
-    return Bitstream(fp, n, L, k, layers, header_bytes, grid)
+    return Bitstream(header.fingerprint, header.num_tokens, header.num_layers, k, layers,
+                     header.header_bytes, header.grid)

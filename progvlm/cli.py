@@ -146,7 +146,9 @@ def _add_serve_cloud(sub):
                        description="The GPU-server side: /healthz, /v1/info, POST /v1/full (image + "
                        "question), POST /v1/progressive and WS /v1/progressive/stream (bitstream + "
                        "question). With PROGVLM_CLOUD_TOKEN set, /v1/* needs 'Authorization: "
-                       "Bearer <token>'. The model runs one request at a time (a lock).")
+                       "Bearer <token>'. The model runs one request at a time (a lock). The "
+                       "WebSocket carries many requests on one kept-open socket (the edge agent's "
+                       "session); browser pages may open it only from an --allow-origin.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8600)
     _add_vlm(p)
@@ -155,6 +157,10 @@ def _add_serve_cloud(sub):
                    help="serve beyond loopback without PROGVLM_CLOUD_TOKEN (anyone who reaches the port can use it)")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin (scheme://host[:port]) whose pages may open the "
+                        "WebSocket; repeatable (default: none; clients that send no Origin, "
+                        "like the edge agent, are always served)")
 
 
 def _add_serve_cloud_ray(sub):
@@ -500,15 +506,18 @@ def cmd_make_examples(a) -> int:
 
 def cmd_serve_cloud(a) -> int:
     import os
-    from .cloud_service import TOKEN_ENV, serve
+    from . import cloud_service
     from .http_limits import OpenBindError, check_bind
-    token = os.environ.get(TOKEN_ENV) or None
+    token = os.environ.get(cloud_service.TOKEN_ENV) or None
     try:
-        check_bind(a.host, token, a.allow_open, TOKEN_ENV)
+        check_bind(a.host, token, a.allow_open, cloud_service.TOKEN_ENV)
     except OpenBindError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads)
+    if token is None:
+        print(cloud_service.open_access_warning(a.host), file=sys.stderr, flush=True)
+    cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
+                        allowed_origins=a.allow_origin)
     return 0
 
 

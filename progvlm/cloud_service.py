@@ -5,11 +5,20 @@
     POST /v1/full?question=…       body: an image (JPEG from the edge) → the whole VLM
     POST /v1/progressive?question= body: a bitstream (layers 1..k, or a prefix of it) → MAE decode
                                    with the complete layers present → language half
-    WS   /v1/progressive/stream    the same, answered again after every layer as it arrives
+    WS   /v1/progressive/stream    a session: requests in sequence on one socket, progressive
+                                   (answered again after every layer as it arrives) or full
 
 Every answer carries the cloud-side stage times (ms). Bodies are bounded (413); with a token
 configured, /v1/* needs `Authorization: Bearer <token>` (401); bad input gets a 4xx with the
-reason, anything unexpected a 500 with a one-line message (the traceback stays in the log).
+reason as a string `detail` (the OpenAPI document says so for every status), anything
+unexpected a 500 with a one-line message (the traceback stays in the log). A client that goes
+away is no error: one debug line.
+
+The WebSocket refuses a browser page from an origin not in `allowed_origins` (403; clients that
+send no Origin, like the edge agent, are not browsers). It bounds what one request may cost:
+at most `max_body_bytes` and `max_stream_messages` messages, and no silence longer than
+`idle_timeout_s` between its messages; a kept-open socket idle for `session_idle_s` between
+requests is closed (code 1000), and the client reconnects.
 
 Concurrency: requests are received concurrently; the model runs one request at a time under a
 lock (first come, first served). A CPU model gains little from running requests side by side,
@@ -20,17 +29,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 import logging
 import threading
 import time
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import ClientDisconnect
 
-from .bitstream import BitstreamError, TruncatedStream
+from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
 from .images import ImageInputError, load_image
-from .split import Split
+from .split import Frame, Split
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -38,6 +51,13 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 12-MP JPEG fits; a bitstream is ~100 bytes
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
 MAX_QUESTION_CHARS = 500
 SILENT_CUT_S = 0.5  # an unrefined stream with layers still to come, silent this long: cut
+STREAM_PATH = "/v1/progressive/stream"
+IDLE_TIMEOUT_S = 10.0  # the most silence inside a request, or before a new socket's first message
+SESSION_IDLE_S = 60.0  # a kept-open socket with no request for this long is closed
+# messages per request: the default body limit in the link's 1000-byte chunks fits twice over
+MAX_STREAM_MESSAGES = 16_384
+MAX_CONTROL_CHARS = 4096  # a start or end message is a few dozen characters
+KINDS = ("progressive", "full")
 
 
 class RequestError(Exception):
@@ -107,9 +127,72 @@ class CloudModel:
                     "layers_announced": frame.layers_announced, "partial": frame.partial}
 
 
-def _check_question(question: str | None) -> str:
+# ---- the HTTP contract, as the OpenAPI document states it --------------------------------------
+class ErrorBody(BaseModel):
+    detail: str  # the reason, one line (every error status, validation included)
+
+
+class FullAnswer(BaseModel):
+    answer: str
+    stage_ms: dict[str, float]
+    received_bytes: int
+    receive_ms: float  # first byte to last as the cloud saw them
+
+
+class ProgressiveAnswer(FullAnswer):
+    layers_used: int
+    layers_announced: int
+    partial: bool
+
+
+class Info(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the backend's own description rides along
+    vlm_id: str
+    mae_fingerprint: str
+    num_layers: int
+    num_tokens: int
+    token_dim: int
+    concurrency: str
+
+
+_ERRORS = {
+    400: "bad input: an unreadable image, a corrupt, foreign or truncated bitstream, an empty "
+         "body, a question the model cannot read",
+    401: "missing or wrong access token",
+    413: "body over the limit",
+    422: "no question, or one over the length limit",
+    500: "unexpected error (the traceback is in the server's log)",
+}
+
+
+def _responses(ok: type[BaseModel], *statuses: int) -> dict:
+    return {200: {"model": ok}, **{s: {"model": ErrorBody, "description": _ERRORS[s]} for s in statuses}}
+
+
+def _binary_body(what: str) -> dict:
+    return {"requestBody": {"required": True, "description": what, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+QUESTION = Query(description=f"the question (1–{MAX_QUESTION_CHARS} characters)",
+                 min_length=1, max_length=MAX_QUESTION_CHARS)
+
+
+def _validation_detail(errors) -> str:
+    """FastAPI's list of validation errors as one line, so every 4xx has a string detail."""
+    parts = []
+    for e in errors:
+        where, name = (e["loc"][0], e["loc"][-1]) if len(e["loc"]) > 1 else ("request", e["loc"][0])
+        what = f"{where} parameter `{name}`"
+        parts.append(f"{what} is required" if e["type"] == "missing" else f"{what}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _check_question(question, where: str = "query parameter `question`") -> str:
+    if question is not None and not isinstance(question, str):
+        raise RequestError(422, f"the question ({where}) must be a string, got {type(question).__name__}")
     if question is None or not question.strip():
-        raise RequestError(422, "a question is required (query parameter `question`)")
+        raise RequestError(422, f"a question is required ({where})")
     if len(question) > MAX_QUESTION_CHARS:
         raise RequestError(422, f"question too long: {len(question)} characters, at most "
                                 f"{MAX_QUESTION_CHARS}")
@@ -141,15 +224,30 @@ async def _read_body(request: Request, limit: int) -> tuple[bytes, float]:
     return bytes(body), _ms(t_first, time.perf_counter())
 
 
+def _normal_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
 def create_app(split: Split, token: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_origins=(),
+               idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
+               max_stream_messages: int = MAX_STREAM_MESSAGES) -> FastAPI:
+    """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
+    open the WebSocket; none by default."""
     model = CloudModel(split)
     app = FastAPI(title="progvlm cloud backend", version="1")
     app.state.model = model
+    app.state.stream_connections = 0  # sockets accepted on the stream (a session reuses one)
+    limits = _StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s)
+    allowed = {_normal_origin(o) for o in allowed_origins}
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
         return JSONResponse({"detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_, e: RequestValidationError):
+        return JSONResponse({"detail": _validation_detail(e.errors())}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):
@@ -168,126 +266,301 @@ def create_app(split: Split, token: str | None = None,
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info")
+    @app.get("/v1/info", responses=_responses(Info, 401, 500))
     def info():
         return model.info()
 
-    async def answer_body(request: Request, question: str | None, compute) -> dict:
+    async def answer_body(request: Request, question: str, compute) -> dict:
         question = _check_question(question)
-        body, receive_ms = await _read_body(request, max_body_bytes)
+        try:
+            body, receive_ms = await _read_body(request, max_body_bytes)
+        except ClientDisconnect:
+            log.debug("client went away before its body was complete (%s)", request.url.path)
+            raise RequestError(400, "the client went away before its body was complete") from None
         return await run_in_threadpool(compute, body, question) | {
             "received_bytes": len(body), "receive_ms": receive_ms}
 
-    @app.post("/v1/full")
-    async def full(request: Request, question: str | None = Query(None)):
+    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 413, 422, 500),
+              openapi_extra=_binary_body("an image (JPEG, PNG, WebP, …): the whole VLM answers"))
+    async def full(request: Request, question: str = QUESTION):
         return await answer_body(request, question, model.full)
 
-    @app.post("/v1/progressive")
-    async def progressive(request: Request, question: str | None = Query(None)):
+    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 413, 422, 500),
+              openapi_extra=_binary_body("a progvlm bitstream, or any prefix of one: the MAE "
+                                         "decodes the complete layers present"))
+    async def progressive(request: Request, question: str = QUESTION):
         return await answer_body(request, question, model.progressive)
 
-    @app.websocket("/v1/progressive/stream")
-    async def progressive_stream(ws: WebSocket):
-        """Text message {"question": …, "refine": true|false}; then the bitstream in binary messages, as the link
-        delivers it; then {"end": true}. With refine (the default), after each newly complete
-        layer the server sends
+    @app.websocket(STREAM_PATH)
+    async def stream(ws: WebSocket):
+        """A session of requests in sequence, each:
+            {"question": str, "refine": bool = true, "kind": "progressive"|"full" = "progressive",
+             "keep_open": bool = false}   (text)
+            the body in binary messages, as the link delivers it
+            {"end": true}                 (text)
+        A progressive request is answered after each newly complete layer with
         {"type": "refinement", "layers": j, "answer", "stage_ms", "received_ms" (first byte to
-        layer j complete), "t_ms"}; without, one such message for the newest layer once all
-        announced layers are in, the stream ends, or the uplink stays silent SILENT_CUT_S; at the end
-        {"type": "final", …, "partial"}; on bad input {"type": "error", "status", "detail"}."""
+        layer j complete), "t_ms"}; without refine, once: for the newest layer when all announced
+        layers are in, the stream ends, or the uplink stays silent SILENT_CUT_S. Then
+        {"type": "final", "layers", "answer", "layers_announced", "partial", "received_bytes"}.
+        A full request (an image) gets {"type": "final", "answer", "stage_ms", "received_bytes",
+        "receive_ms"}. After the final message the socket closes, unless the request said
+        keep_open: then it waits for the next request. Bad input: {"type": "error", "status",
+        "detail"} and the socket closes with code 4000 + status."""
         await ws.accept()
-        if not _authorised(ws.headers.get("authorization"), token):
-            await ws.send_json({"type": "error", "status": 401, "detail": "missing or wrong access token"})
-            await ws.close(code=4401)
-            return
         try:
-            await _stream_session(ws, model, max_body_bytes)
-        except WebSocketDisconnect:
-            pass  # the edge went away (a cut link): nothing left to answer to
+            if not _authorised(ws.headers.get("authorization"), token):
+                raise RequestError(401, "missing or wrong access token")
+            origin = ws.headers.get("origin")
+            if origin is not None and _normal_origin(origin) not in allowed:
+                raise RequestError(403, f"a page from origin {origin} may not use this backend "
+                                        "(allow it with --allow-origin)")
+            app.state.stream_connections += 1
+            await _StreamSession(ws, model, limits).run()
         except RequestError as e:
-            await ws.send_json({"type": "error", "status": e.status, "detail": e.detail})
-            await ws.close(code=4000 + e.status)
+            await _close_with_error(ws, e.status, e.detail, 4000 + e.status)
+        except WebSocketDisconnect:
+            log.debug("client went away from the stream")
+        except Exception as e:
+            log.exception("unexpected error in the stream")
+            await _close_with_error(ws, 500, f"internal error: {type(e).__name__}: {e}", 1011)
 
     return app
 
 
-async def _stream_session(ws: WebSocket, model: CloudModel, limit: int):
-    first = await ws.receive_json()
-    question = _check_question(first.get("question") if isinstance(first, dict) else None)
-    # refine (default): answer every layer as it completes. Without it, answer once: when all
-    # the announced layers are in, at the end of the stream, or when the uplink has been silent
-    # for SILENT_CUT_S with layers unanswered (a cut link) - earlier answers would only delay it.
-    refine = bool(first.get("refine", True))
-    # A reader task stamps every message as it arrives, so that answering layer j (in a worker
-    # thread) neither delays reading layer j+1 nor inflates its measured arrival time.
-    inbox: asyncio.Queue = asyncio.Queue()
-
-    async def read():
-        while True:
-            message = await ws.receive()
-            await inbox.put((time.perf_counter(), message))
-            if message["type"] == "websocket.disconnect" or message.get("bytes") is None:
-                return
-    reader = asyncio.create_task(read())
-    buffer, answered, t_first, last, pending = bytearray(), 0, None, None, None
-
-    async def answer(state):
-        nonlocal answered, pending
-        data, layers, arrived = state
-        reply = await run_in_threadpool(model.progressive, data, question)
-        answered, pending = layers, None
-        await ws.send_json({"type": "refinement", "layers": layers, "answer": reply["answer"],
-                            "stage_ms": reply["stage_ms"], "received_ms": _ms(t_first, arrived),
-                            "t_ms": _ms(t_first, time.perf_counter())})
-        return reply
+async def _close_with_error(ws: WebSocket, status: int, detail: str, code: int):
     try:
+        await ws.send_json({"type": "error", "status": status, "detail": detail})
+        await ws.close(code=code)
+    except (WebSocketDisconnect, OSError, RuntimeError):  # it went away meanwhile
+        log.debug("client went away before its error (%d) was sent", status)
+
+
+class _StreamLimits:
+    def __init__(self, max_bytes: int, max_messages: int, idle_s: float, session_idle_s: float):
+        self.max_bytes, self.max_messages = max_bytes, max_messages
+        self.idle_s, self.session_idle_s = idle_s, session_idle_s
+
+
+class _Idle(Exception):
+    pass
+
+
+class _StreamSession:
+    """One socket's requests, in sequence. A reader task stamps every message as it arrives,
+    so that answering layer j (in a worker thread) neither delays reading layer j+1 nor
+    inflates its measured arrival time; its queue is bounded, so a flood waits in the socket."""
+
+    INBOX_MESSAGES = 256
+
+    def __init__(self, ws: WebSocket, model: CloudModel, limits: _StreamLimits):
+        self.ws, self.model, self.limits = ws, model, limits
+        self.inbox: asyncio.Queue = asyncio.Queue(self.INBOX_MESSAGES)
+
+    async def _read(self):
         while True:
+            message = await self.ws.receive()
+            await self.inbox.put((time.perf_counter(), message))
+            if message["type"] == "websocket.disconnect":
+                return
+
+    async def _next(self, timeout: float) -> tuple[float, dict]:
+        try:
+            arrived, message = await asyncio.wait_for(self.inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            raise _Idle from None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        return arrived, message
+
+    async def _next_in_request(self, timeout: float | None = None) -> tuple[float, dict]:
+        try:
+            return await self._next(timeout or self.limits.idle_s)
+        except _Idle:
+            raise RequestError(408, f"no message for {self.limits.idle_s:g} s inside a request: "
+                                    "abandoned") from None
+
+    async def run(self):
+        reader = asyncio.create_task(self._read())
+        try:
+            wait, first = self.limits.idle_s, True
+            while True:
+                try:
+                    _, message = await self._next(wait)
+                except _Idle:
+                    if first:
+                        raise RequestError(408, f"no start message within {wait:g} s") from None
+                    await self.ws.close(code=1000, reason=f"idle for {wait:g} s")
+                    return
+                kind, question, refine, keep_open = _parse_start(message)
+                if kind == "full":
+                    await self._full(question)
+                else:
+                    await self._progressive(question, refine)
+                if not keep_open:
+                    await self.ws.close()
+                    return
+                wait, first = self.limits.session_idle_s, False
+        finally:
+            reader.cancel()
+
+    def _count(self, messages: int, nbytes: int):
+        if messages > self.limits.max_messages:
+            raise RequestError(413, f"more than {self.limits.max_messages} messages in one request")
+        if nbytes > self.limits.max_bytes:
+            raise RequestError(413, f"stream over the limit of {self.limits.max_bytes} bytes")
+
+    async def _full(self, question: str):
+        body, messages, t_first, t_last = bytearray(), 0, None, None
+        while (received := await self._next_in_request())[1].get("bytes") is not None:
+            arrived, message = received
+            messages += 1
+            self._count(messages, len(body) + len(message["bytes"]))
+            body += message["bytes"]
+            t_first, t_last = t_first or arrived, arrived
+        _expect_end(received[1])
+        if not body:
+            raise RequestError(400, "empty body")
+        reply = await run_in_threadpool(self.model.full, bytes(body), question)
+        await self.ws.send_json({"type": "final", **reply, "received_bytes": len(body),
+                                 "receive_ms": _ms(t_first, t_last)})
+
+    async def _progressive(self, question: str, refine: bool):
+        # refine: answer every layer as it completes. Without it, answer once: when all the
+        # announced layers are in, at the end of the stream, or when the uplink has been silent
+        # for SILENT_CUT_S with layers unanswered (a cut link) - earlier answers would only delay it.
+        stream = _ArrivingStream(self.model.split)
+        answered, t_first, last, pending, messages = 0, None, None, None, 0
+
+        async def answer(state):
+            nonlocal answered, pending
+            data, layers, arrived = state
+            reply = await run_in_threadpool(self.model.progressive, data, question)
+            answered, pending = layers, None
+            await self.ws.send_json({"type": "refinement", "layers": layers, "answer": reply["answer"],
+                                     "stage_ms": reply["stage_ms"], "received_ms": _ms(t_first, arrived),
+                                     "t_ms": _ms(t_first, time.perf_counter())})
+            return reply
+
+        while True:
+            cut_watch = pending is not None and not refine
             try:
-                wait = SILENT_CUT_S if pending and not refine else None
-                arrived, message = await asyncio.wait_for(inbox.get(), wait)
-            except asyncio.TimeoutError:
+                arrived, message = await (self._next(SILENT_CUT_S) if cut_watch
+                                          else self._next_in_request())
+            except _Idle:
                 last = await answer(pending)
                 continue
-            if message["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(message.get("code", 1000))
-            if message.get("bytes") is None:  # a text message: the end of the stream
+            if message.get("bytes") is None:
+                _expect_end(message)
                 if pending:
                     last = await answer(pending)
                 break
+            messages += 1
+            self._count(messages, stream.size + len(message["bytes"]))
             t_first = t_first or arrived
-            buffer += message["bytes"]
-            if len(buffer) > limit:
-                raise RequestError(413, f"stream over the limit of {limit} bytes")
-            try:
-                stream = _parse_prefix(bytes(buffer), model)
-            except TruncatedStream:
-                continue
-            layers = stream.k
-            if layers > answered:
-                pending = (bytes(buffer), layers, arrived)
-                if refine or layers == stream.layers_announced:
+            frame = stream.feed(message["bytes"])
+            if frame is not None and frame.k > answered:
+                pending = (stream.data(), frame.k, arrived)
+                if refine or frame.k == frame.layers_announced:
                     last = await answer(pending)
-    finally:
-        reader.cancel()
-    if last is None:
-        raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
-    await ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],
-                        "layers_announced": last["layers_announced"],
-                        "partial": answered < last["layers_announced"], "received_bytes": len(buffer)})
-    await ws.close()
+        if last is None:
+            raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
+        await self.ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],
+                                 "layers_announced": last["layers_announced"],
+                                 "partial": answered < last["layers_announced"],
+                                 "received_bytes": stream.size})
 
 
-def _parse_prefix(data: bytes, model: CloudModel):
+class _ArrivingStream:
+    """A bitstream as it arrives, parsed at a cost linear in its length: the header once it is
+    complete, then the whole stream only when a message completes a layer (at most k times) or
+    runs past the last one. The answers and errors are those of parsing the whole buffer after
+    every message, which is what a client sending one byte per message used to cost."""
+
+    def __init__(self, split: Split):
+        self.split, self.buffer = split, bytearray()
+        self.ends: list[int] | None = None  # where each announced layer ends, once the header is in
+        self.complete = 0  # layers complete so far
+
+    @property
+    def size(self) -> int:
+        return len(self.buffer)
+
+    def data(self) -> bytes:
+        return bytes(self.buffer)
+
+    def feed(self, chunk: bytes) -> Frame | None:
+        """The stream parsed, when this chunk completed a layer; None otherwise."""
+        self.buffer += chunk
+        if self.ends is None:
+            try:  # the header alone: a bounded slice, whatever the buffer's size
+                header = parse_header(bytes(self.buffer[:MAX_HEADER_BYTES]), self.split.fingerprint)
+            except TruncatedStream:
+                return None
+            except BitstreamError as e:
+                raise RequestError(400, f"bad bitstream: {e}") from None
+            self.ends = header.layer_ends()
+        more = self.complete < len(self.ends) and self.size >= self.ends[self.complete]
+        if not more and self.size <= self.ends[-1]:
+            return None
+        try:
+            frame = self.split.unpack(self.data())
+        except BitstreamError as e:
+            raise RequestError(400, f"bad bitstream: {e}") from None
+        self.complete = frame.k
+        return frame
+
+
+def _parse_start(message: dict) -> tuple[str, str, bool, bool]:
+    """A request's first message → (kind, question, refine, keep_open); RequestError if bad."""
+    text = message.get("text")
+    if text is None:
+        raise RequestError(400, 'expected a JSON start message {"question": …} first, got binary data')
+    if len(text) > MAX_CONTROL_CHARS:
+        raise RequestError(413, f"start message of {len(text)} characters, at most {MAX_CONTROL_CHARS}")
     try:
-        return model.split.unpack(data)
-    except TruncatedStream:
-        raise
-    except BitstreamError as e:
-        raise RequestError(400, f"bad bitstream: {e}") from None
+        start = json.loads(text)
+    except ValueError as e:
+        raise RequestError(400, f"the start message is not JSON: {e}") from None
+    if not isinstance(start, dict):
+        raise RequestError(422, 'the start message must be a JSON object {"question": …}')
+    question = _check_question(start.get("question"), "field `question`")
+    flags = {}
+    for name, default in (("refine", True), ("keep_open", False)):
+        flags[name] = start.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise RequestError(422, f"{name} must be true or false (a JSON boolean), got "
+                                    f"{flags[name]!r}")
+    kind = start.get("kind", "progressive")
+    if kind not in KINDS:
+        raise RequestError(422, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind, question, flags["refine"], flags["keep_open"]
+
+
+def _expect_end(message: dict):
+    text = message.get("text") or ""
+    try:
+        end = len(text) <= MAX_CONTROL_CHARS and json.loads(text) == {"end": True}
+    except ValueError:
+        end = False
+    if not end:
+        raise RequestError(400, 'inside a request, expected binary data or {"end": true}, got '
+                                f"{text[:80]!r}")
+
+
+def open_access_warning(host: str) -> str:
+    """What to tell whoever starts the service without a token."""
+    local = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+    who = ("any process on this machine" if local else
+           "anyone who can reach this host on any of its addresses" if host in ("0.0.0.0", "::", "")
+           else f"anyone who can reach this host at {host}")
+    return (f"warning: {TOKEN_ENV} is not set: {who} can use this backend without a token; set "
+            f"{TOKEN_ENV} (and give the edge agent the same) to require one")
 
 
 def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning"):
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning",
+          allowed_origins=()):
     """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
     thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
     more threads only steal the edge's core."""
@@ -295,6 +568,7 @@ def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
     import uvicorn
     from .split import load_split
     torch.set_num_threads(threads)
-    app = create_app(load_split(vlm, mae), token, max_body_bytes)
+    app = create_app(load_split(vlm, mae), token, max_body_bytes, allowed_origins)
     app.state.model.warm_up()
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # no single WebSocket message may be larger than a whole request may be
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1)

@@ -1,17 +1,28 @@
-"""The transport from the edge to the cloud backend: real bytes, paced, over HTTP/WebSocket.
+"""The transport from the edge to the cloud backend: real bytes, paced, over one kept-open
+WebSocket session.
+
+Every request, progressive stream or full-cloud image, goes over the cloud's WebSocket; the
+socket stays open afterwards and carries the next request, so only the first request (or one
+after the cloud dropped an idle socket, or restarted) pays for a handshake. A CloudLink keeps
+a small pool of open sockets, one per concurrent caller. HTTP is used for /v1/info only.
 
 Every request pays the round trip as half before its first byte (the request propagating) and
 half after its reply (the answer propagating back); the bytes themselves leave at the shaped
 bandwidth through `progvlm.link.paced_chunks`, and the reply's bytes are held back until a link
-of that bandwidth would have delivered them. Connections are kept alive between requests, as a
-device with a steady uplink would. Each stage time is measured wall time:
+of that bandwidth would have delivered them. Each stage time is measured wall time, and the
+stages of an Exchange add up to its wall time:
 
+    connect   0 on a reused socket; else opening one: HANDSHAKE_RTTS round trips of the emulated
+              link (TCP, then the HTTP upgrade; TLS adds one) and the real handshake (on a
+              real link, with rtt_ms=0, the real one alone). A reused socket found closed
+              (the cloud dropped it) is replaced once, transparently; that costs connect too.
     uplink    RTT/2 + the transfer, until the cloud has the last byte: a kernel buffer in front
               of a slow real link takes the bytes long before they arrive, so the end is the
               later of the paced sending and the cloud's first-to-last-byte receive time (for a
               watched stream, where the cloud computes while layers arrive, the sending alone)
+    cloud     the cloud's own stage times (in the reply)
     downlink  reply bytes paced at the bandwidth + RTT/2
-    overhead  the rest of the measured exchange (HTTP framing, JSON, waiting for the cloud's lock)
+    overhead  the rest (framing, JSON, waiting for the cloud's lock)
 """
 from __future__ import annotations
 
@@ -23,10 +34,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.protocol import State
 from websockets.sync.client import connect as ws_connect
 
 from .bitstream import parse
 from .link import LinkProfile, paced_chunks, paced_segments
+
+STREAM_PATH = "/v1/progressive/stream"
+HANDSHAKE_RTTS = {"ws": 2, "wss": 3}  # round trips before a new socket carries a request
+MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers open and close their own
 
 
 class CloudError(RuntimeError):
@@ -45,24 +61,75 @@ class Exchange:
     wall_ms: float
     refinements: list[dict] = field(default_factory=list)
     cut_after_layer: int | None = None
+    connect_ms: float = 0.0  # 0 on a reused socket
 
     def overhead_ms(self, cloud_ms: float) -> float:
-        return max(0.0, self.wall_ms - self.uplink_ms - self.downlink_ms - cloud_ms)
+        """The wall time no other stage accounts for (cloud_ms: the cloud stages counted)."""
+        return max(0.0, self.wall_ms - self.connect_ms - self.uplink_ms - self.downlink_ms - cloud_ms)
+
+    def link_stages_ms(self, cloud_ms: float) -> dict[str, float]:
+        """connect, uplink, downlink and overhead: with the cloud's stages, the wall time."""
+        return {"connect": self.connect_ms, "uplink": self.uplink_ms, "downlink": self.downlink_ms,
+                "overhead": round(self.overhead_ms(cloud_ms), 3)}
 
 
 def to_ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
+class _Stale(Exception):
+    """A reused socket turned out closed before the cloud saw the request: open another."""
+
+
+class _Reader:
+    """Reads one request's replies on a thread as they arrive, until the final or error
+    message (the socket then carries the next request) or until the socket closes."""
+
+    def __init__(self, ws, on_message):
+        self.ws, self.on_message = ws, on_message
+        self.received = 0
+        self.closed = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                raw = self.ws.recv()
+                arrived = time.perf_counter()
+                msg = json.loads(raw)
+                self.received += 1
+                self.on_message(msg, len(raw), arrived)
+                if msg.get("type") in ("final", "error"):
+                    return
+        except ConnectionClosed:
+            self.closed = True
+        finally:
+            self.done.set()
+
+
 class CloudLink:
-    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10.0):
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10.0,
+                 keep_open: bool = True):
+        """keep_open=False opens (and pays for) a new socket for every request."""
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s = timeout_s
+        self.keep_open = keep_open
+        self.sockets_opened = 0
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s)
+        self._ws_url = _ws_url(self.base_url) + STREAM_PATH
+        self._idle: list = []
+        self._pool_lock = threading.Lock()
 
     def close(self):
+        """Close the HTTP client and every idle socket (sockets in use close when their request ends)."""
         self._http.close()
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for ws in idle:
+            ws.close()
 
     def _fail(self, e: Exception) -> CloudError:
         return CloudError(f"cloud backend at {self.base_url} unreachable: {type(e).__name__}: {e}")
@@ -83,35 +150,111 @@ class CloudLink:
         except httpx.HTTPError as e:
             raise self._fail(e) from None
 
+    # ---- the socket pool ---------------------------------------------------------------------
+    def _open(self, link: LinkProfile):
+        # the handshake's round trips on the emulated link (a real link pays its own)
+        time.sleep(HANDSHAKE_RTTS[urlsplit(self._ws_url).scheme] * link.rtt_ms / 1000)
+        try:
+            # websockets ≥ 17 wants connect() entered as a context manager; a pooled socket
+            # outlives any one block, so it is entered here and closed when dropped
+            ws = ws_connect(self._ws_url, additional_headers=self.headers,
+                            open_timeout=self.timeout_s, max_size=1 << 20).__enter__()
+        except (OSError, WebSocketException, TimeoutError) as e:
+            if isinstance(e, InvalidStatus):
+                raise CloudError(f"cloud refused the stream: {e}") from None
+            raise self._fail(e) from None
+        self.sockets_opened += 1
+        return ws
+
+    def _reused(self):
+        with self._pool_lock:
+            while self._idle:
+                ws = self._idle.pop()
+                if ws.protocol.state is State.OPEN:
+                    return ws
+                ws.close()  # the cloud dropped it while idle
+        return None
+
+    def _release(self, ws):
+        if self.keep_open and ws.protocol.state is State.OPEN:
+            with self._pool_lock:
+                if len(self._idle) < MAX_IDLE_SOCKETS:
+                    self._idle.append(ws)
+                    return
+        ws.close()
+
+    def _request(self, link: LinkProfile, attempt):
+        """attempt(ws, t0, connect_s, reused) on a reused socket, or on a new one if there is
+        none or the reused one turned out closed; t0 is the request's start."""
+        t0 = time.perf_counter()
+        ws = self._reused() if self.keep_open else None
+        if ws is not None:
+            try:
+                return attempt(ws, t0, 0.0, True)
+            except _Stale:
+                ws.close()
+        ws = self._open(link)
+        return attempt(ws, t0, time.perf_counter() - t0, False)
+
+    def _send_request(self, ws, reader: _Reader, start: dict, chunks, reused: bool):
+        """The start message, the paced body, and the time its last byte left. Raises _Stale
+        when a reused socket was closed before any reply."""
+        try:
+            ws.send(json.dumps({**start, "keep_open": self.keep_open}))
+            for chunk in chunks:
+                ws.send(chunk)
+        except ConnectionClosed:
+            reader.done.wait(1.0)  # the cloud hung up: an error message may say why
+            if reused and not reader.received:
+                raise _Stale from None
+        return time.perf_counter()
+
+    def _refused(self, errors: list[dict], what: str) -> CloudError:
+        e = errors[-1]
+        return CloudError(f"cloud refused the {what} ({e['status']}): {e['detail']}", e["status"])
+
+    # ---- requests ----------------------------------------------------------------------------
     def full(self, image: bytes, question: str, link: LinkProfile) -> Exchange:
         """Send a camera frame through the shaped link; the cloud runs the whole VLM."""
-        t0 = time.perf_counter()
+        return self._request(link, lambda ws, t0, connect_s, reused: self._full(
+            ws, t0, connect_s, reused, image, question, link))
+
+    def _full(self, ws, t0, connect_s, reused, image, question, link) -> Exchange:
+        replies = []
+        reader = _Reader(ws, lambda msg, nbytes, arrived: replies.append((msg, nbytes, arrived)))
+        t_up = time.perf_counter()
         time.sleep(link.rtt_ms / 2000)
-        sent = {}
-
-        def body():
-            yield from paced_chunks(image, link)
-            sent["t"] = time.perf_counter()
-
+        t_sent = self._send_request(ws, reader, {"question": question, "kind": "full"},
+                                    paced_chunks(image, link), reused)
         try:
-            response = self._http.post("/v1/full", params={"question": question}, content=body(),
-                                       headers={"Content-Type": "application/octet-stream"})
-        except httpx.HTTPError as e:
-            raise self._fail(e) from None
-        reply = self._checked(response)
-        t_reply = time.perf_counter()
-        self._pace_reply(len(response.content), link, t_reply)
+            ws.send(json.dumps({"end": True}))
+        except ConnectionClosed:
+            pass  # the error message, if any, is already in
+        reader.done.wait(self.timeout_s)
+        if not replies:
+            ws.close()
+            if reused and reader.closed:
+                raise _Stale
+            raise CloudError(f"no answer from the cloud within {self.timeout_s:g} s")
+        reply, nbytes, t_reply = replies[-1]
+        if reply.get("type") == "error":
+            ws.close()
+            raise self._refused([reply], "request")
+        self._release(ws)
+        self._pace_reply(nbytes, link, t_reply)
         t_end = time.perf_counter()
-        uplink = max(sent["t"] - t0, link.rtt_ms / 2000 + reply.get("receive_ms", 0.0) / 1e3)
-        return Exchange(reply, to_ms(uplink), to_ms(t_end - t_reply), to_ms(t_end - t0))
+        uplink = max(t_sent - t_up, link.rtt_ms / 2000 + reply.get("receive_ms", 0.0) / 1e3)
+        return Exchange(reply, to_ms(uplink), to_ms(t_end - t_reply), to_ms(t_end - t0),
+                        connect_ms=to_ms(connect_s))
 
     def progressive(self, bitstream: bytes, question: str, link: LinkProfile,
                     cut_after_layer: int | None = None, on_refinement=None,
                     grace_s: float = 2.0, refine: bool = True) -> Exchange:
         """Stream the layers in order; the cloud answers after each complete layer. With
         `cut_after_layer` = j the uplink dies after layer j (fault injection): the answer is
-        the cloud's answer from layers 1..j, and the exchange says so. Without `refine`, the
-        cloud answers once, when the layers are in (or the uplink falls silent)."""
+        the cloud's answer from layers 1..j, and the exchange says so; the cut socket is
+        closed, never reused. Without `refine`, the cloud answers once, when the layers are in
+        (or the uplink falls silent)."""
         stream = parse(bitstream)
         ends = stream.layer_ends()
         if cut_after_layer is not None and not 0 <= cut_after_layer <= len(ends):
@@ -120,59 +263,63 @@ class CloudLink:
         # the header alone)
         cuts = (ends if cut_after_layer is None else ends[:cut_after_layer]) or [stream.header_bytes]
         segments = [bitstream[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
-        url = _ws_url(self.base_url) + "/v1/progressive/stream"
-        try:
-            ws = ws_connect(url, additional_headers=self.headers, open_timeout=self.timeout_s,
-                            max_size=1 << 20)
-        except (OSError, WebSocketException, TimeoutError) as e:
-            if isinstance(e, InvalidStatus):
-                raise CloudError(f"cloud refused the stream: {e}") from None
-            raise self._fail(e) from None
+        return self._request(link, lambda ws, t0, connect_s, reused: self._progressive(
+            ws, t0, connect_s, reused, stream, segments, question, link, cut_after_layer,
+            on_refinement, grace_s, refine))
+
+    def _progressive(self, ws, t0, connect_s, reused, stream, segments, question, link,
+                     cut_after_layer, on_refinement, grace_s, refine) -> Exchange:
         refinements, final, errors = [], {}, []
-        t0 = time.perf_counter()
 
-        def reader():
-            try:
-                for message in ws:
-                    msg = json.loads(message)
-                    # as the edge sees it: after the reply's serialisation and propagation
-                    msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(len(message)))
-                    msg["edge_t_ms"] = round(to_ms(time.perf_counter() - t0) + msg["downlink_ms"], 3)
-                    if msg.get("type") == "refinement":
-                        refinements.append(msg)
-                        if on_refinement:
-                            on_refinement(msg)
-                    elif msg.get("type") == "final":
-                        final.update(msg)
-                    elif msg.get("type") == "error":
-                        errors.append(msg)
-            except ConnectionClosed:
-                pass
+        def on_message(msg, nbytes, arrived):
+            # as the edge sees it: after the reply's serialisation and propagation
+            msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
+            msg["edge_t_ms"] = round(to_ms(arrived - t0) + msg["downlink_ms"], 3)
+            if msg.get("type") == "refinement":
+                refinements.append(msg)
+                if on_refinement:
+                    on_refinement(msg)
+            elif msg.get("type") == "final":
+                final.update(msg)
+            elif msg.get("type") == "error":
+                errors.append(msg)
 
-        with ws:  # closes the connection however the exchange ends
-            thread = threading.Thread(target=reader, daemon=True)
-            thread.start()
+        reader = _Reader(ws, on_message)
+        t_up = time.perf_counter()
+        time.sleep(link.rtt_ms / 2000)
+        t_sent = self._send_request(ws, reader, {"question": question, "refine": refine,
+                                                 "kind": "progressive"},
+                                    paced_segments(segments, link), reused)
+        if cut_after_layer is None:
             try:
-                time.sleep(link.rtt_ms / 2000)
-                ws.send(json.dumps({"question": question, "refine": refine}))
-                for chunk in paced_segments(segments, link):
-                    ws.send(chunk)
-                t_sent = time.perf_counter()
-                if cut_after_layer is None:
-                    ws.send(json.dumps({"end": True}))
-                    thread.join(self.timeout_s)
-                else:  # the uplink is gone; answers already on their way down still arrive
-                    deadline = time.perf_counter() + grace_s
-                    while (not refinements or refinements[-1]["layers"] < cut_after_layer) \
-                            and time.perf_counter() < deadline and not errors:
-                        time.sleep(0.002)
+                ws.send(json.dumps({"end": True}))
             except ConnectionClosed:
-                t_sent = time.perf_counter()  # the cloud hung up (an error message says why)
-                thread.join(1.0)
-        thread.join(1.0)
+                pass  # the error message, if any, is already in
+            reader.done.wait(self.timeout_s)
+        else:  # the uplink is gone; answers already on their way down still arrive
+            deadline = time.perf_counter() + grace_s
+            while (not refinements or refinements[-1]["layers"] < cut_after_layer) \
+                    and time.perf_counter() < deadline and not reader.done.is_set():
+                time.sleep(0.002)
+        if reused and reader.closed and not reader.received:
+            ws.close()
+            raise _Stale
+        # a cut link, a refusal or no answer: this socket carries nothing more (closed once the
+        # exchange is measured: a device whose uplink died would not wait for a close handshake)
+        reusable = not errors and cut_after_layer is None and bool(final)
+        try:
+            return self._progressive_result(t0, connect_s, t_sent - t_up, stream, link,
+                                            cut_after_layer, refine, refinements, final, errors)
+        finally:
+            if reusable:
+                self._release(ws)
+            else:
+                ws.close()
+
+    def _progressive_result(self, t0, connect_s, sending_s, stream, link, cut_after_layer,
+                            refine, refinements, final, errors) -> Exchange:
         if errors:
-            e = errors[-1]
-            raise CloudError(f"cloud refused the stream ({e['status']}): {e['detail']}", e["status"])
+            raise self._refused(errors, "stream")
         last = refinements[-1] if refinements else None
         if last is None and cut_after_layer is not None:
             raise CloudError("the link was cut before layer 1 arrived: no answer")
@@ -184,12 +331,12 @@ class CloudLink:
         reply = final or {"type": "final", "layers": last["layers"], "answer": last["answer"],
                           "layers_announced": stream.k, "partial": last["layers"] < stream.k}
         reply["stage_ms"] = last["stage_ms"]
-        uplink = t_sent - t0
+        uplink = sending_s
         if not refine:  # the cloud computed nothing while layers arrived: its receive time is clean
             uplink = max(uplink, link.rtt_ms / 2000 + last.get("received_ms", 0.0) / 1e3)
         return Exchange(reply, to_ms(uplink), last["downlink_ms"],
                         max(last["edge_t_ms"], to_ms(time.perf_counter() - t0)), refinements,
-                        cut_after_layer)
+                        cut_after_layer, to_ms(connect_s))
 
     @staticmethod
     def _pace_reply(nbytes: int, link: LinkProfile, t_reply: float):

@@ -198,3 +198,41 @@ def _other_fingerprint(data: bytes) -> bytes:
     from progvlm.bitstream import pack, parse
     bs = parse(data)
     return pack(bytes(4), bs.num_tokens, bs.num_layers, bs.layers)
+
+
+def test_one_socket_carries_requests_in_sequence_when_kept_open(client, parts, example):
+    """The edge's session: progressive and full requests, one after another, on one socket."""
+    backend, mae = parts
+    path, tokens = example
+    data = stream(mae, tokens, 2)
+    jpeg = open(path, "rb").read()
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        for _ in range(2):
+            ws.send_json({"question": Q, "refine": False, "keep_open": True})
+            ws.send_bytes(data)
+            ws.send_json({"end": True})
+            assert ws.receive_json()["type"] == "refinement"
+            final = ws.receive_json()
+            assert (final["type"], final["layers"]) == ("final", 2)
+            assert final["answer"] == backend.cloud_half(decode(mae, data)[0], Q).text
+            ws.send_json({"question": Q, "kind": "full", "keep_open": True})
+            ws.send_bytes(jpeg[:1000])
+            ws.send_bytes(jpeg[1000:])
+            ws.send_json({"end": True})
+            full = ws.receive_json()
+            assert full["type"] == "final" and full["received_bytes"] == len(jpeg)
+            assert full["answer"] == backend.answer(Image.open(path), Q).text
+            assert set(full["stage_ms"]) == {"image_decode_ms", "vision_ms", "prefill_ms", "generation_ms"}
+
+
+def test_a_one_shot_stream_is_closed_after_its_final_answer(client, parts, example):
+    from starlette.websockets import WebSocketDisconnect
+    data = stream(parts[1], example[1], 1)
+    with client.websocket_connect("/v1/progressive/stream", headers=AUTH) as ws:
+        ws.send_json({"question": Q})  # as clients before sessions send it: no keep_open
+        ws.send_bytes(data)
+        ws.send_json({"end": True})
+        assert [ws.receive_json()["type"] for _ in range(2)] == ["refinement", "final"]
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert closed.value.code == 1000
