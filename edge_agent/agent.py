@@ -466,10 +466,11 @@ class EdgeAgent:
         if len(ex.refinements) > 1:  # the cloud answered earlier layers first, in the same stream
             cloud["cloud_earlier_layers"] = round(sum(sum(r["stage_ms"].values())
                                                       for r in ex.refinements[:-1]), 3)
-        stages["uplink"] = ex.uplink_ms
-        stages.update(cloud)
-        stages["downlink"] = ex.downlink_ms
-        stages["overhead"] = round(ex.overhead_ms(sum(cloud.values())), 3)
+        # connect (0 on a kept-open session), uplink, downlink, overhead: with the cloud's own
+        # stages they sum to the exchange's measured wall time
+        link = ex.link_stages_ms(sum(cloud.values()))
+        stages.update(connect=link["connect"], uplink=link["uplink"], **cloud,
+                      downlink=link["downlink"], overhead=link["overhead"])
 
     def _choose_k(self, stages: dict, layers: list[bytes], num_tokens: int, grid,
                   link: LinkProfile, budget_ms: float, estimates: dict):

@@ -153,7 +153,8 @@ class CloudLink:
     # ---- the socket pool ---------------------------------------------------------------------
     def _open(self, link: LinkProfile):
         # the handshake's round trips on the emulated link (a real link pays its own)
-        time.sleep(HANDSHAKE_RTTS[urlsplit(self._ws_url).scheme] * link.rtt_ms / 1000)
+        if link.emulated:
+            time.sleep(HANDSHAKE_RTTS[urlsplit(self._ws_url).scheme] * link.rtt_ms / 1000)
         try:
             # websockets ≥ 17 wants connect() entered as a context manager; a pooled socket
             # outlives any one block, so it is entered here and closed when dropped
@@ -223,7 +224,7 @@ class CloudLink:
         replies = []
         reader = _Reader(ws, lambda msg, nbytes, arrived: replies.append((msg, nbytes, arrived)))
         t_up = time.perf_counter()
-        time.sleep(link.rtt_ms / 2000)
+        link.propagate()
         t_sent = self._send_request(ws, reader, {"question": question, "kind": "full"},
                                     paced_chunks(image, link), reused)
         try:
@@ -244,7 +245,9 @@ class CloudLink:
         self._pace_reply(nbytes, link, t_reply)
         t_end = time.perf_counter()
         uplink = max(t_sent - t_up, link.rtt_ms / 2000 + reply.get("receive_ms", 0.0) / 1e3)
-        return Exchange(reply, to_ms(uplink), to_ms(t_end - t_reply), to_ms(t_end - t0),
+        # a real network delivered the reply already; its share is the link's nominal time
+        downlink = t_end - t_reply if link.emulated else link.rtt_ms / 2000 + link.serialisation_s(nbytes)
+        return Exchange(reply, to_ms(uplink), to_ms(downlink), to_ms(t_end - t0),
                         connect_ms=to_ms(connect_s))
 
     def progressive(self, bitstream: bytes, question: str, link: LinkProfile,
@@ -274,7 +277,8 @@ class CloudLink:
         def on_message(msg, nbytes, arrived):
             # as the edge sees it: after the reply's serialisation and propagation
             msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
-            msg["edge_t_ms"] = round(to_ms(arrived - t0) + msg["downlink_ms"], 3)
+            # (a real network has delivered it already: it arrived when it arrived)
+            msg["edge_t_ms"] = round(to_ms(arrived - t0) + (msg["downlink_ms"] if link.emulated else 0), 3)
             if msg.get("type") == "refinement":
                 refinements.append(msg)
                 if on_refinement:
@@ -286,7 +290,7 @@ class CloudLink:
 
         reader = _Reader(ws, on_message)
         t_up = time.perf_counter()
-        time.sleep(link.rtt_ms / 2000)
+        link.propagate()
         t_sent = self._send_request(ws, reader, {"question": question, "refine": refine,
                                                  "kind": "progressive"},
                                     paced_segments(segments, link), reused)
@@ -340,6 +344,8 @@ class CloudLink:
 
     @staticmethod
     def _pace_reply(nbytes: int, link: LinkProfile, t_reply: float):
+        if not link.emulated:
+            return
         due = t_reply + link.serialisation_s(nbytes) + link.rtt_ms / 2000
         wait = due - time.perf_counter()
         if wait > 0:

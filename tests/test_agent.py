@@ -190,7 +190,9 @@ def test_a_wrong_token_is_refused(runtime, cloud_url, image):
 
 def test_a_request_can_ask_for_the_emulated_device(agent, image):
     r = agent.ask(image, Q, "full-edge", device_profile="imx95-emulated")
-    assert r["device_profile"] == "imx95-emulated" and r["projected_stages"] == list(r["stage_ms"])
+    # every device stage is projected; the host's decoding of the file is not the device's
+    assert r["device_profile"] == "imx95-emulated"
+    assert r["projected_stages"] == [s for s in r["stage_ms"] if s != "file_decode"]
     assert agent.ask(image, Q, "full-edge")["projected_stages"] == []
     with pytest.raises(AskError, match="unknown device profile"):
         agent.ask(image, Q, "full-edge", device_profile="raspberry")
@@ -270,11 +272,12 @@ def test_full_cloud_frame_options_are_checked(agent, image, fields, reason):
 
 def test_without_link_emulation_nothing_is_paced(agent, image):
     """Over a real network (link_emulation off) the agent sleeps no RTT and paces no bytes:
-    on loopback the exchange then takes far less than the described link would."""
+    on loopback the request then takes far less than the described link would (its stages
+    still split the time by the described link: they assume the network is what it says)."""
     record = agent.ask(image, "how many objects are there ?", mode="progressive", k=4,
                        bandwidth_mbps=0.05, rtt_ms=400, link_emulation=False)
     assert record["link"]["emulated"] is False
-    assert record["total_ms"] < 300  # emulated: ≥ 400 ms of RTT alone
+    assert record["wall_ms"] < 300  # emulated: ≥ 400 ms of RTT alone
 
 
 def test_compare_runs_every_mode_seeing_the_frame_once(agent, image, monkeypatch):
