@@ -201,9 +201,33 @@ def edge_floor(images: list[str], log) -> dict:
     return out
 
 
+def cloud_load(split, images, k_star: int, seconds: float, log, ray: bool) -> list[dict]:
+    """The load test against the batching cloud (`serve-cloud --batching`) and, with `ray` and
+    Ray Serve installed, against `serve-cloud-ray` (one replica, @serve.batch)."""
+    import importlib.util
+    from .services import ChildService, cloud_service, free_port, new_token
+    with cloud_service(vlm="bundled", batching=True) as cloud:
+        rows = load_test(split, cloud.url, cloud.token, images, k_star, seconds, log,
+                         "one process, batched")
+    if ray and importlib.util.find_spec("ray") is not None:
+        port, token = free_port(), new_token()
+        service = ChildService("cloud on Ray Serve", ["-m", "progvlm", "serve-cloud-ray", "--port", str(port)],
+                               f"http://127.0.0.1:{port}", {"PROGVLM_CLOUD_TOKEN": token}, token)
+        log("load: starting Ray Serve (a local Ray instance, one replica)")
+        try:
+            service.start(timeout_s=300)
+            rows += load_test(split, service.url, token, images, k_star, seconds, log,
+                              "Ray Serve, 1 replica, @serve.batch")
+        finally:
+            service.stop()
+    return rows
+
+
 # ---- 4. load ----------------------------------------------------------------------------------
-def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str], k_star: int, seconds: float, log) -> list[dict]:
-    """N clients, each sending progressive requests back to back over loopback (no shaping)."""
+def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str], k_star: int,
+              seconds: float, log, backend: str = "one process, one request at a time") -> list[dict]:
+    """N clients, each sending progressive requests back to back over loopback (no shaping),
+    each over its own kept-open session."""
     from .images import load_image
     from .link import LinkProfile
     from .transport import CloudLink
@@ -211,7 +235,7 @@ def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str],
     fast = LinkProfile(10_000.0, 0.0)
     rows = []
     for n in CONCURRENCY:
-        log(f"load: {n} concurrent clients for {seconds:.0f} s")
+        log(f"load ({backend}): {n} concurrent clients for {seconds:.0f} s")
         latencies, failures = [], []
         stop = time.perf_counter() + seconds
 
@@ -234,7 +258,7 @@ def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str],
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        rows.append({"clients": n, "requests": len(latencies), "failed": len(failures),
+        rows.append({"backend": backend, "clients": n, "requests": len(latencies), "failed": len(failures),
                      "throughput_rps": len(latencies) / wall,
                      "p50_ms": float(np.percentile(latencies, 50)) if latencies else float("nan"),
                      "p95_ms": float(np.percentile(latencies, 95)) if latencies else float("nan")})
@@ -346,6 +370,7 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
             lat += latency(agent.url, agent.token, images, cells, bandwidths, samples, headline_samples,
                            "emulated", log)
             load = load_test(split, cloud.url, cloud.token, images, k_star, 2.0 if quick else 5.0, log)
+        load += cloud_load(split, images, k_star, 2.0 if quick else 5.0, log, ray=not quick)
     kernel_note = None
     if link in ("kernel", "both") and kernel_ok:
         with kernel_link(HEADLINE_MBPS, HEADLINE_RTT_MS) as kl, \
@@ -465,10 +490,13 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
     lines += ["", "## Rate–accuracy", "", "| method | bytes | accuracy | consistency |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['bytes']:.1f} | {r['accuracy']:.3f} | {r['consistency']:.3f} |")
-    lines += ["", "## Load (progressive, loopback, no shaping)", "",
-              "| clients | requests | failed | req/s | p50 ms | p95 ms |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Cloud load (progressive k*, loopback, no shaping, one kept-open session per client)", "",
+              "| cloud | clients | requests | failed | req/s | × one client | p50 ms | p95 ms |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in load:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['throughput_rps']:.1f} "
+        one = next(x for x in load if x["backend"] == r["backend"] and x["clients"] == 1)
+        lines.append(f"| {r['backend']} | {r['clients']} | {r['requests']} | {r['failed']} | "
+                     f"{r['throughput_rps']:.1f} | {r['throughput_rps'] / one['throughput_rps']:.2f} "
                      f"| {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
     emulated = [r for r in lat if r["link"] == "emulated"]
     bws = sorted({r["bandwidth_mbps"] for r in emulated})

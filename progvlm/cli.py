@@ -157,6 +157,9 @@ def _add_serve_cloud(sub):
                    help="serve beyond loopback without PROGVLM_CLOUD_TOKEN (anyone who reaches the port can use it)")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads (default 1: the demo shares this host with the edge agent)")
+    p.add_argument("--batching", action="store_true",
+                   help="run concurrent requests as batches (MAE decode, prefill, decoding "
+                        "together; a lone request waits for nothing); default: one at a time")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a browser origin (scheme://host[:port]) whose pages may open the "
                         "WebSocket; repeatable (default: none; clients that send no Origin, "
@@ -517,7 +520,7 @@ def cmd_serve_cloud(a) -> int:
     if token is None:
         print(cloud_service.open_access_warning(a.host), file=sys.stderr, flush=True)
     cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
-                        allowed_origins=a.allow_origin)
+                        allowed_origins=a.allow_origin, batching=a.batching)
     return 0
 
 

@@ -20,9 +20,12 @@ at most `max_body_bytes` and `max_stream_messages` messages, and no silence long
 `idle_timeout_s` between its messages; a kept-open socket idle for `session_idle_s` between
 requests is closed (code 1000), and the client reconnects.
 
-Concurrency: requests are received concurrently; the model runs one request at a time under a
-lock (first come, first served). A CPU model gains little from running requests side by side,
-and one at a time keeps every stage time honest.
+Concurrency: requests are received concurrently. By default (`CloudModel`) the model runs one
+request at a time under a lock, first come first served: every stage time is one request's.
+With `--batching` (`progvlm.batching.BatchingCloudModel`) concurrent requests run as one batch
+(MAE decode, prefill and greedy decoding together, after a wait of a few ms at most, and none
+for a lone request); each answer then says its batch size and its `queue` time. Beyond one
+process, `serve-cloud-ray` serves this same app on Ray Serve replicas (progvlm/ray_serve.py).
 """
 from __future__ import annotations
 
@@ -231,10 +234,10 @@ def _normal_origin(origin: str) -> str:
 def create_app(split: Split, token: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_origins=(),
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
-               max_stream_messages: int = MAX_STREAM_MESSAGES) -> FastAPI:
+               max_stream_messages: int = MAX_STREAM_MESSAGES, model=None) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
     open the WebSocket; none by default."""
-    model = CloudModel(split)
+    model = model or CloudModel(split)  # or a progvlm.batching.BatchingCloudModel
     app = FastAPI(title="progvlm cloud backend", version="1")
     app.state.model = model
     app.state.stream_connections = 0  # sockets accepted on the stream (a session reuses one)
@@ -560,15 +563,20 @@ def open_access_warning(host: str) -> str:
 
 def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning",
-          allowed_origins=()):
+          allowed_origins=(), batching: bool = False):
     """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
     thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
-    more threads only steal the edge's core."""
+    more threads only steal the edge's core. `batching`: concurrent requests run as batches."""
     import torch
     import uvicorn
     from .split import load_split
     torch.set_num_threads(threads)
-    app = create_app(load_split(vlm, mae), token, max_body_bytes, allowed_origins)
+    split = load_split(vlm, mae)
+    model = None
+    if batching:
+        from .batching import BatchingCloudModel
+        model = BatchingCloudModel(split)
+    app = create_app(split, token, max_body_bytes, allowed_origins, model=model)
     app.state.model.warm_up()
     # no single WebSocket message may be larger than a whole request may be
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1)

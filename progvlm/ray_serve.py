@@ -22,7 +22,6 @@ import asyncio
 import time
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 from . import cloud_service
 from .batching import MAX_BATCH, MAX_WAIT_MS, Batched, BatchingCloudModel, Job, run_isolated, run_jobs
@@ -32,11 +31,8 @@ APP_NAME = "progvlm-cloud"
 
 
 def cloud_app(model: BatchingCloudModel, token: str | None, max_body_bytes: int):
-    """The single-process service's FastAPI app, around `model`.
-    TODO(lead): once create_app takes the model (create_app(..., model=model)), call that;
-    until then its CloudModel is swapped for this one while it builds the app."""
-    with mock.patch.object(cloud_service, "CloudModel", lambda split: model):
-        return cloud_service.create_app(model.split, token, max_body_bytes)
+    """The single-process service's FastAPI app, around `model`."""
+    return cloud_service.create_app(model.split, token, max_body_bytes, model=model)
 
 
 def _replica_class():

@@ -99,14 +99,16 @@ def new_token() -> str:
 
 
 def cloud_service(port: int | None = None, token: str | None = None, host: str = "127.0.0.1",
-                  vlm=None, mae=None, wrap=None, public_url: str | None = None) -> ChildService:
+                  vlm=None, mae=None, wrap=None, public_url: str | None = None,
+                  batching: bool = False) -> ChildService:
     """The cloud backend; `token` (default: a fresh random one) is its PROGVLM_CLOUD_TOKEN.
     `wrap` runs its command line inside something (a network namespace), and `public_url`
     is where it is reached from here then (default: host and port)."""
     port = port or free_port(host)
     token = token or new_token()
     return ChildService("cloud backend", ["-m", "progvlm", "serve-cloud", "--host", host, "--port", str(port),
-                                          *_model_args(vlm, mae)], public_url or f"http://{host}:{port}",
+                                          *_model_args(vlm, mae), *(["--batching"] if batching else [])],
+                        public_url or f"http://{host}:{port}",
                         {"PROGVLM_CLOUD_TOKEN": token}, token, wrap)
 
 

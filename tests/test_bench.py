@@ -29,8 +29,15 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     headline = json.loads(out.stdout.strip().splitlines()[-1])
     assert 1 <= headline["k_star"] <= 4 and headline["k_star_consistency"] >= 0.97
     assert 0 < headline["bytes_vs_raw_fp16"] < headline["bytes_vs_jpeg_q90_model"] < 1
-    assert [r["clients"] for r in headline["load"]] == [1, 4, 16]
+    backends = list(dict.fromkeys(r["backend"] for r in headline["load"]))
+    assert len(backends) == 2 and "batched" in backends[1]  # --quick: no Ray
+    assert [r["clients"] for r in headline["load"]] == [1, 4, 16] * 2
     assert all(r["failed"] == 0 and r["requests"] > 0 for r in headline["load"])
+    versus = headline["progressive_vs"]
+    assert sum(name.startswith("full-cloud") for name in versus) == 3 and "full-edge" in versus
+    assert all(v["low"] <= v["ratio"] <= v["high"] for v in versus.values())
+    assert set(headline["edge_floor"]) == {"pytorch", "onnxruntime"}
+    assert all(0 < f["mae_share_of_edge_k1"] < 1 for f in headline["edge_floor"].values())
     for name in ("summary.md", "results.json", "rate_accuracy.csv", "latency.csv", "load.csv",
                  "breakdown_1mbps.csv", "rate_accuracy.png", "latency_vs_bandwidth.png",
                  "breakdown_1mbps.png"):
