@@ -30,7 +30,6 @@ process, `serve-cloud-ray` serves this same app on Ray Serve replicas (progvlm/r
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
 import logging
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
+from .http_limits import READ_TIMEOUT_S, BoundedBody, bearer_ok
 from .images import ImageInputError, load_image
 from .split import Frame, Split
 
@@ -162,6 +162,7 @@ _ERRORS = {
     400: "bad input: an unreadable image, a corrupt, foreign or truncated bitstream, an empty "
          "body, a question the model cannot read",
     401: "missing or wrong access token",
+    408: "the body stalled (no bytes for a read timeout) or took too long in all",
     413: "body over the limit",
     422: "no question, or one over the length limit",
     500: "unexpected error (the traceback is in the server's log)",
@@ -202,12 +203,6 @@ def _check_question(question, where: str = "query parameter `question`") -> str:
     return question
 
 
-def _authorised(header: str | None, token: str | None) -> bool:
-    if not token:
-        return True
-    return header is not None and hmac.compare_digest(header.encode(), f"Bearer {token}".encode())
-
-
 async def _read_body(request: Request, limit: int) -> tuple[bytes, float]:
     """The body, and the ms from its first byte to its last as this side saw them: the sender
     cannot tell when a shaped link (or a kernel buffer in front of one) has delivered."""
@@ -234,7 +229,8 @@ def _normal_origin(origin: str) -> str:
 def create_app(split: Split, token: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_origins=(),
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
-               max_stream_messages: int = MAX_STREAM_MESSAGES, model=None) -> FastAPI:
+               max_stream_messages: int = MAX_STREAM_MESSAGES, model=None,
+               read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
     open the WebSocket; none by default."""
     model = model or CloudModel(split)  # or a progvlm.batching.BatchingCloudModel
@@ -243,6 +239,9 @@ def create_app(split: Split, token: str | None = None,
     app.state.stream_connections = 0  # sockets accepted on the stream (a session reuses one)
     limits = _StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s)
     allowed = {_normal_origin(o) for o in allowed_origins}
+    # a body that stalls or crawls is cut with 408, one over the limit with 413 as it streams
+    # (WebSocket messages have their own limits, below)
+    app.add_middleware(BoundedBody, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout_s)
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
@@ -259,7 +258,7 @@ def create_app(split: Split, token: str | None = None,
 
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not _authorised(
+        if request.url.path.startswith("/v1/") and not bearer_ok(
                 request.headers.get("authorization"), token):
             return JSONResponse({"detail": "missing or wrong access token"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -283,12 +282,12 @@ def create_app(split: Split, token: str | None = None,
         return await run_in_threadpool(compute, body, question) | {
             "received_bytes": len(body), "receive_ms": receive_ms}
 
-    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 413, 422, 500),
+    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 408, 413, 422, 500),
               openapi_extra=_binary_body("an image (JPEG, PNG, WebP, …): the whole VLM answers"))
     async def full(request: Request, question: str = QUESTION):
         return await answer_body(request, question, model.full)
 
-    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 413, 422, 500),
+    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 408, 413, 422, 500),
               openapi_extra=_binary_body("a progvlm bitstream, or any prefix of one: the MAE "
                                          "decodes the complete layers present"))
     async def progressive(request: Request, question: str = QUESTION):
@@ -312,7 +311,7 @@ def create_app(split: Split, token: str | None = None,
         "detail"} and the socket closes with code 4000 + status."""
         await ws.accept()
         try:
-            if not _authorised(ws.headers.get("authorization"), token):
+            if not bearer_ok(ws.headers.get("authorization"), token):
                 raise RequestError(401, "missing or wrong access token")
             origin = ws.headers.get("origin")
             if origin is not None and _normal_origin(origin) not in allowed:

@@ -268,10 +268,41 @@ def test_serve_cloud_without_a_token_warns_at_start(monkeypatch, capsys, host, w
     called = {}
     monkeypatch.setattr(cloud_service, "serve", lambda *a, **kw: called.update(args=a, kw=kw))
     monkeypatch.delenv(cloud_service.TOKEN_ENV, raising=False)
-    assert cli.main(["serve-cloud", "--host", host, "--allow-origin", "https://ui.example"]) == 0
+    open_ = [] if host == "127.0.0.1" else ["--allow-open"]  # else refused: no token (check_bind)
+    assert cli.main(["serve-cloud", "--host", host, "--allow-origin", "https://ui.example", *open_]) == 0
     err = capsys.readouterr().err
     assert "warning" in err and cloud_service.TOKEN_ENV in err and who in err, err
     assert called["kw"]["allowed_origins"] == ["https://ui.example"]
     monkeypatch.setenv(cloud_service.TOKEN_ENV, "s3cret")
     assert cli.main(["serve-cloud", "--host", host]) == 0
     assert "warning" not in capsys.readouterr().err and called["kw"]["allowed_origins"] == []
+
+
+def test_a_stalled_body_gets_408_and_the_connection_is_freed(split):
+    """A body declared but never sent is cut after the read timeout (it held a connection 70 s)."""
+    import socket
+    import threading
+    import time as _time
+
+    import uvicorn
+    from progvlm.cloud_service import create_app
+    from progvlm.services import free_port
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(split, read_timeout_s=1.0), port=port,
+                                           log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    try:
+        deadline = _time.monotonic() + 20
+        while not server.started:
+            assert _time.monotonic() < deadline
+            _time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/progressive?question=what HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\nab")
+            t0 = _time.monotonic()
+            reply = sock.recv(4096)
+            waited = _time.monotonic() - t0
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert waited < 8
+    finally:
+        server.should_exit = True
