@@ -27,6 +27,7 @@ where the fastest mode changes.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -125,13 +126,24 @@ def latency_cells(k_star: int, L: int, q_equal: int) -> list[tuple[str, dict]]:
             ("auto", {"mode": "auto", "budget_ms": AUTO_BUDGET_MS})]
 
 
+@functools.lru_cache(maxsize=16)
+def _raw_frame(path: str) -> tuple[bytes, int, int]:
+    """An image file's pixels as a camera frame: RGB24 bytes, width, height."""
+    from .images import load_image
+    image = load_image(path)
+    return np.asarray(image).tobytes(), image.size[0], image.size[1]
+
+
 def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float, rtt_ms: float,
               **options) -> dict:
     """One request to the edge agent's HTTP API (POST /v1/ask, edge_agent/service.py) → its record."""
     form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
             "rtt_ms": str(rtt_ms)}
     form.update({name: str(v) for name, v in options.items() if v is not None})
-    r = http.post("/v1/ask", files={"image": ("image", Path(image_path).read_bytes())}, data=form)
+    # the camera's raw pixels, as a camera delivers them: no file to decode on the device
+    pixels, width, height = _raw_frame(str(image_path))
+    form.update(image_format="rgb24", width=str(width), height=str(height))
+    r = http.post("/v1/ask", files={"image": ("frame.rgb", pixels)}, data=form)
     if r.status_code != 200:
         raise RuntimeError(f"edge agent refused {mode} at {bandwidth_mbps} Mbps: "
                            f"{r.status_code} {r.text[:300]}")

@@ -158,7 +158,10 @@ class CloudLink:
         try:
             # websockets ≥ 17 wants connect() entered as a context manager; a pooled socket
             # outlives any one block, so it is entered here and closed when dropped
-            ws = ws_connect(self._ws_url, additional_headers=self.headers,
+            # no permessage-deflate: the payload is already coded, and on a kept-open socket
+            # deflate's shared window would send a repeated frame as a back-reference, bytes
+            # no camera's next frame would ever save
+            ws = ws_connect(self._ws_url, additional_headers=self.headers, compression=None,
                             open_timeout=self.timeout_s, max_size=1 << 20).__enter__()
         except (OSError, WebSocketException, TimeoutError) as e:
             if isinstance(e, InvalidStatus):
