@@ -42,12 +42,12 @@ class KernelLinkError(RuntimeError):
     """The machine cannot make the kernel link; str(e) says why."""
 
 
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+def run_quiet(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def _sh(cmd: list[str]) -> str:
-    r = _run(cmd)
+def run_checked(cmd: list[str]) -> str:
+    r = run_quiet(cmd)
     if r.returncode:
         raise KernelLinkError(f"`{' '.join(cmd)}` failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
@@ -63,17 +63,17 @@ def kernel_link_available() -> tuple[bool, str]:
         if shutil.which(tool) is None:
             return False, f"`{tool}` (iproute2) not found"
     name = f"pvprobe{os.getpid()}"
-    r = _run(["ip", "netns", "add", name])
+    r = run_quiet(["ip", "netns", "add", name])
     if r.returncode:
         return False, f"`ip netns add` failed: {r.stderr.strip()}"
-    _run(["ip", "netns", "del", name])
+    run_quiet(["ip", "netns", "del", name])
     return True, ""
 
 
 def _qdisc_known(ns: str, dev: str, kind: list[str]) -> bool:
-    ok = _run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *kind]).returncode == 0
+    ok = run_quiet(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *kind]).returncode == 0
     if ok:
-        _run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"])
+        run_quiet(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"])
     return ok
 
 
@@ -121,13 +121,13 @@ class KernelLink:
     def uplink_bytes(self) -> int:
         """Bytes the kernel has sent towards the cloud through the shaped uplink so far."""
         import json
-        stats = json.loads(_sh(["tc", "-s", "-j", "qdisc", "show", "dev", self.host_if]))
+        stats = json.loads(run_checked(["tc", "-s", "-j", "qdisc", "show", "dev", self.host_if]))
         return sum(q["bytes"] for q in stats if q.get("root"))
 
     def set_rate(self, rate_mbit: float):
         """Re-shape both directions to another rate (the delay is unchanged)."""
         for prefix, dev in (([], self.host_if), (["ip", "netns", "exec", self.namespace], self.ns_if)):
-            _sh([*prefix, "tc", "qdisc", "change", "dev", dev, "root", *_shaper(rate_mbit, self.rtt_ms,
+            run_checked([*prefix, "tc", "qdisc", "change", "dev", dev, "root", *_shaper(rate_mbit, self.rtt_ms,
                                                                              self.delay_by == "netem")])
         self.rate_mbit = rate_mbit
 
@@ -152,18 +152,18 @@ def kernel_link(rate_mbit: float, rtt_ms: float, prefer_netem: bool = True):
     relay = None
     made_ns = False
     try:
-        _sh(["ip", "netns", "add", ns])
+        run_checked(["ip", "netns", "add", ns])
         made_ns = True
-        _sh(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns])
-        _sh(["ip", "addr", "add", f"{host_ip}/24", "dev", host_if])
-        _sh(["ip", "link", "set", host_if, "up"])
-        _sh(["ip", "-n", ns, "addr", "add", f"{cloud_ip}/24", "dev", ns_if])
-        _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-        _sh(["ip", "-n", ns, "link", "set", ns_if, "up"])
+        run_checked(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", ns])
+        run_checked(["ip", "addr", "add", f"{host_ip}/24", "dev", host_if])
+        run_checked(["ip", "link", "set", host_if, "up"])
+        run_checked(["ip", "-n", ns, "addr", "add", f"{cloud_ip}/24", "dev", ns_if])
+        run_checked(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run_checked(["ip", "-n", ns, "link", "set", ns_if, "up"])
         use_netem = prefer_netem and _qdisc_known(ns, ns_if, _shaper(rate_mbit, rtt_ms, True))
         shaper = _shaper(rate_mbit, rtt_ms, use_netem)
-        _sh(["tc", "qdisc", "add", "dev", host_if, "root", *shaper])
-        _sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_if, "root", *shaper])
+        run_checked(["tc", "qdisc", "add", "dev", host_if, "root", *shaper])
+        run_checked(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", ns_if, "root", *shaper])
         if use_netem:
             inner_port = CLOUD_PORT
         else:
@@ -184,7 +184,7 @@ def kernel_link(rate_mbit: float, rtt_ms: float, prefer_netem: bool = True):
             except subprocess.TimeoutExpired:
                 relay.kill()
         if made_ns:  # takes the veth pair and its qdiscs with it
-            _run(["ip", "netns", "del", ns])
+            run_quiet(["ip", "netns", "del", ns])
 
 
 def _wait_listening(ns: str, ip: str, port: int, proc: subprocess.Popen, timeout_s: float = 15.0):
@@ -192,7 +192,7 @@ def _wait_listening(ns: str, ip: str, port: int, proc: subprocess.Popen, timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise KernelLinkError(f"the delay relay exited ({proc.returncode}): {proc.stderr.read()[-500:]}")
-        if f"{ip}:{port}" in _run(["ip", "netns", "exec", ns, "ss", "-Hltn"]).stdout:
+        if f"{ip}:{port}" in run_quiet(["ip", "netns", "exec", ns, "ss", "-Hltn"]).stdout:
             return
         time.sleep(0.05)
     raise KernelLinkError(f"the delay relay did not listen on {ip}:{port} within {timeout_s:g} s")

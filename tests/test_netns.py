@@ -6,11 +6,8 @@ the real interface needs to carry the payload. Needs root, `ip` and `tc`; skippe
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from progvlm.netlink import die_with_parent, run_checked, run_quiet
+from progvlm.netlink import kernel_link_available as _netns_available
 
 # two namespaces, a shaped veth and two services started in them: CI runs it with `-m slow`
 pytestmark = pytest.mark.slow
@@ -28,6 +28,8 @@ BURST_BYTES = 1600  # tbf lets this much through at line rate before it starts s
 TBF = ["tbf", "rate", f"{RATE_MBIT}mbit", "burst", str(BURST_BYTES), "latency", "400ms"]
 PORT = 8080  # inside the cloud's own namespace: nothing else listens there
 QUESTION = "how many objects are there ?"
+# the cloud listens beyond loopback (its veth address), which it does only with a token
+TOKEN_ENV = {**os.environ, "PROGVLM_CLOUD_TOKEN": "netns-test-token"}
 HEALTH_PROBE = """
 import sys, time, httpx
 url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
@@ -40,41 +42,6 @@ while time.monotonic() < deadline:
     time.sleep(0.2)
 sys.exit(f"no answer from {url}/healthz")
 """
-
-
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def _sh(cmd: list[str]) -> str:
-    r = _run(cmd)
-    if r.returncode:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({r.returncode}): {r.stderr.strip()}")
-    return r.stdout
-
-
-def _netns_available() -> tuple[bool, str]:
-    """Can this process make a network namespace? (root, `ip`, `tc`, and `ip netns add` works)"""
-    if not sys.platform.startswith("linux"):
-        return False, "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return False, "making network namespaces needs root"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return False, f"`{tool}` (iproute2) not found"
-    name = f"pvprobe{os.getpid()}"
-    r = _run(["ip", "netns", "add", name])
-    if r.returncode:
-        return False, f"`ip netns add` failed: {r.stderr.strip()}"
-    _run(["ip", "netns", "del", name])
-    return True, ""
-
-
-def _die_with_parent():
-    try:  # the child ends even when pytest is killed outright
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +57,20 @@ def link():
     made = []
     try:
         for ns in (cloud_ns, edge_ns):
-            _sh(["ip", "netns", "add", ns])
+            run_checked(["ip", "netns", "add", ns])
             made.append(ns)
-        _sh(["ip", "link", "add", cloud_if, "netns", cloud_ns, "type", "veth",
+        run_checked(["ip", "link", "add", cloud_if, "netns", cloud_ns, "type", "veth",
              "peer", "name", edge_if, "netns", edge_ns])
         for ns, dev, ip in ((cloud_ns, cloud_if, f"10.231.{x}.1"), (edge_ns, edge_if, f"10.231.{x}.2")):
-            _sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
-            _sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _sh(["ip", "-n", ns, "link", "set", dev, "up"])
-            _sh(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *TBF])
+            run_checked(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+            run_checked(["ip", "-n", ns, "link", "set", "lo", "up"])
+            run_checked(["ip", "-n", ns, "link", "set", dev, "up"])
+            run_checked(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *TBF])
         yield {"cloud_ns": cloud_ns, "edge_ns": edge_ns, "cloud_ip": f"10.231.{x}.1",
                "edge_if": edge_if}
     finally:
         for ns in made:  # takes the veth pair and its qdiscs with it
-            _run(["ip", "netns", "del", ns])
+            run_quiet(["ip", "netns", "del", ns])
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +79,14 @@ def cloud(link):
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(["ip", "netns", "exec", link["cloud_ns"], sys.executable, "-m", "progvlm",
                              "serve-cloud", "--host", link["cloud_ip"], "--port", str(PORT)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
-                            preexec_fn=_die_with_parent)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, env=TOKEN_ENV,
+                            preexec_fn=die_with_parent)
     probe = None
     try:
         # probed from the edge's namespace: the route through the veth works too
         probe = subprocess.Popen(["ip", "netns", "exec", link["edge_ns"], sys.executable, "-c",
                                   HEALTH_PROBE, url, "60"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         while probe.poll() is None and proc.poll() is None:
             time.sleep(0.1)
         if probe.poll() is None:
@@ -145,7 +112,7 @@ def cloud(link):
 
 
 def _edge_qdisc_bytes(link) -> int:
-    stats = json.loads(_sh(["ip", "netns", "exec", link["edge_ns"], "tc", "-s", "-j", "qdisc", "show",
+    stats = json.loads(run_checked(["ip", "netns", "exec", link["edge_ns"], "tc", "-s", "-j", "qdisc", "show",
                             "dev", link["edge_if"]]))
     return sum(q["bytes"] for q in stats if q.get("root"))
 
@@ -160,7 +127,7 @@ def _ask(link, url: str, *args: str) -> dict:
     cmd = ["ip", "netns", "exec", link["edge_ns"], sys.executable, "-m", "edge_agent", "ask",
            "--image", _image(), "--question", QUESTION, "--bandwidth-mbps", "10000", "--rtt-ms", "0",
            "--cloud-url", url, *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=TOKEN_ENV)
     assert r.returncode == 0, f"edge ask {args} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     return json.loads(r.stdout)
 
