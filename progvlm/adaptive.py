@@ -266,7 +266,7 @@ def plot_reliability(report: dict, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     bins = report["bins"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6.5), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 1]})
     centres = [(b["low"] + b["high"]) / 2 for b in bins]
     width = bins[0]["high"] - bins[0]["low"] if bins else 0.1
@@ -277,7 +277,7 @@ def plot_reliability(report: dict, path: str | Path, title: str = "") -> Path:
              color="tab:red", label="bin mean confidence")
     top.set_ylabel("fraction correct")
     top.set_ylim(0, 1.02)
-    top.set_title(title or f"reliability (ECE {report['ece']:.3f})")
+    top.set_title(title or f"reliability (ECE {report['ece']:.3f})", fontsize=10, wrap=True)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, [b["count"] for b in bins], width=width * 0.9, color="grey")
     bottom.set_yscale("log")
