@@ -145,13 +145,6 @@ class Ladder:
         return np.array([[np.nan if (c := scorer.confidence(a)) is None else c for a in row]
                          for row in self.answers], dtype=float)
 
-    def take(self, index) -> "Ladder":
-        """The ladder of a subset of its questions (a slice or index array)."""
-        index = np.arange(len(self.answers))[index]
-        return Ladder([self.answers[i] for i in index], self.bytes[index],
-                      [self.reference[i] for i in index],
-                      None if self.truth is None else [self.truth[i] for i in index])
-
 
 def stopping_layers(confidence: np.ndarray, threshold: float) -> np.ndarray:
     """(questions,) the k the adaptive policy stops at: the first whose answer's confidence is

@@ -9,7 +9,6 @@
 * reliability bins and ECE by hand; the plot is a PNG.
 """
 import json
-import math
 import shutil
 from pathlib import Path
 
