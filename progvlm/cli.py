@@ -113,7 +113,10 @@ def _add_eval_mae(sub):
                        "scenes (with ground truth) exist for the bundled VLM only; for any VLM pass "
                        "--images DIR: per k the wire bytes, exact agreement and semantic "
                        "consistency with the answer from uncompressed tokens, beside JPEG q90 at "
-                       "camera size, JPEG q90 at the model's input size and raw fp16 tokens.")
+                       "camera size, JPEG q90 at the model's input size and raw fp16 tokens. "
+                       "Both also give the adaptive row: layers sent until the answer's confidence "
+                       "reaches the calibrated threshold (the MAE folder's adaptive.json, see "
+                       "calibrate-adaptive), with its calibration (ECE).")
     p.add_argument("--questions", default=None, metavar="N|FILE",
                    help="generated scenes: how many questions (default 1000); with --images: a "
                         "file of questions, one per line, # starts a comment (default: a generic "
@@ -123,6 +126,39 @@ def _add_eval_mae(sub):
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="with --images: the longest answer generated (default %(default)s)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--reliability-plot", type=Path, default=None, metavar="PNG",
+                   help="write the adaptive rule's reliability diagram (confidence bins against "
+                        "accuracy, or agreement with --images) to this file")
+    _add_vlm(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _add_calibrate_adaptive(sub):
+    p = sub.add_parser("calibrate-adaptive", help="choose the adaptive stopping rule and threshold; "
+                       "writes adaptive.json into the MAE folder",
+                       description="Every question answered from k = 1..L layers; for each "
+                       "confidence rule (min, mean or geometric-mean token probability, min margin "
+                       "to the runner-up) and threshold, the adaptive policy's mean bytes and "
+                       "accuracy. Chosen: within --budget × the mean bytes of k = 1, the most "
+                       "accurate (ties: fewest bytes). The bundled VLM is calibrated on the "
+                       "training stream (ground truth); any VLM with --images DIR, agreement with "
+                       "its answers from uncompressed tokens in place of accuracy (use images you "
+                       "do not evaluate on).")
+    p.add_argument("--questions", default=None, metavar="N|FILE",
+                   help="generated scenes: how many questions (default 4000); with --images: a "
+                        "file of questions, one per line (default: a generic set)")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="calibrate on the images in DIR (any VLM; no ground truth needed)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="with --images: the longest answer generated (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training stream seed (generated scenes)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="bytes allowed, in mean bytes of k = 1 (default: the goal's 1.3)")
+    p.add_argument("--out", type=Path, default=None, metavar="FOLDER",
+                   help="where adaptive.json goes (default: the MAE folder)")
+    p.add_argument("--dry-run", action="store_true", help="report the choice, write nothing")
+    p.add_argument("--reliability-plot", type=Path, default=None, metavar="PNG",
+                   help="write the chosen rule's reliability diagram on the calibration data")
     _add_vlm(p)
     p.add_argument("--json", action="store_true")
 
@@ -266,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="progvlm: progressive semantic communication for edge-cloud VLMs.",
         epilog="Run `python -m progvlm <command> --help` for a command's options.")
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae, _add_ask,
+    for add in (_add_train_vlm, _add_eval_vlm, _add_train_mae, _add_eval_mae,
+                _add_calibrate_adaptive, _add_ask,
                 _add_make_examples, _add_serve_cloud, _add_serve_cloud_ray, _add_bench,
                 _add_make_random_vlm):
         add(sub)
@@ -435,9 +472,13 @@ def cmd_eval_mae(a) -> int:
     for r in rep["per_k"]:
         lines.append(f"{'k=' + str(r['k']):>12} {r['bytes_mean']:>10.1f} {r['bytes_max']:>5} "
                      f"{r['token_cosine']:>8.4f} {r['accuracy']:>9.4f} {r['consistency']:>9.4f}")
+    ad = rep["adaptive"]
+    lines.append(f"{'adaptive':>12} {ad['bytes_mean']:>10.1f} {'':>5} {'':>8} {ad['accuracy']:>9.4f} "
+                 f"{ad['consistency']:>9.4f}")
     for name, r in rep["baselines"].items():
         lines.append(f"{name:>12} {r['bytes_mean']:>10.1f} {'':>5} {'':>8} {r['accuracy']:>9.4f} "
                      f"{r['consistency']:>9.4f}")
+    lines += _adaptive_lines(ad, split, a.reliability_plot)
     t = rep["timing"]
     lines.append(f"edge half {t['edge_half_ms']} ms, MAE compress {t['mae_compress_ms']} ms "
                  f"({100 * t['mae_share_of_edge_half']:.1f}% of the edge half; host CPU, measured)")
@@ -448,16 +489,11 @@ def cmd_eval_mae(a) -> int:
 def _eval_mae_on_images(a, split) -> int:
     """eval-mae --images DIR: any VLM, no ground truth (evaluate_mae_on_images)."""
     from tqdm import tqdm
-    from .evaluate import default_questions, evaluate_mae_on_images, read_questions
-    if not a.images.is_dir():
-        print(f"error: --images {a.images} is not a folder", file=sys.stderr)
+    from .evaluate import evaluate_mae_on_images
+    got = _images_and_questions(a)
+    if got is None:
         return 2
-    paths = sorted(p for p in a.images.iterdir() if p.is_file() and not p.name.startswith("."))
-    try:
-        questions = default_questions() if a.questions is None else read_questions(a.questions)
-    except (OSError, ValueError) as e:
-        print(f"error: --questions with --images takes a file of questions: {e}", file=sys.stderr)
-        return 2
+    paths, questions = got
     t0 = time.time()
     try:
         with tqdm(total=len(paths), desc="eval-mae", unit="image", file=sys.stderr) as bar:
@@ -474,11 +510,122 @@ def _eval_mae_on_images(a, split) -> int:
     for r in rep["per_k"]:
         lines.append(f"{'k=' + str(r['k']):>16} {r['bytes_mean']:>10.1f} {r['bytes_max']:>7} "
                      f"{r['token_cosine']:>8.4f} {r['agreement']:>9.4f} {r['consistency']:>9.4f}")
+    ad = rep["adaptive"]
+    lines.append(f"{'adaptive':>16} {ad['bytes_mean']:>10.1f} {'':>7} {'':>8} "
+                 f"{ad['agreement']:>9.4f} {ad['consistency']:>9.4f}")
     for name, r in rep["baselines"].items():
         lines.append(f"{name:>16} {r['bytes_mean']:>10.1f} {r['bytes_max']:>7} {'':>8} "
                      f"{r['agreement']:>9.4f} {r['consistency']:>9.4f}")
+    lines += _adaptive_lines(ad, split, a.reliability_plot)
     lines += [f"skipped {s}" for s in rep["skipped"]]
     _emit(rep, a.json, lines)
+    return 0
+
+
+def _adaptive_lines(ad: dict, split, plot: Path | None) -> list[str]:
+    """The adaptive row's details under the eval-mae table; writes the reliability plot."""
+    from .adaptive import plot_reliability
+    target, L = ad["target"], len(ad["layers_histogram"])
+    _, source = split.adaptive_threshold()
+    hist = ", ".join(f"k={k}: {n}" for k, n in ad["layers_histogram"].items())
+    lines = [f"adaptive: {ad['rule']} ≥ {ad['threshold']:.4g} ({source}); mean layers "
+             f"{ad['mean_layers']:.3f} ({hist}); bytes {ad['bytes_ratio_to_k1']:.3f}× k=1's "
+             f"{ad['k1_bytes_mean']:.1f} (per question); {target} {ad[target]:.4f} vs k={L}'s "
+             f"{ad[f'k{L}_{target}']:.4f}",
+             f"goal ({target} of k={L} at ≤ {ad['budget']}× the bytes of k=1): "
+             + ("met" if ad["goal_met"] else "NOT met")
+             + f"; calibration: ECE {ad['reliability']['ece']:.4f} over all "
+               f"{ad['reliability']['answers']} answers (k=1..{L}), "
+               f"{ad['reliability_k1']['ece']:.4f} at k=1"]
+    if plot is not None:
+        title = (f"{ad['rule']} confidence vs {target}, k=1..{L} "
+                 f"(ECE {ad['reliability']['ece']:.3f})")
+        lines.append(f"reliability plot: {plot_reliability(ad['reliability'], plot, title)}")
+    return lines
+
+
+def _images_and_questions(a):
+    """--images DIR and --questions FILE → (image paths, questions); prints the error and
+    returns None for bad ones."""
+    from .evaluate import default_questions, read_questions
+    if not a.images.is_dir():
+        print(f"error: --images {a.images} is not a folder", file=sys.stderr)
+        return None
+    paths = sorted(p for p in a.images.iterdir() if p.is_file() and not p.name.startswith("."))
+    try:
+        questions = default_questions() if a.questions is None else read_questions(a.questions)
+    except (OSError, ValueError) as e:
+        print(f"error: --questions with --images takes a file of questions: {e}", file=sys.stderr)
+        return None
+    return paths, questions
+
+
+def cmd_calibrate_adaptive(a) -> int:
+    from tqdm import tqdm
+    from . import adaptive
+    from .split import load_split
+    budget = adaptive.BYTES_BUDGET if a.budget is None else a.budget
+    if not 1.0 <= budget <= 100.0:
+        print(f"error: --budget must be in 1..100 (mean bytes of k = 1), got {budget}",
+              file=sys.stderr)
+        return 2
+    split = load_split(a.vlm, a.mae)
+    t0 = time.time()
+    if a.images is not None:
+        got = _images_and_questions(a)
+        if got is None:
+            return 2
+        paths, questions = got
+        try:
+            with tqdm(total=len(paths), desc="calibrate", unit="image", file=sys.stderr) as bar:
+                choice, ladder = adaptive.calibrate_on_images(split, paths, questions, bar.update,
+                                                              a.max_new_tokens, budget)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        if getattr(split.vlm, "family", None) != "bundled":
+            print(f"error: generated scenes with ground truth exist only for the bundled model, "
+                  f"not for {split.vlm.model_id}: pass --images DIR", file=sys.stderr)
+            return 2
+        try:
+            count = 4000 if a.questions is None else int(a.questions)
+        except ValueError:
+            count = 0
+        if count < 1:
+            print(f"error: --questions must be a number of questions ≥ 1 (a questions file goes "
+                  f"with --images DIR), got {a.questions}", file=sys.stderr)
+            return 2
+        with tqdm(desc="calibrate", unit="scene", file=sys.stderr) as bar:
+            choice, ladder = adaptive.calibrate_on_scenes(split, count, a.seed, progress=bar.update,
+                                                          budget=budget)
+    choice["seconds"] = round(time.time() - t0, 1)
+    target, L = choice["target"], split.num_layers
+    lines = [f"calibration on {choice['calibrated_on']}",
+             "fixed k: " + ", ".join(f"k={r['k']} {r['bytes_mean']:.1f} B {target} {r[target]:.4f}"
+                                     for r in choice["fixed_k"]),
+             f"each rule's best threshold within {budget}× the bytes of k=1:",
+             f"{'rule':>14} {'threshold':>10} {'bytes/k=1':>10} {target:>9} {f'vs k={L}':>8} "
+             f"{'layers':>7}"]
+    for r in choice["per_rule"]:
+        lines.append(f"{r['rule']:>14} {r['threshold']:>10.4g} {r['bytes_ratio']:>10.3f} "
+                     f"{r[target]:>9.4f} {r[f'{target}_vs_k{L}']:>+8.4f} {r['mean_layers']:>7.3f}")
+    lines.append(f"chosen: {choice['rule']} ≥ {choice['threshold']:.4g}; goal ({target} of k={L} "
+                 f"at ≤ {budget}× the bytes of k=1) " + ("met" if choice["goal_met"] else "NOT met")
+                 + " on the calibration data")
+    if a.reliability_plot is not None:
+        rel = adaptive.reliability(ladder.confidence(choice["rule"]), ladder.correct())
+        title = (f"{choice['rule']} confidence vs {target}, k=1..{L}, calibration data "
+                 f"(ECE {rel['ece']:.3f})")
+        lines.append(f"reliability plot (ECE {rel['ece']:.4f}): "
+                     f"{adaptive.plot_reliability(rel, a.reliability_plot, title)}")
+    if not a.dry_run:
+        try:
+            lines.append(f"written: {adaptive.save_calibration(split, choice, ladder, a.out)}")
+        except (OSError, ValueError) as e:
+            print(f"error: cannot write adaptive.json: {e}", file=sys.stderr)
+            return 2
+    _emit(choice, a.json, lines)
     return 0
 
 
@@ -625,7 +772,7 @@ def main(argv=None) -> int:
 
 
 _COMMANDS = {"train-vlm": cmd_train_vlm, "eval-vlm": cmd_eval_vlm, "train-mae": cmd_train_mae,
-            "eval-mae": cmd_eval_mae, "ask": cmd_ask,
+            "eval-mae": cmd_eval_mae, "calibrate-adaptive": cmd_calibrate_adaptive, "ask": cmd_ask,
             "make-examples": cmd_make_examples, "serve-cloud": cmd_serve_cloud,
             "bench": cmd_bench, "make-random-vlm": cmd_make_random_vlm,
             "serve-cloud-ray": cmd_serve_cloud_ray}

@@ -10,14 +10,15 @@ from .questions import QA, QUESTION_TYPES, questions_for
 from .scenes import render_scene
 
 
-def eval_questions(seed: int, count: int):
-    """`count` questions (one of each type per scene, in turn) on scenes of the eval stream."""
-    rng = np.random.default_rng([EVAL_STREAM, seed])
+def eval_questions(seed: int, count: int, stream: int = EVAL_STREAM, start: int = 0):
+    """`count` questions (one of each type per scene, in turn) on scenes of `stream` (default
+    the evaluation stream) from scene index `start` on."""
+    rng = np.random.default_rng([stream, seed] + ([start] if start else []))
     items: list[tuple[int, QA]] = []
     scene_list = []
-    i = 0
+    i = start
     while len(items) < count:
-        sc = make_scenes(EVAL_STREAM, seed, 1, start=i)[0]
+        sc = make_scenes(stream, seed, 1, start=i)[0]
         scene_list.append(sc)
         for qa in questions_for(sc, rng, QUESTION_TYPES):
             items.append((len(scene_list) - 1, qa))
@@ -57,25 +58,39 @@ def _mean(xs):
 
 
 def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
-                 camera_jpeg_qualities=()):
+                 camera_jpeg_qualities=(), adaptive_rule=None):
     """Per-k bytes, token cosine, accuracy and consistency; baselines from the same scenes.
     JPEG baselines: `jpeg_q{q}` encodes the frame at the model's input size; `jpeg_camera_q{q}`
-    at camera size (the device sends what it captured; the cloud resizes)."""
+    at camera size (the device sends what it captured; the cloud resizes). "adaptive": the
+    adaptive policy under `adaptive_rule` (default: the split's calibrated one) beside fixed k
+    (progvlm.adaptive.evaluate)."""
+    return evaluate_mae_ladder(split, seed, count, progress, jpeg_qualities,
+                               camera_jpeg_qualities, adaptive_rule=adaptive_rule)[0]
+
+
+def evaluate_mae_ladder(split, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
+                        camera_jpeg_qualities=(), stream: int = EVAL_STREAM, start: int = 0,
+                        baselines: bool = True, adaptive_rule=None):
+    """evaluate_mae's report and its `adaptive.Ladder` (every question answered at every k):
+    on `stream` from scene `start` on; without the baselines where `baselines` is False (what
+    calibration on the training stream needs)."""
     import torch.nn.functional as F
 
-    from . import baselines
+    from . import adaptive
+    from . import baselines as base_methods
     from .images import resize_for_model
     from .metrics import SemanticConsistency
     from .split import Frame
 
     backend, mae = split.vlm, split.mae
     sim = SemanticConsistency()
-    scene_list, items = eval_questions(seed, count)
+    scene_list, items = eval_questions(seed, count, stream, start)
     by_scene: dict[int, list[int]] = {}
     for j, (s, _) in enumerate(items):
         by_scene.setdefault(s, []).append(j)
     L = mae.cfg.num_layers
     answers = {"uncompressed": [None] * len(items)}
+    answer_objects: dict[str, list] = {}  # k=… → the Answers (their token probabilities)
     rec = {k: {"bytes": [], "layer_bytes": [], "cos": []} for k in range(1, L + 1)}
     base_bytes: dict[str, list] = {}
 
@@ -87,8 +102,11 @@ def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10
                 flat_t.append(t)
                 flat_q.append(items[j][1].question)
                 flat_j.append(j)
+        kept = answer_objects.setdefault(name, [None] * len(items)) if name.startswith("k=") else None
         for j, a in zip(flat_j, backend.cloud_half_batch(flat_t, flat_q)):
             out[j] = a.text
+            if kept is not None:
+                kept[j] = a
 
     all_tokens = {}  # scene → uncompressed tokens, reused by the pooling baselines below
     chunk = 32
@@ -109,22 +127,26 @@ def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10
                 rec[k]["layer_bytes"].append([len(p) for p in frame.layers])
                 rec[k]["cos"].append(F.cosine_similarity(t_hat, T[s], dim=-1).mean().item())
             answer_all(f"k={k}", dec)
+        if progress and not baselines:
+            progress(len(ids))
+        if not baselines:
+            continue
         raw = {}
         for s in ids:
-            n, raw[s] = baselines.raw_fp16(T[s])
+            n, raw[s] = base_methods.raw_fp16(T[s])
             base_bytes.setdefault("raw_fp16", []).append(n)
         answer_all("raw_fp16", raw)
         for q in jpeg_qualities:
             dec_imgs = []
             for s, f in zip(ids, frames):
-                n, img = baselines.jpeg(resize_for_model(f, backend.input_size), q)
+                n, img = base_methods.jpeg(resize_for_model(f, backend.input_size), q)
                 base_bytes.setdefault(f"jpeg_q{q}", []).append(n)
                 dec_imgs.append(img)
             answer_all(f"jpeg_q{q}", dict(zip(ids, backend.edge_half_batch(dec_imgs))))
         for q in camera_jpeg_qualities:
             dec_imgs = []
             for f in frames:
-                n, img = baselines.jpeg(f, q)
+                n, img = base_methods.jpeg(f, q)
                 base_bytes.setdefault(f"jpeg_camera_q{q}", []).append(n)
                 dec_imgs.append(img)
             answer_all(f"jpeg_camera_q{q}", dict(zip(ids, backend.edge_half_batch(dec_imgs))))
@@ -133,11 +155,12 @@ def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10
 
     # pooling baselines at about the mean bytes of each k, known only after the first pass
     D = mae.cfg.token_dim
-    pool_settings = {k: baselines.pooling_setting_for(_mean(rec[k]["bytes"]), D) for k in rec}
+    pool_settings = ({k: base_methods.pooling_setting_for(_mean(rec[k]["bytes"]), D) for k in rec}
+                     if baselines else {})
     for k, (g, b) in pool_settings.items():
         pooled = {}
         for s, t in all_tokens.items():
-            n, pooled[s] = baselines.pooled(t, g, b)
+            n, pooled[s] = base_methods.pooled(t, g, b)
             base_bytes.setdefault(f"pool_k{k}", []).append(n)
         answer_all(f"pool_k{k}", pooled)
 
@@ -163,11 +186,21 @@ def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10
             entry.update(grid=g, bits=b)
         base[name] = entry
     unc = accuracy_report(items, ref)
-    return {"questions": len(items), "scenes": len(scene_list), "seed": seed,
-            "mae_fingerprint": mae.fingerprint().hex(), "L": L,
-            "uncompressed": {"accuracy": unc["overall"], "accuracy_per_type": unc["per_type"]},
-            "per_k": per_k, "baselines": base,
-            "timing": edge_vs_mae_timing(backend, mae, scene_list[0])}
+    # scene s (in order) with k layers: rec[k]["bytes"][s]
+    ladder = adaptive.Ladder(
+        answers=[[answer_objects[f"k={k}"][j] for k in range(1, L + 1)] for j in range(len(items))],
+        bytes=np.array([[rec[k]["bytes"][s] for k in range(1, L + 1)]
+                        for s, _ in items]),
+        reference=list(ref), truth=[qa.answer for _, qa in items])
+    rule = adaptive_rule or split.adaptive_rule()[0]
+    report = {"questions": len(items), "scenes": len(scene_list), "seed": seed,
+              "stream": stream, "first_scene": start,
+              "mae_fingerprint": mae.fingerprint().hex(), "L": L,
+              "uncompressed": {"accuracy": unc["overall"], "accuracy_per_type": unc["per_type"]},
+              "per_k": per_k, "adaptive": adaptive.evaluate(ladder, rule, sim.many),
+              "baselines": base,
+              "timing": edge_vs_mae_timing(backend, mae, scene_list[0])}
+    return report, ladder
 
 
 def median_ms(first, second, repeats: int) -> tuple[float, float]:
@@ -219,7 +252,8 @@ def read_questions(path) -> list[str]:
 
 
 def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_jpeg_quality=90,
-                           model_jpeg_quality=90, max_new_tokens: int = 32) -> dict:
+                           model_jpeg_quality=90, max_new_tokens: int = 32,
+                           adaptive_rule=None) -> dict:
     """Per k = 1..L on your own images, without ground truth: wire bytes (mean, max; what
     `split.pack` puts on the link, header included), exact agreement with the answer from
     uncompressed tokens and semantic consistency with it; and the same for the baselines
@@ -227,10 +261,25 @@ def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_
     size first) and `raw_fp16` (the tokens as fp16, no header).
 
     Every answer is greedy, so "agreement" is what the compression changes, not sampling noise.
-    Unreadable images are skipped and listed under "skipped"."""
+    Unreadable images are skipped and listed under "skipped". "adaptive": the adaptive policy
+    under `adaptive_rule` (default: the split's calibrated one), agreement in place of
+    accuracy (progvlm.adaptive.evaluate)."""
+    return evaluate_mae_on_images_ladder(split, image_paths, questions, progress,
+                                         camera_jpeg_quality, model_jpeg_quality, max_new_tokens,
+                                         adaptive_rule=adaptive_rule)[0]
+
+
+def evaluate_mae_on_images_ladder(split, image_paths, questions, progress=None,
+                                  camera_jpeg_quality=90, model_jpeg_quality=90,
+                                  max_new_tokens: int = 32, baselines: bool = True,
+                                  adaptive_rule=None):
+    """evaluate_mae_on_images's report and its `adaptive.Ladder` (every question of every
+    image answered at every k, no ground truth); without the baselines where `baselines` is
+    False (what calibration needs)."""
     import torch.nn.functional as F
 
-    from . import baselines
+    from . import adaptive
+    from . import baselines as base_methods
     from .images import ImageInputError, load_image, resize_for_model
     from .metrics import SemanticConsistency
     from .split import Frame
@@ -240,13 +289,15 @@ def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_
     if not questions:
         raise ValueError("at least one question is needed")
     answers: dict[str, list[str]] = {"uncompressed": []}
+    answer_objects: dict[int, list] = {k: [] for k in range(1, L + 1)}  # their token probabilities
     sizes: dict[str, list[int]] = {}
     cosine: dict[int, list[float]] = {k: [] for k in range(1, L + 1)}
     skipped, used = [], 0
 
-    def ask_all(name: str, tokens, grid):
-        answers.setdefault(name, []).extend(
-            vlm.cloud_half(tokens, q, max_new_tokens, grid=grid).text for q in questions)
+    def ask_all(name: str, tokens, grid) -> list:
+        got = [vlm.cloud_half(tokens, q, max_new_tokens, grid=grid) for q in questions]
+        answers.setdefault(name, []).extend(a.text for a in got)
+        return got
 
     def ask_image(name: str, nbytes: int, image):
         sizes.setdefault(name, []).append(nbytes)
@@ -268,14 +319,18 @@ def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_
             sizes.setdefault(f"k={k}", []).append(len(wire))
             decoded = split.decode(split.unpack(wire))  # exactly what the cloud would decode
             cosine[k].append(F.cosine_similarity(decoded, tokens, dim=-1).mean().item())
-            ask_all(f"k={k}", decoded, grid)
-        nbytes, raw = baselines.raw_fp16(tokens)
+            answer_objects[k].extend(ask_all(f"k={k}", decoded, grid))
+        if progress and not baselines:
+            progress(1)
+        if not baselines:
+            continue
+        nbytes, raw = base_methods.raw_fp16(tokens)
         sizes.setdefault("raw_fp16", []).append(nbytes)
         ask_all("raw_fp16", raw, grid)
         ask_image(f"jpeg_camera_q{camera_jpeg_quality}",
-                  *baselines.jpeg(image, camera_jpeg_quality))
+                  *base_methods.jpeg(image, camera_jpeg_quality))
         ask_image(f"jpeg_model_q{model_jpeg_quality}",
-                  *baselines.jpeg(resize_for_model(image, vlm.input_size), model_jpeg_quality))
+                  *base_methods.jpeg(resize_for_model(image, vlm.input_size), model_jpeg_quality))
         if progress:
             progress(1)
     if not used:
@@ -293,10 +348,17 @@ def evaluate_mae_on_images(split, image_paths, questions, progress=None, camera_
     per_k = [{"k": k, **scored(f"k={k}"), "token_cosine": _mean(cosine[k])}
              for k in range(1, L + 1)]
     base = {name: scored(name) for name in sizes if not name.startswith("k=")}
+    per_question = np.repeat(np.arange(used), len(questions))  # answers go image by image
+    ladder = adaptive.Ladder(
+        answers=[list(row) for row in zip(*(answer_objects[k] for k in range(1, L + 1)))],
+        bytes=np.array([sizes[f"k={k}"] for k in range(1, L + 1)]).T[per_question],
+        reference=list(reference))
+    rule = adaptive_rule or split.adaptive_rule()[0]
     return {"vlm_id": vlm.model_id, "mae_fingerprint": split.fingerprint.hex(), "L": L,
             "images": used, "questions": questions, "answers_per_method": used * len(questions),
-            "input_size": vlm.input_size, "per_k": per_k, "baselines": base,
+            "input_size": vlm.input_size, "per_k": per_k,
+            "adaptive": adaptive.evaluate(ladder, rule, sim.many), "baselines": base,
             "skipped": skipped,
             "note": "no ground truth: agreement and consistency are against the answer from "
                     "uncompressed tokens; bytes are wire bytes (header included) for k, "
-                    "payload bytes for the baselines"}
+                    "payload bytes for the baselines"}, ladder

@@ -3,10 +3,14 @@
     edge:   Split.edge(image, k)            -> Frame(layers, num_tokens, grid, stage_ms)
     wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py),
                                              applied once, by the transport
-    cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms)
+    cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms, confidence)
             Split.decode_batch(frames) / language_batch([(tokens, question, grid), ...])
                                              the same for many requests as one batch
     whole:  Split.whole(image, question)    -> the unsplit VLM (full-edge, full-cloud)
+
+Every answer's `confidence` is the one adaptive refinement stops on: the rule of the MAE
+folder's adaptive.json (Split.adaptive_rule(), progvlm/adaptive.py), so the cloud and the
+threshold the edge compares it with always go together.
 
 `load_split(vlm_spec, mae_folder)` is the one loader: the agent, the cloud service, evaluation,
 the benchmark and the page all call it, so they all run the same VLM with the same MAE, and a
@@ -24,6 +28,7 @@ import torch
 from PIL import Image
 
 from . import bitstream
+from .adaptive import ADAPTIVE_FILE, DEFAULT_RULE, AdaptiveRule
 from .backends import MAE_ENV, VLMBackend, load_vlm
 from .backends.base import Answer, Grid
 from .entropy import EntropyDecodeError
@@ -62,7 +67,9 @@ def _ms(t0: float, t1: float) -> float:
 
 
 class Split:
-    def __init__(self, vlm: VLMBackend, mae: MAE):
+    def __init__(self, vlm: VLMBackend, mae: MAE, mae_folder: str | Path | None = None):
+        """`mae_folder`: where the MAE was loaded from, which holds its adaptive.json (None: an
+        MAE built in memory, which has none)."""
         mae.check_belongs_to(vlm)
         if mae.cfg.token_dim != vlm.token_dim or mae.cfg.num_tokens != vlm.tokens_per_block:
             raise SplitError(f"MAE {mae.fingerprint().hex()} codes {mae.cfg.num_tokens}×"
@@ -71,6 +78,33 @@ class Split:
         self.vlm, self.mae = vlm, mae
         self.fingerprint = mae.fingerprint()
         self.num_layers = mae.cfg.num_layers
+        self.mae_folder = Path(mae_folder) if mae_folder is not None else None
+        self._adaptive: tuple[AdaptiveRule, str] | None = None
+
+    # ---- adaptive refinement -------------------------------------------------------------------
+    def adaptive_rule(self) -> tuple[AdaptiveRule, str]:
+        """The calibrated stopping rule and where it comes from: the MAE folder's adaptive.json
+        (`python -m progvlm calibrate-adaptive` writes it), else progvlm.adaptive.DEFAULT_RULE
+        (the rule and threshold calibrated for the bundled model; for another VLM only a
+        starting point). A file that exists but is not valid raises ValueError naming it."""
+        if self._adaptive is None:
+            path = self.mae_folder / ADAPTIVE_FILE if self.mae_folder is not None else None
+            if path is not None and path.is_file():
+                self._adaptive = AdaptiveRule.load(self.mae_folder), str(path)
+            else:
+                self._adaptive = DEFAULT_RULE, (f"default ({DEFAULT_RULE.rule} ≥ "
+                                                f"{DEFAULT_RULE.threshold}: no {path or ADAPTIVE_FILE})")
+        return self._adaptive
+
+    def adaptive_threshold(self) -> tuple[float, str]:
+        """(threshold, source): an answer whose confidence is ≥ threshold is sure enough to
+        stop sending layers; source is the adaptive.json read, or says the default was used."""
+        rule, source = self.adaptive_rule()
+        return rule.threshold, source
+
+    def _with_confidence(self, answer: Answer) -> Answer:
+        answer.confidence = self.adaptive_rule()[0].confidence(answer)
+        return answer
 
     def info(self) -> dict:
         """What the page shows and what the agent compares with the cloud's."""
@@ -149,11 +183,11 @@ class Split:
     def language(self, tokens: torch.Tensor, question: str, grid: Grid = None,
                  max_new_tokens: int = 32) -> Answer:
         """The language half; stage_ms is the backend's own split (prefill, generation) or,
-        where it has none, language_ms."""
+        where it has none, language_ms; confidence under adaptive_rule()."""
         t0 = time.perf_counter()
         answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
         answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t0, time.perf_counter())}
-        return answer
+        return self._with_confidence(answer)
 
     def language_batch(self, requests: list[tuple[torch.Tensor, str, Grid]],
                        max_new_tokens: int = 32) -> list[Answer]:
@@ -173,6 +207,7 @@ class Split:
         batch_ms = {"language_ms": _ms(t0, time.perf_counter())}
         for answer in answers:
             answer.stage_ms = answer.stage_ms or dict(batch_ms)
+            self._with_confidence(answer)
         return answers
 
     def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
@@ -192,6 +227,7 @@ def load_split(vlm: str | Path | VLMBackend | None = None, mae: str | Path | MAE
     the bundled model. `mae`: a folder or an MAE; None: PROGVLM_MAE, or the bundled MAE when
     it was trained for this VLM."""
     backend = vlm if isinstance(vlm, VLMBackend) else load_vlm(vlm)
+    folder = None
     if isinstance(mae, MAE):
         model = mae
     else:
@@ -208,6 +244,8 @@ def load_split(vlm: str | Path | VLMBackend | None = None, mae: str | Path | MAE
         except FileNotFoundError as e:
             raise SplitError(str(e)) from None
     try:
-        return Split(backend, model)
+        split = Split(backend, model, folder)
+        split.adaptive_rule()  # a broken adaptive.json fails here, at start-up, not per answer
+        return split
     except ValueError as e:
         raise SplitError(str(e)) from None

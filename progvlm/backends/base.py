@@ -30,6 +30,29 @@ class Answer:
     token_ids: list[int] = field(default_factory=list)
     # where the backend can tell: prefill_ms (prompt pass) and generation_ms (further tokens)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    # How sure the language model was of this greedy answer, in [0, 1] (progvlm.adaptive's
+    # rule over the two lists below); None where the backend cannot tell.
+    confidence: float | None = None
+    # per generated token, the stop token included where one was generated: the softmax
+    # probability of the chosen token, and of the best other token at that step
+    token_probs: list[float] = field(default_factory=list)
+    runner_up_probs: list[float] = field(default_factory=list)
+
+
+def top2_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (..., V) → (..., 2): the softmax probabilities (float32) of the greedy
+    choice and of the runner-up."""
+    return logits.float().softmax(-1).topk(2, -1).values
+
+
+def with_confidence(answer: Answer, chosen, runner_up) -> Answer:
+    """`answer` with its per-token probabilities (the first len(chosen) generated tokens) and
+    the confidence the default rule gives them."""
+    from ..adaptive import DEFAULT_RULE
+    answer.token_probs = [float(p) for p in chosen]
+    answer.runner_up_probs = [float(p) for p in runner_up]
+    answer.confidence = DEFAULT_RULE.confidence(answer)
+    return answer
 
 
 class VLMBackend(ABC):

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import Answer, VLMBackend
+from .base import Answer, VLMBackend, top2_probs, with_confidence
 
 #: config.model_type -> family handled by this backend
 FAMILIES = {"idefics3": "idefics3", "smolvlm": "idefics3", "llava": "llava"}
@@ -258,9 +258,11 @@ class HFVLMBackend(VLMBackend):
         embeds = embeds.masked_scatter(mask, tokens.to(embeds.device, embeds.dtype))
         # input_ids travel along so logits processors (repetition penalty, ...) see the same
         # history as in answer(); inputs_embeds replaces them in the first forward only.
+        probs = _Top2Recorder()
         out = self.model.generate(input_ids=ids, inputs_embeds=embeds,
-                                  attention_mask=enc["attention_mask"], **self._gen(max_new_tokens))
-        return self._decode(out[0, ids.shape[1]:])
+                                  attention_mask=enc["attention_mask"],
+                                  **self._gen(max_new_tokens, probs))
+        return self._decode(out[0, ids.shape[1]:], probs.row(0))
 
     #: cloud_half_batch runs one left-padded batch through generate (not a loop)
     batches_language = True
@@ -287,7 +289,8 @@ class HFVLMBackend(VLMBackend):
             rows.append((ids, embeds.masked_scatter(slots, t.to(embeds.device, embeds.dtype))))
         if not rows:
             return []
-        gen = self._gen(max_new_tokens)
+        probs = _Top2Recorder()
+        gen = self._gen(max_new_tokens, probs)
         pad = gen.get("pad_token_id", self.model.generation_config.pad_token_id)
         longest = max(len(ids) for ids, _ in rows)
         embed_pad = self.model.get_input_embeddings()(torch.tensor([pad], device=self.model.device))
@@ -301,18 +304,24 @@ class HFVLMBackend(VLMBackend):
             batch_embeds[i, longest - len(ids):] = embeds
         out = self.model.generate(input_ids=batch_ids, inputs_embeds=batch_embeds,
                                   attention_mask=mask, **gen)
-        return [self._decode(row[longest:]) for row in out]
+        return [self._decode(row[longest:], probs.row(i)) for i, row in enumerate(out)]
 
     @torch.no_grad()
     def answer(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
         inputs = self._processor_inputs(image, question)
-        out = self.model.generate(**inputs, **self._gen(max_new_tokens))
-        return self._decode(out[0, inputs["input_ids"].shape[1]:])
+        probs = _Top2Recorder()
+        out = self.model.generate(**inputs, **self._gen(max_new_tokens, probs))
+        return self._decode(out[0, inputs["input_ids"].shape[1]:], probs.row(0))
 
     # ---- generation helpers ----------------------------------------------------------------
 
-    def _gen(self, max_new_tokens: int) -> dict:
+    def _gen(self, max_new_tokens: int, probs: "_Top2Recorder | None" = None) -> dict:
+        """generate()'s greedy settings; with `probs`, it records each step's top-2
+        probabilities (what the answer's confidence is made of)."""
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if probs is not None:
+            from transformers import LogitsProcessorList
+            kw["logits_processor"] = LogitsProcessorList([probs])
         if getattr(self.model.generation_config, "pad_token_id", None) is None:
             pad = self.tokenizer.pad_token_id
             kw["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
@@ -325,17 +334,23 @@ class HFVLMBackend(VLMBackend):
             stop.add(self.tokenizer.eos_token_id)
         return stop
 
-    def _decode(self, new_ids: torch.Tensor) -> Answer:
-        """Cut at the first end-of-sequence token, then drop special tokens (pad, ...)."""
+    def _decode(self, new_ids: torch.Tensor, top2: torch.Tensor | None = None) -> Answer:
+        """Cut at the first end-of-sequence token, then drop special tokens (pad, ...). With
+        `top2` (steps, 2) from _Top2Recorder, the confidence over the generated tokens up to
+        the stop token, included (the decision to stop is part of the answer)."""
         ids = new_ids.tolist()
         stop = self._stop_ids()
+        generated = len(ids)
         for i, t in enumerate(ids):
             if t in stop:
-                ids = ids[:i]
+                ids, generated = ids[:i], i + 1
                 break
         special = set(self.tokenizer.all_special_ids)
         ids = [t for t in ids if t not in special]
-        return Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+        answer = Answer(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+        if top2 is None or not generated:
+            return answer
+        return with_confidence(answer, top2[:generated, 0], top2[:generated, 1])
 
     # ---- distillation (MAE training) -------------------------------------------------------
 
@@ -364,3 +379,20 @@ class HFVLMBackend(VLMBackend):
         out = self.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                          logits_to_keep=n_answer + 1, use_cache=False)
         return out.logits[0, :-1]
+
+
+class _Top2Recorder:
+    """A logits processor, last in generate()'s list, that changes nothing and keeps each
+    step's top-2 probabilities of the scores greedy decoding picks from: (B, 2) per step,
+    two floats a row instead of the vocabulary that output_scores would keep."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(top2_probs(scores).cpu())
+        return scores
+
+    def row(self, i: int) -> torch.Tensor | None:
+        """(steps, 2) of batch row i; None if generate ran no step."""
+        return torch.stack([step[i] for step in self.steps]) if self.steps else None

@@ -14,7 +14,7 @@ from ..data import pixels_from_uint8
 from ..images import model_input, resize_for_model, to_rgb
 from ..models.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
 from ..questions import decode_ids, encode_words, WORD_TO_ID, EOS
-from .base import Answer, VLMBackend
+from .base import Answer, VLMBackend, with_confidence
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "tiny_vlm"
@@ -24,10 +24,15 @@ def weights_fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def _answer(ids: list[int]) -> Answer:
-    """Generated ids → Answer: the text, and the ids up to (without) the first <eos>."""
+def _answer(ids: list[int], probs: dict | None = None, row: int = 0) -> Answer:
+    """Generated ids → Answer: the text, and the ids up to (without) the first <eos>; with
+    TinyVLM.generate's `probs`, the confidence of row `row` over those tokens and the <eos>."""
     eos = ids.index(WORD_TO_ID[EOS]) if WORD_TO_ID[EOS] in ids else len(ids)
-    return Answer(decode_ids(ids), ids[:eos])
+    answer = Answer(decode_ids(ids), ids[:eos])
+    if probs is None:
+        return answer
+    n = min(eos + 1, len(ids))  # the decision to stop is part of the answer
+    return with_confidence(answer, probs["chosen"][row, :n], probs["runner_up"][row, :n])
 
 
 class TinyVLMBackend(VLMBackend):
@@ -91,11 +96,11 @@ class TinyVLMBackend(VLMBackend):
             raise ValueError("the bundled VLM has a fixed layout: grid must be None")
         if not tokens:
             return []
-        timings = {}
+        timings, probs = {}, {}
         ids = self.model.generate(torch.stack(list(tokens)).float(),
                                   [question_ids(encode_words(q)) for q in questions],
-                                  max_new_tokens, timings)
-        answers = [_answer(row) for row in ids.tolist()]
+                                  max_new_tokens, timings, probs)
+        answers = [_answer(row, probs, i) for i, row in enumerate(ids.tolist())]
         for a in answers:
             a.stage_ms = dict(timings)
         return answers
@@ -104,21 +109,22 @@ class TinyVLMBackend(VLMBackend):
     def cloud_half(self, tokens, question, max_new_tokens: int = 32, grid=None):
         if grid is not None:
             raise ValueError("the bundled VLM has a fixed layout: grid must be None")
-        timings = {}
+        timings, probs = {}, {}
         ids = self.model.generate(tokens[None].float(),
                                   torch.tensor([question_ids(encode_words(question))]),
-                                  max_new_tokens, timings)[0].tolist()
-        answer = _answer(ids)
+                                  max_new_tokens, timings, probs)[0].tolist()
+        answer = _answer(ids, probs)
         answer.stage_ms = timings
         return answer
 
     @torch.no_grad()
     def answer(self, image, question, max_new_tokens: int = 32):
         # The whole model in one call: vision, projector and LM without leaving the module.
+        probs = {}
         ids = self.model.generate(self.model.visual_tokens(self.pixels([image])),
                                   torch.tensor([question_ids(encode_words(question))]),
-                                  max_new_tokens)[0].tolist()
-        return _answer(ids)
+                                  max_new_tokens, probs=probs)[0].tolist()
+        return _answer(ids, probs)
 
     # ---- distillation (MAE training) ---------------------------------------------------------
     def answer_logits(self, tokens, question, answer_ids, grid=None):

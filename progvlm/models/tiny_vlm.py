@@ -232,7 +232,7 @@ class TinyVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens: torch.Tensor, question_ids, max_new: int = 16,
-                 timings: dict | None = None):
+                 timings: dict | None = None, probs: dict | None = None):
         """Greedy answers. tokens (B, N, D); question_ids: (B, Tq) = <bos> words <sep>, or a
         list of B such id lists of any lengths. Returns (B, ≤max_new) answer ids, ending at
         <eos> (or padded with it).
@@ -243,7 +243,10 @@ class TinyVLM(nn.Module):
         stops where it would alone (<eos>, max_new or the model's max_text_len) and leaves the
         batch then, so a long answer does not keep finished rows computing.
         With `timings` given, adds prefill_ms (the prompt pass, first answer token included) and
-        generation_ms (every further token)."""
+        generation_ms (every further token). With `probs` given, adds "chosen" and "runner_up"
+        (B, steps): the softmax probability of each generated token and of the best other
+        token at that step (NaN after a row stopped): what the answer's confidence is made of
+        (progvlm.adaptive), at the cost of one softmax per step."""
         rows = question_ids.tolist() if isinstance(question_ids, torch.Tensor) else question_ids
         B, L = tokens.shape[0], self.cfg.max_text_len
         if len(rows) != B:
@@ -272,11 +275,14 @@ class TinyVLM(nn.Module):
         limits = (L - lengths).clamp_max(max_new)  # answer tokens each row may have
         pos = lengths.clone()  # the next token's text position, per row
         out = torch.full((B, int(limits.max())), eos)
+        top2 = torch.full((2, B, out.shape[1]), float("nan")) if probs is not None else None
         active = torch.arange(B)  # rows still generating; finished ones leave the batch
         steps = 0
         for step in range(out.shape[1]):
             nxt = logits.argmax(-1)
             out[active, step] = nxt
+            if top2 is not None:
+                top2[:, active, step] = logits.float().softmax(-1).topk(2, -1).values.T
             steps = step + 1
             going = (nxt != eos) & (limits[active] > steps)  # as the row would alone
             if not bool(going.all()):
@@ -298,6 +304,8 @@ class TinyVLM(nn.Module):
         if timings is not None:
             timings["prefill_ms"] = (t1 - t0) * 1e3
             timings["generation_ms"] = (time.perf_counter() - t1) * 1e3
+        if top2 is not None:
+            probs["chosen"], probs["runner_up"] = top2[0, :, :steps], top2[1, :, :steps]
         return out[:, :steps]
 
     # ---- training -------------------------------------------------------------------------
