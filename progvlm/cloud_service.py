@@ -495,6 +495,9 @@ class _StreamSession:
             data, layers, arrived = state
             reply = await run_in_threadpool(self.model.progressive, data, question)
             answered, pending = layers, None
+            if start.frame_id:  # kept before the answer leaves: a follow-up may come at once
+                self.cache.put(self.client, start.frame_id, CachedFrame(
+                    "progressive", stream.complete_layers(), layers=stream.complete))
             await self.ws.send_json({"type": "refinement", "layers": layers, "answer": reply["answer"],
                                      "confidence": reply.get("confidence"),
                                      "stage_ms": reply["stage_ms"], "received_ms": _ms(t_first, arrived),
@@ -530,9 +533,6 @@ class _StreamSession:
                     last = await answer(pending)
         if last is None:
             raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
-        if start.frame_id:
-            self.cache.put(self.client, start.frame_id, CachedFrame(
-                "progressive", stream.complete_layers(), layers=stream.complete))
         await self.ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],
                                  "confidence": last.get("confidence"),
                                  "layers_announced": last["layers_announced"],

@@ -54,6 +54,7 @@ MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers ope
 # adaptive mode stops sending layers once the answer's confidence reaches this, where the cloud
 # has no calibrated threshold (progvlm.split's adaptive.json) and the request names none
 DEFAULT_ADAPTIVE_THRESHOLD = 0.9
+PACING_SLACK_S = 0.001  # a paced round's own bookkeeping, counted as uplink
 
 
 class CloudError(RuntimeError):
@@ -409,23 +410,30 @@ class CloudLink:
             start |= {"frame_id": frame_id, "resume": bool(resume)}
 
         def send(messages):
-            """One round of sending: the request's propagation, then the bytes, paced."""
+            """One round of sending: the request's propagation, then the bytes, paced. On the
+            emulated link the round's uplink is what the link takes (half the round trip and
+            the bytes at the bandwidth): a delay past that is no link's, it is overhead (e.g.
+            this thread waiting for the cloud's, in one process, which has begun computing)."""
             spent["downlink"] += spent["latest_downlink"]
             spent["latest_downlink"] = 0.0
-            t = time.perf_counter()
+            t, nbytes = time.perf_counter(), 0
             link.propagate()
             try:
                 for message in messages:
                     ws.send(message)
+                    nbytes += len(message)
             except ConnectionClosed:
                 reader.done.wait(1.0)  # the cloud hung up: an error message may say why
                 if reused and not reader.received:
                     raise _Stale from None
-            spent["uplink"] += time.perf_counter() - t
+            measured = time.perf_counter() - t
+            spent["uplink"] += min(measured, link.rtt_ms / 2000 + link.serialisation_s(nbytes)
+                                   + PACING_SLACK_S) if link.emulated else measured
 
         def wait_for(wanted) -> dict:
             """The first message `wanted` accepts, as the edge has it (delivered down the link)."""
-            deadline = time.perf_counter() + self.timeout_s
+            t_wait = time.perf_counter()
+            deadline = t_wait + self.timeout_s
             while True:
                 try:
                     msg = inbox.get(timeout=max(0.0, min(0.05, deadline - time.perf_counter())))
@@ -443,7 +451,12 @@ class CloudLink:
                     wait = t0 + msg["edge_t_ms"] / 1e3 - time.perf_counter()
                     if wait > 0:
                         time.sleep(wait)
-                    spent["latest_downlink"] = msg["downlink_ms"]
+                    down = msg["downlink_ms"]
+                    if not link.emulated:  # a real network's share: the nominal one, at most
+                        # what the wait left after the cloud's compute
+                        waited = to_ms(time.perf_counter() - t_wait) - sum(msg.get("stage_ms", {}).values())
+                        down = round(min(down, max(0.0, waited)), 3)
+                    spent["latest_downlink"] = down
                     return msg
 
         def answer_to(layers: int) -> dict:
