@@ -72,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--k", type=int, default=None, help="progressive layers to send (default: all)")
     ask.add_argument("--bandwidth-mbps", type=float, default=1.0)
     ask.add_argument("--rtt-ms", type=float, default=20.0)
-    ask.add_argument("--budget-ms", type=float, default=None, help="auto's latency budget (default 500)")
+    ask.add_argument("--budget-ms", type=float, default=None,
+                     help="auto's and adaptive's latency budget (default 500)")
+    ask.add_argument("--adaptive-threshold", type=float, default=None,
+                     help="adaptive: stop sending layers once the answer's confidence reaches this "
+                          "(0..1; default: the cloud's calibrated threshold)")
+    ask.add_argument("--question-more", action="append", default=[], metavar="QUESTION",
+                     help="a follow-up question about the same image (repeatable): the questions "
+                          "are a conversation, the frame's bytes sent once; one record per question")
     ask.add_argument("--cut-after-layer", type=int, default=None,
                      help="fault injection: the uplink dies after this many layers")
     ask.add_argument("--cloud-url", default=None, help="a running cloud backend (default: start one)")
@@ -137,8 +144,11 @@ def cmd_ask(a) -> int:
             child.start()
             cloud_url, token = child.url, child.token
         agent = EdgeAgent(runtime, cloud_url, token, get_profile(a.profile))
-        record = agent.ask(a.image, a.question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
-                           a.budget_ms, a.cut_after_layer, client="command line")
+        conversation = bool(a.question_more)
+        records = [agent.ask(a.image, question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
+                             a.budget_ms, a.cut_after_layer, client="command line",
+                             conversation=conversation, adaptive_threshold=a.adaptive_threshold)
+                   for question in [a.question] + a.question_more]
     except (ImageInputError, AskError, CloudError, PairingError, DeadlineError, ValueError,
             RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -146,7 +156,7 @@ def cmd_ask(a) -> int:
     finally:
         if child:
             child.stop()
-    print(json.dumps(record, indent=1))
+    print(json.dumps(records if conversation else records[0], indent=1))
     return 0
 
 

@@ -5,6 +5,16 @@
     full-edge    the whole VLM on the device; nothing crosses the link
     progressive  vision half → MAE layers 1..k → link (layer by layer) → cloud answers
     auto         progressive with the largest k whose predicted end-to-end time fits the budget
+    adaptive     receiver-driven: header + layer 1, then one more layer after each answer the
+                 cloud is not sure of (confidence < threshold), while the budget still fits one
+                 (see `_adaptive_stop`); the record says why it stopped
+
+Conversation (`conversation=True`, progressive, auto and adaptive): the frame gets an id, a
+content hash of its MAE stream (all L layers, the MAE's fingerprint in the header); the cloud
+keeps what it received under it (progvlm.frame_cache) and the agent remembers, per frame (its
+pixels' hash), the stream it made and how many layers the cloud holds. A follow-up question
+about the same pixels resumes: no edge compute, no image bytes unless more layers are needed;
+a cloud that lost the frame says so and the frame is sent again (the same answer, more bytes).
 
 The record's stage times (ms) add up to its total: edge stages measured here (scaled, and
 listed in `projected_stages`, under a projected device profile), link stages measured through
@@ -17,6 +27,7 @@ wait in a request is bounded by one deadline set when it arrives (`request_timeo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
 import statistics
@@ -26,14 +37,19 @@ from collections import deque
 from dataclasses import dataclass
 
 from progvlm.bitstream import parse
+from progvlm.frame_cache import FRAME_TTL_S, CachedFrame, FrameCache
 from progvlm.images import load_image, raw_frame, resize_for_model
 from progvlm.link import LinkProfile
-from progvlm.transport import CloudError, CloudLink, to_ms
+from progvlm.transport import DEFAULT_ADAPTIVE_THRESHOLD, CloudError, CloudLink, to_ms
 
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
 
-MODES = ("full-cloud", "full-edge", "progressive", "auto")
+MODES = ("full-cloud", "full-edge", "progressive", "auto", "adaptive")
+CONVERSATION_MODES = ("progressive", "auto", "adaptive")
+# frames this agent remembers for conversations (their streams are a few hundred bytes each);
+# the cloud forgets a frame after progvlm.frame_cache.FRAME_TTL_S, so the agent does too
+EDGE_FRAMES = 32
 JPEG_QUALITY = 90  # full-cloud's default; a caller may ask 1..95 (Pillow's useful range)
 # full-cloud's frame: the camera's own (what a device without the model would send), or the
 # frame already resized to the model's input (which presumes the device knows the model)
@@ -119,6 +135,8 @@ class CheckedAsk:
     client: str
     deadline: float  # time.monotonic() by which the record must be ready
     t_arrived: float  # time.perf_counter() when the check began: the record's wall_ms counts from it
+    conversation: bool = False  # keep the frame at the cloud; resume it if it is there
+    adaptive_threshold: float | None = None  # None: the cloud's (calibrated or default)
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -154,6 +172,8 @@ class EdgeAgent:
             except CloudError:
                 pass  # down for now: full-edge still answers; checked again before cloud use
         self._device = threading.Lock()  # one camera, one frame at a time
+        # conversations: per frame, the stream made for it and the layers the cloud holds
+        self.frames = FrameCache(ttl_s=FRAME_TTL_S, max_frames_per_client=EDGE_FRAMES)
         self.estimates = LinkEstimates()  # auto's, learnt per client from clean answers
         if self.profile.threads:
             runtime.set_threads(self.profile.threads)
@@ -162,7 +182,12 @@ class EdgeAgent:
     def _check_cloud(self):
         """Raise PairingError if the cloud runs another VLM or MAE (CloudError if it is down)."""
         if not self._cloud_checked:
-            check_same_models(self.runtime.info(), self.cloud.info(), self.cloud.base_url)
+            info = self.cloud.info()
+            check_same_models(self.runtime.info(), info, self.cloud.base_url)
+            self.cloud_adaptive = info.get("adaptive") or {
+                "threshold": DEFAULT_ADAPTIVE_THRESHOLD,
+                "source": "default (the cloud names no threshold: progvlm.transport."
+                          "DEFAULT_ADAPTIVE_THRESHOLD)"}
             self._cloud_checked = True
 
     def _warm_up(self):
@@ -211,7 +236,8 @@ class EdgeAgent:
               cut_after_layer: int | None = None, device_profile: str | None = None,
               client: str = "local", frame: str = "camera", jpeg_quality: int = JPEG_QUALITY,
               link_emulation: bool = True, image_format: str = "file", width: int | None = None,
-              height: int | None = None) -> CheckedAsk:
+              height: int | None = None, conversation: bool = False,
+              adaptive_threshold: float | None = None) -> CheckedAsk:
         """Everything about a request that can be checked before its work: the fields and their
         ranges (AskError), the image (ImageInputError), the cloud's models (PairingError, or
         CloudError when it is down). `device_profile` (host, imx95-emulated) overrides the
@@ -222,7 +248,9 @@ class EdgeAgent:
         nothing; bandwidth and RTT then describe that network. `image_format`: "file" (PNG,
         JPEG, …: decoding it is the host's work, stage `file_decode`, never projected) or
         "rgb24" (a raw camera frame of `width` × `height`, as a camera delivers it: the device's
-        stages start from its pixels)."""
+        stages start from its pixels). `conversation`: keep the frame at the cloud for
+        follow-up questions, and resume it if the cloud holds it (progressive, auto, adaptive).
+        `adaptive_threshold` (0..1): adaptive's confidence to stop at, instead of the cloud's."""
         t_arrived, deadline = time.perf_counter(), time.monotonic() + self.request_timeout_s
         L = self.runtime.num_layers
         try:
@@ -251,11 +279,21 @@ class EdgeAgent:
         if mode == "progressive" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L):
             raise AskError(f"k must be an integer in 1..{L}, got {k!r}")
         budget_ms = DEFAULT_BUDGET_MS if budget_ms is None else budget_ms
-        if mode == "auto":
+        if mode in ("auto", "adaptive"):
             _check_budget(budget_ms)
+        if not isinstance(conversation, bool):
+            raise AskError(f"conversation must be true or false, got {conversation!r}")
+        if conversation and mode not in CONVERSATION_MODES:
+            raise AskError(f"conversation applies to {', '.join(CONVERSATION_MODES)}; mode {mode} "
+                           "sends its frame whole every time")
+        if adaptive_threshold is not None and not (
+                isinstance(adaptive_threshold, (int, float)) and not isinstance(adaptive_threshold, bool)
+                and 0 <= adaptive_threshold <= 1):
+            raise AskError(f"adaptive_threshold must be a number in 0..1, got {adaptive_threshold!r}")
         if cut_after_layer is not None:
-            if mode not in ("progressive", "auto"):
-                raise AskError("cut_after_layer applies to progressive and auto only")
+            if conversation or mode not in ("progressive", "auto"):
+                raise AskError("cut_after_layer applies to progressive and auto only, without "
+                               "conversation")
             top = k if mode == "progressive" else L  # auto chooses its k later
             if not 0 <= cut_after_layer <= top:
                 raise AskError(f"cut_after_layer must be in 0..{top}, got {cut_after_layer}")
@@ -269,7 +307,8 @@ class EdgeAgent:
         if mode != "full-edge":
             self._check_cloud()
         return CheckedAsk(decoded, decode_ms, image_format == "file", question, mode, k, link, budget_ms, cut_after_layer,
-                          frame, jpeg_quality, profile, client, deadline, t_arrived)
+                          frame, jpeg_quality, profile, client, deadline, t_arrived, conversation,
+                          adaptive_threshold)
 
     def run(self, ask: CheckedAsk, on_refinement=None, shared: dict | None = None) -> dict:
         """One checked request → its record. Raises BusyError when the device stays taken until
@@ -305,15 +344,25 @@ class EdgeAgent:
                 payload = self._timed(stages, factor, "serialize", self._jpeg, image, ask.frame,
                                       ask.jpeg_quality)
             else:
-                pixels = step("edge_preprocess_model", self.runtime.preprocess, image)
-                stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
-                tokens, grid = step("edge_vision", self.runtime.vision, pixels)
+                frame_key = remembered = None
+                if ask.conversation:  # a follow-up about these pixels reuses the stream made for them
+                    frame_key = self._timed(stages, factor, "frame_hash", self._pixels_key, image)
+                    remembered = self.frames.get("cloud", frame_key)
+                if remembered is not None:
+                    stream = parse(remembered.data)
+                    layers, num_tokens, grid = stream.layers, stream.num_tokens, stream.grid
+                else:
+                    pixels = step("edge_preprocess_model", self.runtime.preprocess, image)
+                    stages["edge_preprocess"] += stages.pop("edge_preprocess_model")
+                    tokens, grid = step("edge_vision", self.runtime.vision, pixels)
+                    num_tokens = tokens.shape[0]
                 if mode == "full-edge":
                     answer = step(f"edge_language {question}", self.runtime.language, tokens, question, grid)
                     stages["edge_language"] = stages.pop(f"edge_language {question}")
-                else:
-                    # auto needs every layer's size to choose; a comparison encodes once for all
-                    k_coded = L if mode == "auto" or shared is not None else k
+                elif remembered is None:
+                    # auto needs every layer's size to choose, adaptive and a conversation may
+                    # send any layer; a comparison encodes once for all
+                    k_coded = L if mode in ("auto", "adaptive") or ask.conversation or shared is not None else k
                     layers = step(f"mae_encode {k_coded}", self.runtime.mae_encode, tokens, k_coded)
                     stages["mae_encode"] = stages.pop(f"mae_encode {k_coded}")
         finally:
@@ -336,11 +385,14 @@ class EdgeAgent:
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
             self._add_link_and_cloud(stages, ex)
         else:
-            num_tokens = tokens.shape[0]
             watched = on_refinement is not None
             if mode == "auto":
                 k, record["auto"] = self._choose_k(stages, layers, num_tokens, grid, link,
                                                    ask.budget_ms, self.estimates.estimate(ask.client, link, watched))
+        if mode in ("progressive", "auto", "adaptive") and (mode == "adaptive" or ask.conversation):
+            self._run_steered(ask, record, stages, layers, num_tokens, grid, k, frame_key,
+                              remembered, on_refinement)
+        elif mode in ("progressive", "auto"):
             data = self.runtime.frame_bytes(layers[:k], num_tokens, grid)
             sent = parse(data)
             # a cut at or after the last layer sent cuts nothing: the whole frame goes
@@ -376,9 +428,101 @@ class EdgeAgent:
         record["projected_stages"] = projected
         record["total_ms"] = round(sum(stages.values()), 3)
         record["wall_ms"] = to_ms(time.perf_counter() - ask.t_arrived)
-        if mode == "auto":
-            record["auto"]["actual_ms"] = record["total_ms"]
+        if mode in ("auto", "adaptive"):
+            record[mode]["actual_ms"] = record["total_ms"]
         return record
+
+    def _pixels_key(self, image) -> str:
+        """Which frame this is, for a conversation: its pixels' hash, under this device's models
+        (another VLM or MAE makes another stream of the same pixels)."""
+        info = self.runtime.info()
+        h = hashlib.sha256(f"{info.get('vlm_id')}/{info.get('mae_fingerprint')}/{image.mode}/"
+                           f"{image.size}".encode())
+        h.update(image.tobytes())
+        return h.hexdigest()
+
+    def _run_steered(self, ask: CheckedAsk, record: dict, stages: dict, layers: list[bytes],
+                     num_tokens: int, grid, k: int, frame_key: str | None,
+                     remembered: CachedFrame | None, on_refinement):
+        """adaptive, or any progressive request in a conversation: CloudLink.steered with every
+        layer in the stream's header, so that the cloud's copy is a prefix of any later turn's."""
+        link, adaptive = ask.link, ask.mode == "adaptive"
+        data = remembered.data if remembered else self.runtime.frame_bytes(layers, num_tokens, grid)
+        sent = parse(data)
+        ends = sent.layer_ends()
+        layer_bytes = [b - a for a, b in zip([sent.header_bytes] + ends, ends)]
+        frame_id = hashlib.sha256(data).hexdigest()[:32] if ask.conversation else None
+        held = remembered.layers if remembered else 0
+        steps: list[dict] = []
+        more = threshold = source = None
+        if adaptive:
+            threshold, source = ((ask.adaptive_threshold, "this request")
+                                 if ask.adaptive_threshold is not None else
+                                 (self.cloud_adaptive["threshold"], self.cloud_adaptive["source"]))
+            edge_ms = sum(stages.values())
+
+            def more(answer: dict, elapsed_ms: float) -> bool:
+                step, stop = self._adaptive_stop(answer, edge_ms + elapsed_ms, threshold,
+                                                 layer_bytes, link, ask.budget_ms)
+                steps.append(step)
+                return stop is None
+        self._check_link_time(link, len(data), ask)
+        ex = self.cloud.steered(data, ask.question, link, 1 if adaptive else min(k, sent.k), more,
+                                frame_id, resume=held > 0, on_refinement=on_refinement)
+        self._add_link_and_cloud(stages, ex)
+        reply = ex.reply
+        used = reply["layers"]
+        record.update(answer=reply["answer"], k=used if adaptive else k, layers_used=used,
+                      partial=False, payload_bytes=ex.bytes_sent, confidence=reply["confidence"],
+                      confidences=[{"layers": r["layers"], "confidence": r.get("confidence")}
+                                   for r in ex.refinements],
+                      layer_bytes=layer_bytes[:used], header_bytes=sent.header_bytes,
+                      refinements=[{"layers": r["layers"], "answer": r["answer"],
+                                    "confidence": r.get("confidence"), "edge_t_ms": r["edge_t_ms"]}
+                                   for r in ex.refinements])
+        if ask.conversation:
+            # the cloud now holds the layers its answer used (it keeps every complete layer)
+            self.frames.put("cloud", frame_key, CachedFrame("progressive", data, layers=used))
+            record.update(conversation=True, frame_id=frame_id, resumed=bool(ex.resumed),
+                          layers_held_before=ex.layers_held, bytes_sent_this_turn=ex.bytes_sent,
+                          edge_stream_reused=remembered is not None)
+            if held and not ex.resumed:
+                record["note"] = ("the cloud no longer held this frame (expired, evicted or "
+                                  "restarted): it was sent again from its start")
+        if adaptive:
+            last_step = steps[-1] if steps and steps[-1]["layers"] == used else None
+            conf = reply["confidence"]
+            stopped = (last_step["decision"] if last_step else
+                       "sure" if conf is not None and conf >= threshold else "all layers")
+            sends = [s for s in steps if s["decision"] == "send"]
+            record["adaptive"] = {
+                "threshold": threshold, "source": source, "budget_ms": ask.budget_ms,
+                "stopped_because": stopped, "layers_sent": used, "steps": steps,
+                "predicted_ms": sends[-1]["predicted_next_ms"] if sends else None,
+                "rule": "after each answer: stop if confidence ≥ threshold; else send the next "
+                        "layer if elapsed + RTT + its bytes and a reply at the bandwidth + the "
+                        "last answer's cloud time fit the budget"}
+            if stopped == "budget":
+                record["adaptive"]["best_so_far"] = True
+                record["note"] = (f"the latency budget of {ask.budget_ms:g} ms ran out after layer "
+                                  f"{used}: the best answer so far (confidence {conf} < {threshold})")
+
+    @staticmethod
+    def _adaptive_stop(answer: dict, elapsed_ms: float, threshold: float, layer_bytes: list[int],
+                       link: LinkProfile, budget_ms: float) -> tuple[dict, str | None]:
+        """After the answer to layer j: the step as the record shows it, and why to stop
+        ("sure", "budget") or None to send layer j + 1. A backend that cannot tell its
+        confidence (None) is never sure: its layers go while the budget fits."""
+        j, conf = answer["layers"], answer.get("confidence")
+        step = {"layers": j, "confidence": conf, "elapsed_ms": round(elapsed_ms, 3)}
+        if conf is not None and conf >= threshold:
+            return step | {"decision": "sure"}, "sure"
+        predicted = (elapsed_ms + link.rtt_ms + sum(answer["stage_ms"].values())
+                     + 1e3 * link.serialisation_s(layer_bytes[j] + REPLY_BYTES_ESTIMATE))
+        step["predicted_next_ms"] = round(predicted, 3)
+        if predicted > budget_ms:
+            return step | {"decision": "budget"}, "budget"
+        return step | {"decision": "send"}, None
 
     # ---- one frame, every mode ----------------------------------------------------------
     def check_compare(self, image, question: str, modes, k: int | None = None,
@@ -463,7 +607,10 @@ class EdgeAgent:
 
     def _add_link_and_cloud(self, stages: dict, ex):
         cloud = {f"cloud_{name.removesuffix('_ms')}": v for name, v in ex.reply["stage_ms"].items()}
-        if len(ex.refinements) > 1:  # the cloud answered earlier layers first, in the same stream
+        if ex.cloud_waited_ms is not None:  # steered: the earlier answers the edge waited for
+            if ex.cloud_waited_ms > 0:
+                cloud["cloud_earlier_layers"] = ex.cloud_waited_ms
+        elif len(ex.refinements) > 1:  # the cloud answered earlier layers first, in the same stream
             cloud["cloud_earlier_layers"] = round(sum(sum(r["stage_ms"].values())
                                                       for r in ex.refinements[:-1]), 3)
         # connect (0 on a kept-open session), uplink, downlink, overhead: with the cloud's own

@@ -30,11 +30,12 @@ class EdgeAgentClient:
 
     @staticmethod
     def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, device_profile,
-              stream) -> dict:
+              stream, conversation=False, adaptive_threshold=None) -> dict:
         form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
-                "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false"}
+                "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false",
+                "conversation": "true" if conversation else "false"}
         for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer),
-                            ("device_profile", device_profile)):
+                            ("device_profile", device_profile), ("adaptive_threshold", adaptive_threshold)):
             if value is not None:
                 form[name] = str(value)
         return form
@@ -42,12 +43,14 @@ class EdgeAgentClient:
     def ask_stream(self, image: str | Path | bytes, question: str, mode: str = "progressive",
                    k: int | None = None, bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0,
                    budget_ms: float | None = None, cut_after_layer: int | None = None,
-                   device_profile: str | None = None) -> Iterator[dict]:
+                   device_profile: str | None = None, conversation: bool = False,
+                   adaptive_threshold: float | None = None) -> Iterator[dict]:
         """Yield the agent's lines: {"type": "refinement", …} as layers are answered, then
-        {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason."""
+        {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason.
+        `conversation`: ask about the same image again and again, its bytes sent once."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer,
-                          device_profile, True)
+                          device_profile, True, conversation, adaptive_threshold)
         yield from self._lines("/v1/ask", data, form)
 
     def compare_stream(self, image: str | Path | bytes, question: str, modes, k: int | None = None,

@@ -4,7 +4,9 @@
     GET  /v1/info   runtime, device profile, model ids, the cloud it talks to and whether it answers
     POST /v1/ask    multipart: image (file), question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
                     cut_after_layer (fault injection), device_profile, stream, frame (full-cloud:
-                    camera or model size), jpeg_quality, link_emulation (false over a real network)
+                    camera or model size), jpeg_quality, link_emulation (false over a real network),
+                    conversation (keep the frame at the cloud; a follow-up about the same pixels
+                    sends no image bytes), adaptive_threshold (adaptive's confidence to stop at)
                     → one JSON record (edge_agent/agent.py); with stream=true, NDJSON lines:
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
@@ -180,7 +182,13 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                                               "lies between agent and cloud; nothing is paced here"),
                   image_format: str = Form("file", description="file (PNG, JPEG, …) or rgb24 (a "
                                            "raw camera frame of width × height)"),
-                  width: int | None = Form(None), height: int | None = Form(None)):
+                  width: int | None = Form(None), height: int | None = Form(None),
+                  conversation: bool = Form(False, description="keep the frame at the cloud and "
+                                            "resume it if held: a follow-up question about the same "
+                                            "pixels sends no image bytes (progressive, auto, adaptive)"),
+                  adaptive_threshold: float | None = Form(None, description="adaptive: stop once "
+                                                          "the answer's confidence reaches this "
+                                                          "(0..1; default: the cloud's)")):
         data = await image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
@@ -191,7 +199,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
             checked = await _within(_in_daemon_thread(
                 loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
                 cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation,
-                image_format, width, height),
+                image_format, width, height, conversation, adaptive_threshold),
                 time.monotonic() + agent.request_timeout_s,
                 agent.request_timeout_s)
             if not stream:
@@ -283,7 +291,7 @@ async def _ndjson(agent: EdgeAgent, checked):
 
     def on_refinement(msg):
         put({"type": "refinement", "layers": msg["layers"], "answer": msg["answer"],
-             "edge_t_ms": msg["edge_t_ms"]})
+             "confidence": msg.get("confidence"), "edge_t_ms": msg["edge_t_ms"]})
 
     def work():
         try:

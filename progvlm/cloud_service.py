@@ -35,6 +35,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
@@ -44,9 +45,11 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
+from .frame_cache import CachedFrame, FrameCache, check_frame_id
 from .http_limits import READ_TIMEOUT_S, BoundedBody, bearer_ok
 from .images import ImageInputError, load_image
 from .split import Frame, Split
+from .transport import DEFAULT_ADAPTIVE_THRESHOLD
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -94,13 +97,15 @@ class CloudModel:
         return {**self.split.info(),
                 "concurrency": "one request at a time under a lock, first come first served"}
 
-    def _answer(self, stages: dict, fn, *args) -> str:
+    def _answer(self, stages: dict, fn, *args) -> dict:
+        """{"answer", "confidence"}: the language half's text and how sure it was (None where
+        the backend cannot tell)."""
         try:
             answer = fn(*args)
         except ValueError as e:  # e.g. a question longer than the model reads
             raise RequestError(400, str(e)) from None
         stages.update({k: round(v, 3) for k, v in answer.stage_ms.items()})
-        return answer.text
+        return {"answer": answer.text, "confidence": getattr(answer, "confidence", None)}
 
     def full(self, image_bytes: bytes, question: str) -> dict:
         with self._lock:
@@ -112,8 +117,8 @@ class CloudModel:
             t1 = time.perf_counter()
             tokens, grid = self.split.vlm.edge_half_with_grid(image)
             stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
-            text = self._answer(stages, self.split.language, tokens, question, grid)
-            return {"answer": text, "stage_ms": stages}
+            said = self._answer(stages, self.split.language, tokens, question, grid)
+            return {**said, "stage_ms": stages}
 
     def progressive(self, data: bytes, question: str) -> dict:
         with self._lock:
@@ -123,10 +128,10 @@ class CloudModel:
                 raise RequestError(400, f"bad bitstream: {e}") from None
             stages: dict = {}
             try:
-                text = self._answer(stages, self.split.cloud, frame, question)
+                said = self._answer(stages, self.split.cloud, frame, question)
             except BitstreamError as e:
                 raise RequestError(400, f"bad bitstream: {e}") from None
-            return {"answer": text, "stage_ms": stages, "layers_used": frame.k,
+            return {**said, "stage_ms": stages, "layers_used": frame.k,
                     "layers_announced": frame.layers_announced, "partial": frame.partial}
 
 
@@ -137,6 +142,8 @@ class ErrorBody(BaseModel):
 
 class FullAnswer(BaseModel):
     answer: str
+    # how sure the language half was of its answer, in [0, 1] (null: the backend cannot tell)
+    confidence: float | None = None
     stage_ms: dict[str, float]
     received_bytes: int
     receive_ms: float  # first byte to last as the cloud saw them
@@ -230,12 +237,14 @@ def create_app(split: Split, token: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_origins=(),
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
                max_stream_messages: int = MAX_STREAM_MESSAGES, model=None,
-               read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
+               read_timeout_s: float = READ_TIMEOUT_S, frame_cache: FrameCache | None = None) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
-    open the WebSocket; none by default."""
+    open the WebSocket; none by default. `frame_cache`: where conversations keep their frames
+    (progvlm.frame_cache's bounds by default)."""
     model = model or CloudModel(split)  # or a progvlm.batching.BatchingCloudModel
     app = FastAPI(title="progvlm cloud backend", version="1")
     app.state.model = model
+    app.state.frame_cache = frame_cache if frame_cache is not None else FrameCache()
     app.state.stream_connections = 0  # sockets accepted on the stream (a session reuses one)
     limits = _StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s)
     allowed = {_normal_origin(o) for o in allowed_origins}
@@ -270,7 +279,10 @@ def create_app(split: Split, token: str | None = None,
 
     @app.get("/v1/info", responses=_responses(Info, 401, 500))
     def info():
-        return model.info()
+        cache = app.state.frame_cache.stats()
+        return {**model.info(), "adaptive": adaptive_threshold(split),
+                "frame_cache": {key: cache[key] for key in
+                                ("ttl_s", "max_frames_per_client", "max_total_bytes")}}
 
     async def answer_body(request: Request, question: str, compute) -> dict:
         question = _check_question(question)
@@ -297,18 +309,34 @@ def create_app(split: Split, token: str | None = None,
     async def stream(ws: WebSocket):
         """A session of requests in sequence, each:
             {"question": str, "refine": bool = true, "kind": "progressive"|"full" = "progressive",
-             "keep_open": bool = false}   (text)
+             "keep_open": bool = false, "frame_id": str = none, "resume": bool = false}  (text)
             the body in binary messages, as the link delivers it
             {"end": true}                 (text)
         A progressive request is answered after each newly complete layer with
-        {"type": "refinement", "layers": j, "answer", "stage_ms", "received_ms" (first byte to
-        layer j complete), "t_ms"}; without refine, once: for the newest layer when all announced
-        layers are in, the stream ends, or the uplink stays silent SILENT_CUT_S. Then
-        {"type": "final", "layers", "answer", "layers_announced", "partial", "received_bytes"}.
-        A full request (an image) gets {"type": "final", "answer", "stage_ms", "received_bytes",
-        "receive_ms"}. After the final message the socket closes, unless the request said
-        keep_open: then it waits for the next request. Bad input: {"type": "error", "status",
-        "detail"} and the socket closes with code 4000 + status."""
+        {"type": "refinement", "layers": j, "answer", "confidence", "stage_ms", "received_ms"
+        (first byte to layer j complete), "t_ms"}; without refine, once: for the newest layer
+        when all announced layers are in, the stream ends, or the uplink stays silent
+        SILENT_CUT_S. Then {"type": "final", "layers", "answer", "confidence",
+        "layers_announced", "partial", "received_bytes", "resumed"}. A full request (an image)
+        gets {"type": "final", "answer", "confidence", "stage_ms", "received_bytes",
+        "receive_ms", "resumed"}. After the final message the socket closes, unless the
+        request said keep_open: then it waits for the next request. Bad input: {"type":
+        "error", "status", "detail"} and the socket closes with code 4000 + status.
+
+        Receiver-driven refinement (the edge's adaptive mode) needs nothing more: the edge
+        sends a layer, reads its refinement (with its confidence), and then sends the next
+        layer or the end.
+
+        Conversations: a request with a `frame_id` leaves the frame's bytes (a stream's
+        complete layers, or the image) in the cloud's bounded cache (progvlm.frame_cache),
+        for this peer only. A request with "resume": true asks for them first, and the cloud
+        answers at once with one of
+            {"type": "resumed", "frame_id", "layers": j, "received_bytes"}  then, progressive:
+                the refinement from those j layers (whatever refine says) and the request goes
+                on as any other from byte `received_bytes` of the stream (more layers, or the
+                end); full: the final answer, and the request is over (no body, no end)
+            {"type": "missing", "frame_id", "detail"}  (evicted, expired, a restarted cloud,
+                or never sent): the edge sends the frame from its start, as without resume."""
         await ws.accept()
         try:
             if not bearer_ok(ws.headers.get("authorization"), token):
@@ -318,7 +346,9 @@ def create_app(split: Split, token: str | None = None,
                 raise RequestError(403, f"a page from origin {origin} may not use this backend "
                                         "(allow it with --allow-origin)")
             app.state.stream_connections += 1
-            await _StreamSession(ws, model, limits).run()
+            # conversations' frames are this peer's alone (progvlm.frame_cache)
+            client = ws.client.host if ws.client else "unknown"
+            await _StreamSession(ws, model, limits, app.state.frame_cache, client).run()
         except RequestError as e:
             await _close_with_error(ws, e.status, e.detail, 4000 + e.status)
         except WebSocketDisconnect:
@@ -355,8 +385,10 @@ class _StreamSession:
 
     INBOX_MESSAGES = 256
 
-    def __init__(self, ws: WebSocket, model: CloudModel, limits: _StreamLimits):
+    def __init__(self, ws: WebSocket, model: CloudModel, limits: _StreamLimits,
+                 cache: FrameCache, client: str):
         self.ws, self.model, self.limits = ws, model, limits
+        self.cache, self.client = cache, client
         self.inbox: asyncio.Queue = asyncio.Queue(self.INBOX_MESSAGES)
 
     async def _read(self):
@@ -394,12 +426,12 @@ class _StreamSession:
                         raise RequestError(408, f"no start message within {wait:g} s") from None
                     await self.ws.close(code=1000, reason=f"idle for {wait:g} s")
                     return
-                kind, question, refine, keep_open = _parse_start(message)
-                if kind == "full":
-                    await self._full(question)
+                start = _parse_start(message)
+                if start.kind == "full":
+                    await self._full(start)
                 else:
-                    await self._progressive(question, refine)
-                if not keep_open:
+                    await self._progressive(start)
+                if not start.keep_open:
                     await self.ws.close()
                     return
                 wait, first = self.limits.session_idle_s, False
@@ -412,7 +444,28 @@ class _StreamSession:
         if nbytes > self.limits.max_bytes:
             raise RequestError(413, f"stream over the limit of {self.limits.max_bytes} bytes")
 
-    async def _full(self, question: str):
+    async def _held(self, start: "_Start") -> CachedFrame | None:
+        """For a request that asks to resume: the frame the cache holds for it, announced to the
+        edge as resumed, or None, announced as missing."""
+        held = self.cache.get(self.client, start.frame_id)
+        if held is not None and held.kind == start.kind:
+            await self.ws.send_json({"type": "resumed", "frame_id": start.frame_id,
+                                     "layers": held.layers, "received_bytes": len(held.data)})
+            return held
+        await self.ws.send_json({"type": "missing", "frame_id": start.frame_id,
+                                 "detail": "this cloud holds no such frame for this client "
+                                           "(never sent, expired, evicted, or the cloud restarted): "
+                                           "send it from its start"})
+        return None
+
+    async def _full(self, start: "_Start"):
+        question = start.question
+        held = await self._held(start) if start.resume else None
+        if held is not None:
+            reply = await run_in_threadpool(self.model.full, held.data, question)
+            await self.ws.send_json({"type": "final", **reply, "received_bytes": 0,
+                                     "receive_ms": 0.0, "resumed": True})
+            return
         body, messages, t_first, t_last = bytearray(), 0, None, None
         while (received := await self._next_in_request())[1].get("bytes") is not None:
             arrived, message = received
@@ -424,10 +477,13 @@ class _StreamSession:
         if not body:
             raise RequestError(400, "empty body")
         reply = await run_in_threadpool(self.model.full, bytes(body), question)
+        if start.frame_id:
+            self.cache.put(self.client, start.frame_id, CachedFrame("full", bytes(body)))
         await self.ws.send_json({"type": "final", **reply, "received_bytes": len(body),
-                                 "receive_ms": _ms(t_first, t_last)})
+                                 "receive_ms": _ms(t_first, t_last), "resumed": False})
 
-    async def _progressive(self, question: str, refine: bool):
+    async def _progressive(self, start: "_Start"):
+        question, refine = start.question, start.refine
         # refine: answer every layer as it completes. Without it, answer once: when all the
         # announced layers are in, at the end of the stream, or when the uplink has been silent
         # for SILENT_CUT_S with layers unanswered (a cut link) - earlier answers would only delay it.
@@ -439,10 +495,20 @@ class _StreamSession:
             data, layers, arrived = state
             reply = await run_in_threadpool(self.model.progressive, data, question)
             answered, pending = layers, None
+            if start.frame_id:  # kept before the answer leaves: a follow-up may come at once
+                self.cache.put(self.client, start.frame_id, CachedFrame(
+                    "progressive", stream.complete_layers(), layers=stream.complete))
             await self.ws.send_json({"type": "refinement", "layers": layers, "answer": reply["answer"],
+                                     "confidence": reply.get("confidence"),
                                      "stage_ms": reply["stage_ms"], "received_ms": _ms(t_first, arrived),
                                      "t_ms": _ms(t_first, time.perf_counter())})
             return reply
+
+        held = await self._held(start) if start.resume else None
+        if held is not None:  # answered at once from the layers already here
+            t_first = time.perf_counter()
+            frame = stream.feed(held.data)
+            last = await answer((stream.data(), frame.k, t_first))
 
         while True:
             cut_watch = pending is not None and not refine
@@ -468,9 +534,10 @@ class _StreamSession:
         if last is None:
             raise RequestError(400, "bad bitstream: the stream ended before layer 1 was complete")
         await self.ws.send_json({"type": "final", "layers": answered, "answer": last["answer"],
+                                 "confidence": last.get("confidence"),
                                  "layers_announced": last["layers_announced"],
                                  "partial": answered < last["layers_announced"],
-                                 "received_bytes": stream.size})
+                                 "received_bytes": stream.size, "resumed": held is not None})
 
 
 class _ArrivingStream:
@@ -490,6 +557,10 @@ class _ArrivingStream:
 
     def data(self) -> bytes:
         return bytes(self.buffer)
+
+    def complete_layers(self) -> bytes:
+        """The header and the complete layers: what a conversation keeps of the stream."""
+        return bytes(self.buffer[:self.ends[self.complete - 1]]) if self.complete else b""
 
     def feed(self, chunk: bytes) -> Frame | None:
         """The stream parsed, when this chunk completed a layer; None otherwise."""
@@ -513,8 +584,18 @@ class _ArrivingStream:
         return frame
 
 
-def _parse_start(message: dict) -> tuple[str, str, bool, bool]:
-    """A request's first message → (kind, question, refine, keep_open); RequestError if bad."""
+@dataclass
+class _Start:
+    kind: str
+    question: str
+    refine: bool
+    keep_open: bool
+    frame_id: str | None
+    resume: bool
+
+
+def _parse_start(message: dict) -> _Start:
+    """A request's first message → _Start; RequestError if bad."""
     text = message.get("text")
     if text is None:
         raise RequestError(400, 'expected a JSON start message {"question": …} first, got binary data')
@@ -528,7 +609,7 @@ def _parse_start(message: dict) -> tuple[str, str, bool, bool]:
         raise RequestError(422, 'the start message must be a JSON object {"question": …}')
     question = _check_question(start.get("question"), "field `question`")
     flags = {}
-    for name, default in (("refine", True), ("keep_open", False)):
+    for name, default in (("refine", True), ("keep_open", False), ("resume", False)):
         flags[name] = start.get(name, default)
         if not isinstance(flags[name], bool):
             raise RequestError(422, f"{name} must be true or false (a JSON boolean), got "
@@ -536,7 +617,28 @@ def _parse_start(message: dict) -> tuple[str, str, bool, bool]:
     kind = start.get("kind", "progressive")
     if kind not in KINDS:
         raise RequestError(422, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return kind, question, flags["refine"], flags["keep_open"]
+    frame_id = start.get("frame_id")
+    if frame_id is not None:
+        try:
+            check_frame_id(frame_id)
+        except ValueError as e:
+            raise RequestError(422, str(e)) from None
+    if flags["resume"] and frame_id is None:
+        raise RequestError(422, "resume needs the frame_id of the frame to resume")
+    return _Start(kind, question, flags["refine"], flags["keep_open"], frame_id, flags["resume"])
+
+
+def adaptive_threshold(split: Split) -> dict:
+    """The confidence above which the edge's adaptive mode stops sending layers: the split's
+    calibrated one (adaptive.json in the MAE folder) where it has one, else a documented
+    default. {"threshold", "source"}."""
+    calibrated = getattr(split, "adaptive_threshold", None)
+    if calibrated is not None:
+        threshold, source = calibrated()
+        return {"threshold": threshold, "source": source}
+    return {"threshold": DEFAULT_ADAPTIVE_THRESHOLD,
+            "source": "default (this build has no calibrated threshold: progvlm.transport."
+                      "DEFAULT_ADAPTIVE_THRESHOLD)"}
 
 
 def _expect_end(message: dict):

@@ -23,10 +23,18 @@ stages of an Exchange add up to its wall time:
     cloud     the cloud's own stage times (in the reply)
     downlink  reply bytes paced at the bandwidth + RTT/2
     overhead  the rest (framing, JSON, waiting for the cloud's lock)
+
+`CloudLink.steered` is the progressive exchange the edge steers by what it hears back: it
+waits for the answer to the newest layer before sending the next (adaptive mode), and it can
+ask the cloud to resume a frame it already holds (a conversation). Every wait is a named stage
+there too: one uplink per round of sending, one downlink per answer waited for, the cloud's
+stages of each answer waited for.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +51,10 @@ from .link import LinkProfile, paced_chunks, paced_segments
 STREAM_PATH = "/v1/progressive/stream"
 HANDSHAKE_RTTS = {"ws": 2, "wss": 3}  # round trips before a new socket carries a request
 MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers open and close their own
+# adaptive mode stops sending layers once the answer's confidence reaches this, where the cloud
+# has no calibrated threshold (progvlm.split's adaptive.json) and the request names none
+DEFAULT_ADAPTIVE_THRESHOLD = 0.9
+PACING_SLACK_S = 0.001  # a paced round's own bookkeeping, counted as uplink
 
 
 class CloudError(RuntimeError):
@@ -62,6 +74,11 @@ class Exchange:
     refinements: list[dict] = field(default_factory=list)
     cut_after_layer: int | None = None
     connect_ms: float = 0.0  # 0 on a reused socket
+    # steered exchanges (CloudLink.steered) only:
+    bytes_sent: int | None = None  # the frame's bytes sent in this request (0: all resumed)
+    resumed: bool | None = None  # None: not asked; else whether the cloud held the frame
+    layers_held: int = 0  # layers the cloud already held when the request began
+    cloud_waited_ms: float | None = None  # cloud time of the earlier answers the edge waited for
 
     def overhead_ms(self, cloud_ms: float) -> float:
         """The wall time no other stage accounts for (cloud_ms: the cloud stages counted)."""
@@ -344,6 +361,168 @@ class CloudLink:
         return Exchange(reply, to_ms(uplink), last["downlink_ms"],
                         max(last["edge_t_ms"], to_ms(time.perf_counter() - t0)), refinements,
                         cut_after_layer, to_ms(connect_s))
+
+    def steered(self, bitstream: bytes, question: str, link: LinkProfile, send_until: int,
+                more=None, frame_id: str | None = None, resume: bool = False,
+                on_refinement=None) -> Exchange:
+        """A progressive exchange steered by the answers. Layers 1..send_until go at once;
+        then, while layers remain and `more(refinement, elapsed_ms)` says so, the edge waits
+        for the answer to its newest layer and sends one more (receiver-driven refinement).
+        `frame_id`: the cloud keeps the frame for follow-ups; with `resume` it is asked for it
+        first and, if it holds j layers, answers from them at once and the stream goes on from
+        layer j + 1 (if the cloud has lost it, the frame goes from its start: the same answer,
+        more bytes). The exchange ends when the answer is in hand: the cloud's final message
+        only frees the socket for the next request. `bitstream` must announce every layer
+        that might be sent (the cloud's copy of a frame is a prefix of it)."""
+        stream = parse(bitstream)
+        if not 1 <= send_until <= stream.k:
+            raise ValueError(f"send_until must be in 1..{stream.k}, got {send_until}")
+        if resume and not frame_id:
+            raise ValueError("resume needs a frame_id")
+        return self._request(link, lambda ws, t0, connect_s, reused: self._steered(
+            ws, t0, connect_s, reused, bitstream, stream, question, link, send_until, more,
+            frame_id, resume, on_refinement))
+
+    def _steered(self, ws, t0, connect_s, reused, bitstream, stream, question, link, send_until,
+                 more, frame_id, resume, on_refinement) -> Exchange:
+        ends, L = stream.layer_ends(), stream.k
+        inbox: queue.Queue = queue.Queue()
+        refinements, final = [], {}
+
+        def on_message(msg, nbytes, arrived):
+            msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
+            msg["edge_t_ms"] = round(to_ms(arrived - t0) + (msg["downlink_ms"] if link.emulated else 0), 3)
+            if msg.get("type") == "refinement":
+                refinements.append(msg)
+                if on_refinement:
+                    on_refinement(msg)
+            elif msg.get("type") == "final":
+                final.update(msg)
+            inbox.put(msg)
+
+        reader = _Reader(ws, on_message)
+        # downlink: a message the edge waits for counts when the edge acts on it (sends, or has
+        # its answer); one it only waits past (the "resumed" before its answer) travelled while
+        # the cloud computed that answer, so its time is the cloud's
+        spent = {"uplink": 0.0, "downlink": 0.0, "cloud_waited": 0.0, "latest_downlink": 0.0}
+        start = {"question": question, "refine": True, "kind": "progressive", "keep_open": self.keep_open}
+        if frame_id:
+            start |= {"frame_id": frame_id, "resume": bool(resume)}
+
+        def send(messages):
+            """One round of sending: the request's propagation, then the bytes, paced. On the
+            emulated link the round's uplink is what the link takes (half the round trip and
+            the bytes at the bandwidth): a delay past that is no link's, it is overhead (e.g.
+            this thread waiting for the cloud's, in one process, which has begun computing)."""
+            spent["downlink"] += spent["latest_downlink"]
+            spent["latest_downlink"] = 0.0
+            t, nbytes = time.perf_counter(), 0
+            link.propagate()
+            try:
+                for message in messages:
+                    ws.send(message)
+                    nbytes += len(message)
+            except ConnectionClosed:
+                reader.done.wait(1.0)  # the cloud hung up: an error message may say why
+                if reused and not reader.received:
+                    raise _Stale from None
+            measured = time.perf_counter() - t
+            spent["uplink"] += min(measured, link.rtt_ms / 2000 + link.serialisation_s(nbytes)
+                                   + PACING_SLACK_S) if link.emulated else measured
+
+        def wait_for(wanted) -> dict:
+            """The first message `wanted` accepts, as the edge has it (delivered down the link)."""
+            t_wait = time.perf_counter()
+            deadline = t_wait + self.timeout_s
+            while True:
+                try:
+                    msg = inbox.get(timeout=max(0.0, min(0.05, deadline - time.perf_counter())))
+                except queue.Empty:
+                    if reader.done.is_set() and inbox.empty():
+                        if reused and not reader.received:
+                            raise _Stale from None
+                        raise CloudError("the cloud closed the stream before answering")
+                    if time.perf_counter() > deadline:
+                        raise CloudError(f"no answer from the cloud within {self.timeout_s:g} s")
+                    continue
+                if msg.get("type") == "error":
+                    raise self._refused([msg], "stream")
+                if wanted(msg):
+                    wait = t0 + msg["edge_t_ms"] / 1e3 - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    down = msg["downlink_ms"]
+                    if not link.emulated:  # a real network's share: the nominal one, at most
+                        # what the wait left after the cloud's compute
+                        waited = to_ms(time.perf_counter() - t_wait) - sum(msg.get("stage_ms", {}).values())
+                        down = round(min(down, max(0.0, waited)), 3)
+                    spent["latest_downlink"] = down
+                    return msg
+
+        def answer_to(layers: int) -> dict:
+            msg = wait_for(lambda m: m.get("type") == "refinement" and m["layers"] == layers)
+            spent["cloud_waited"] += sum(msg["stage_ms"].values())
+            return msg
+
+        def layers(a: int, b: int):  # layers a+1..b (the header with layer 1), paced as sent
+            return paced_segments([bitstream[ends[a - 1] if a else 0:ends[b - 1]]], link)
+
+        finished = False
+        try:
+            held, answer = 0, None
+            if resume:
+                send([json.dumps(start)])
+                reply = wait_for(lambda m: m.get("type") in ("resumed", "missing"))
+                if reply["type"] == "resumed":
+                    held = reply["layers"]
+                    if not 1 <= held <= L or reply["received_bytes"] != ends[held - 1]:
+                        raise CloudError(f"the cloud holds {reply['received_bytes']} bytes of frame "
+                                         f"{frame_id}, which is no layer boundary of this stream")
+                    if send_until <= held or more is not None:
+                        answer = answer_to(held)
+                start = None
+            sent, target = held, max(send_until, held)
+            while True:
+                if sent < target:
+                    send(itertools.chain([json.dumps(start)] if start else [], layers(sent, target)))
+                    start, sent = None, target
+                    answer = answer_to(sent)
+                if more is None or sent >= L or not more(answer, to_ms(time.perf_counter() - t0)):
+                    break
+                target = sent + 1
+            t_answer = time.perf_counter()
+            try:
+                ws.send(json.dumps({"end": True}))
+            except ConnectionClosed:
+                pass
+            finished = True
+        finally:
+            self._free_after_final(ws, reader, final, finished)
+        cloud_ms = sum(answer["stage_ms"].values())
+        reply = {"type": "final", "layers": answer["layers"], "answer": answer["answer"],
+                 "confidence": answer.get("confidence"), "layers_announced": L,
+                 "partial": False, "stage_ms": answer["stage_ms"], "resumed": held > 0}
+        waited_before = round(spent["cloud_waited"] - cloud_ms, 3)
+        return Exchange(reply, to_ms(spent["uplink"]), round(spent["downlink"] + spent["latest_downlink"], 3),
+                        to_ms(t_answer - t0), refinements, None, to_ms(connect_s),
+                        bytes_sent=(ends[sent - 1] - (ends[held - 1] if held else 0)) if sent > held else 0,
+                        resumed=(held > 0) if resume else None, layers_held=held,
+                        cloud_waited_ms=max(0.0, waited_before))
+
+    def _free_after_final(self, ws, reader: _Reader, final: dict, finished: bool):
+        """Back to the pool once the cloud's final message is in (a thread waits for it, so the
+        caller has its answer a round trip sooner); closed if the request failed."""
+        if not finished:
+            ws.close()
+            return
+
+        def wait():
+            reader.done.wait(self.timeout_s)
+            if final:
+                self._release(ws)
+            else:
+                ws.close()
+        threading.Thread(target=wait, daemon=True, name="cloudlink-final").start()
 
     @staticmethod
     def _pace_reply(nbytes: int, link: LinkProfile, t_reply: float):
