@@ -38,7 +38,6 @@ import torch
 
 from .bitstream import BitstreamError
 from .cloud_service import CloudModel, RequestError
-from .images import ImageInputError, load_image
 from .backends.base import Answer, Grid
 from .split import Frame, Split
 
@@ -242,7 +241,9 @@ class BatchingCloudModel(CloudModel):
                 "batching": {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms,
                              "backend_batches": self.split.vlm.batches_language}}
 
-    def _run(self, stages: dict, job: Job) -> tuple[str, int]:
+    def _run(self, stages: dict, job: Job) -> dict:
+        """The job through the batcher → {"answer", "confidence", "batch_size"}; its queue
+        time and the batch's stage times go into `stages`."""
         try:
             done = self._submit(job)
         except BitstreamError as e:
@@ -251,19 +252,13 @@ class BatchingCloudModel(CloudModel):
             raise RequestError(400, str(e)) from None
         stages["queue_ms"] = done.queue_ms
         stages.update({k: round(v, 3) for k, v in done.result.stage_ms.items()})
-        return done.result.text, done.batch_size
+        return {"answer": done.result.text, "confidence": getattr(done.result, "confidence", None),
+                "batch_size": done.batch_size}
 
     def full(self, image_bytes: bytes, question: str) -> dict:
-        t0 = time.perf_counter()
-        try:
-            image = load_image(image_bytes)
-        except ImageInputError as e:
-            raise RequestError(400, f"bad image: {e}") from None
-        t1 = time.perf_counter()
-        tokens, grid = self.split.vlm.edge_half_with_grid(image)
-        stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
-        text, batch_size = self._run(stages, Job(question, tokens=tokens, grid=grid))
-        return {"answer": text, "stage_ms": stages, "batch_size": batch_size}
+        tokens, grid, stages = self._see(image_bytes)  # per request, in its own thread
+        said = self._run(stages, Job(question, tokens=tokens, grid=grid))
+        return {**said, "stage_ms": stages}
 
     def progressive(self, data: bytes, question: str) -> dict:
         try:
@@ -271,10 +266,9 @@ class BatchingCloudModel(CloudModel):
         except BitstreamError as e:
             raise RequestError(400, f"bad bitstream: {e}") from None
         stages: dict = {}
-        text, batch_size = self._run(stages, Job(question, frame=frame))
-        return {"answer": text, "stage_ms": stages, "layers_used": frame.k,
-                "layers_announced": frame.layers_announced, "partial": frame.partial,
-                "batch_size": batch_size}
+        said = self._run(stages, Job(question, frame=frame))
+        return {**said, "stage_ms": stages, "layers_used": frame.k,
+                "layers_announced": frame.layers_announced, "partial": frame.partial}
 
 
 # ---- measurement (python -m progvlm.batching) ---------------------------------------------

@@ -107,16 +107,20 @@ class CloudModel:
         stages.update({k: round(v, 3) for k, v in answer.stage_ms.items()})
         return {"answer": answer.text, "confidence": getattr(answer, "confidence", None)}
 
+    def _see(self, image_bytes: bytes):
+        """A frame sent whole → its visual tokens, tile grid and the decode and vision times."""
+        t0 = time.perf_counter()
+        try:
+            image = load_image(image_bytes)
+        except ImageInputError as e:
+            raise RequestError(400, f"bad image: {e}") from None
+        t1 = time.perf_counter()
+        tokens, grid = self.split.vlm.edge_half_with_grid(image)
+        return tokens, grid, {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
+
     def full(self, image_bytes: bytes, question: str) -> dict:
         with self._lock:
-            t0 = time.perf_counter()
-            try:
-                image = load_image(image_bytes)
-            except ImageInputError as e:
-                raise RequestError(400, f"bad image: {e}") from None
-            t1 = time.perf_counter()
-            tokens, grid = self.split.vlm.edge_half_with_grid(image)
-            stages = {"image_decode_ms": _ms(t0, t1), "vision_ms": _ms(t1, time.perf_counter())}
+            tokens, grid, stages = self._see(image_bytes)
             said = self._answer(stages, self.split.language, tokens, question, grid)
             return {**said, "stage_ms": stages}
 

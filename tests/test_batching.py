@@ -251,6 +251,9 @@ def test_batching_model_answers_as_the_locked_one(split, models):
         for qa in training_questions(scene, rng)[:3]:
             want, got = locked.progressive(data, qa.question), batching.progressive(data, qa.question)
             assert got["answer"] == want["answer"]
+            # adaptive mode stops on it: the batched path must report it as the locked one does
+            assert got["confidence"] is not None
+            assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-5)
             assert {k: got[k] for k in ("layers_used", "layers_announced", "partial")} == \
                    {k: want[k] for k in ("layers_used", "layers_announced", "partial")}
             assert got["batch_size"] == 1 and "queue_ms" in got["stage_ms"]
