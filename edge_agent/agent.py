@@ -40,7 +40,8 @@ from progvlm.bitstream import parse
 from progvlm.frame_cache import FRAME_TTL_S, CachedFrame, FrameCache
 from progvlm.images import load_image, raw_frame, resize_for_model
 from progvlm.link import LinkProfile
-from progvlm.transport import DEFAULT_ADAPTIVE_THRESHOLD, CloudError, CloudLink, to_ms
+from progvlm.adaptive import DEFAULT_RULE
+from progvlm.transport import CloudError, CloudLink, to_ms
 
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
@@ -60,6 +61,9 @@ REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's predicti
 # asked bandwidth); a request that would take longer is refused before anything is sent. The
 # link's own ranges (progvlm.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
 MAX_LINK_S = 120.0
+# stages that are no device compute, so a projected device profile never scales them: decoding
+# a file (the host's container work), waiting for the device, the agent's own bookkeeping
+HOST_STAGES = ("file_decode", "device_queue", "agent")
 # The most time one request may take from its arrival to its record, by default: the link's
 # bound and a minute of compute and of waiting for the device (one request at a time)
 COMPUTE_ALLOWANCE_S = 60.0
@@ -185,9 +189,8 @@ class EdgeAgent:
             info = self.cloud.info()
             check_same_models(self.runtime.info(), info, self.cloud.base_url)
             self.cloud_adaptive = info.get("adaptive") or {
-                "threshold": DEFAULT_ADAPTIVE_THRESHOLD,
-                "source": "default (the cloud names no threshold: progvlm.transport."
-                          "DEFAULT_ADAPTIVE_THRESHOLD)"}
+                "threshold": DEFAULT_RULE.threshold,
+                "source": "default (the cloud names no threshold: progvlm.adaptive.DEFAULT_RULE)"}
             self._cloud_checked = True
 
     def _warm_up(self):
@@ -325,9 +328,13 @@ class EdgeAgent:
                   "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms,
                            "emulated": link.emulated}}
         memo = {} if shared is None else shared
+        t_wait = time.perf_counter()
         if not self._device.acquire(timeout=max(ask.remaining_s(), 0.0)):
             raise BusyError(f"the device was busy with other requests for this request's whole "
                             f"deadline of {self.request_timeout_s:g} s")
+        waited_ms = to_ms(time.perf_counter() - t_wait)
+        if waited_ms >= 0.05:  # another request had the device (one camera, one frame at a time)
+            stages["device_queue"] = waited_ms
         try:
             factor = profile.compute_factor
             step = lambda name, fn, *args: self._step(memo, stages, factor, name, fn, *args)
@@ -370,7 +377,7 @@ class EdgeAgent:
         if shared is not None and mode != "full-cloud":
             record["note_shared"] = ("edge stages measured once for this frame and shared by the "
                                      "modes of one comparison")
-        projected = [name for name in stages if name != "file_decode"] if profile.projected else []
+        projected = [name for name in stages if name not in HOST_STAGES] if profile.projected else []
         if note:
             record["domain_note"] = note
 
@@ -424,10 +431,17 @@ class EdgeAgent:
                 self.estimates.add(ask.client, link, watched,
                                    sum(v for n, v in stages.items() if n.startswith("cloud_")),
                                    stages["overhead"])
+        wall_ms = to_ms(time.perf_counter() - ask.t_arrived)
+        # the rest of the wall time is the agent's own: the request's checks, thread hand-offs,
+        # assembling the record; so the stages, as measured here, add up to the wall time
+        measured = sum(v / (profile.compute_factor if name in projected else 1.0)
+                       for name, v in stages.items())
+        if wall_ms - measured >= 0.001:
+            stages["agent"] = wall_ms - measured
         record["stage_ms"] = {name: round(v, 3) for name, v in stages.items()}
         record["projected_stages"] = projected
         record["total_ms"] = round(sum(stages.values()), 3)
-        record["wall_ms"] = to_ms(time.perf_counter() - ask.t_arrived)
+        record["wall_ms"] = wall_ms
         if mode in ("auto", "adaptive"):
             record[mode]["actual_ms"] = record["total_ms"]
         return record

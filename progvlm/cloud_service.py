@@ -49,7 +49,6 @@ from .frame_cache import CachedFrame, FrameCache, check_frame_id
 from .http_limits import READ_TIMEOUT_S, BoundedBody, bearer_ok
 from .images import ImageInputError, load_image
 from .split import Frame, Split
-from .transport import DEFAULT_ADAPTIVE_THRESHOLD
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -634,15 +633,10 @@ def _parse_start(message: dict) -> _Start:
 
 def adaptive_threshold(split: Split) -> dict:
     """The confidence above which the edge's adaptive mode stops sending layers: the split's
-    calibrated one (adaptive.json in the MAE folder) where it has one, else a documented
-    default. {"threshold", "source"}."""
-    calibrated = getattr(split, "adaptive_threshold", None)
-    if calibrated is not None:
-        threshold, source = calibrated()
-        return {"threshold": threshold, "source": source}
-    return {"threshold": DEFAULT_ADAPTIVE_THRESHOLD,
-            "source": "default (this build has no calibrated threshold: progvlm.transport."
-                      "DEFAULT_ADAPTIVE_THRESHOLD)"}
+    calibrated one (adaptive.json in the MAE folder), or progvlm.adaptive's documented default.
+    {"threshold", "source"}."""
+    threshold, source = split.adaptive_threshold()
+    return {"threshold": threshold, "source": source}
 
 
 def _expect_end(message: dict):

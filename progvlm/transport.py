@@ -51,9 +51,6 @@ from .link import LinkProfile, paced_chunks, paced_segments
 STREAM_PATH = "/v1/progressive/stream"
 HANDSHAKE_RTTS = {"ws": 2, "wss": 3}  # round trips before a new socket carries a request
 MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers open and close their own
-# adaptive mode stops sending layers once the answer's confidence reaches this, where the cloud
-# has no calibrated threshold (progvlm.split's adaptive.json) and the request names none
-DEFAULT_ADAPTIVE_THRESHOLD = 0.9
 PACING_SLACK_S = 0.001  # a paced round's own bookkeeping, counted as uplink
 
 

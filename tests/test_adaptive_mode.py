@@ -1,6 +1,8 @@
 """Adaptive mode (issue 13): the edge sends header + layer 1, and one more layer after each
 answer the cloud is not sure of, while the latency budget fits; the record says why it stopped.
 Confidences are stubbed per layer count, so every decision is deterministic."""
+import copy
+
 import pytest
 from PIL import Image
 
@@ -10,9 +12,16 @@ from edge_agent.runtime import PyTorchRuntime
 from progvlm.bitstream import parse
 from progvlm.cloud_service import CloudModel, create_app
 from progvlm.examples import load_examples
-from progvlm.transport import DEFAULT_ADAPTIVE_THRESHOLD
 
 Q = "describe the scene ."
+THRESHOLD = 0.9  # the stub confidences below are chosen around it
+
+
+def fixed_threshold(split):
+    """The split as the cloud serves it, its adaptive threshold pinned for these tests."""
+    pinned = copy.copy(split)
+    pinned.adaptive_threshold = lambda: (THRESHOLD, "tests: a pinned threshold")
+    return pinned
 
 
 class StubConfidence(CloudModel):
@@ -35,7 +44,7 @@ def table():
 @pytest.fixture(scope="module")
 def agent(split, table):
     runtime = PyTorchRuntime(split)
-    with serving(create_app(split, model=StubConfidence(split, table)), log_level="warning") as url:
+    with serving(create_app(fixed_threshold(split), model=StubConfidence(split, table)), log_level="warning") as url:
         yield EdgeAgent(runtime, url)
     runtime.set_threads(runtime.default_threads)
 
@@ -78,7 +87,7 @@ def test_sure_after_layer_1_sends_exactly_header_and_layer_1(agent, split, image
     assert r["payload_bytes"] == stream.layer_ends()[0]  # header + layer 1, nothing more
     assert r["confidences"] == [{"layers": 1, "confidence": 0.97}]
     assert r["adaptive"]["stopped_because"] == "sure"
-    assert r["adaptive"]["threshold"] == DEFAULT_ADAPTIVE_THRESHOLD
+    assert r["adaptive"]["threshold"] == THRESHOLD
     assert r["answer"] == layer_answer(split, image, 1)
     assert "cloud_earlier_layers" not in r["stage_ms"]
     assert_stages_sum(r)
@@ -131,7 +140,8 @@ def test_the_request_can_name_its_own_threshold(agent, image, confidences):
 def test_a_cloud_that_cannot_tell_its_confidence_gets_every_layer(split, image, stream):
     """A backend with no confidence (None) is never sure: its layers go while the budget fits."""
     runtime = PyTorchRuntime(split)
-    with serving(create_app(split), log_level="warning") as url:
+    cannot_tell = StubConfidence(split, dict.fromkeys(range(1, stream.num_layers + 1)))
+    with serving(create_app(split, model=cannot_tell), log_level="warning") as url:
         agent = EdgeAgent(runtime, url)
         r = agent.ask(image, Q, "adaptive", rtt_ms=0, bandwidth_mbps=10, budget_ms=60_000)
     runtime.set_threads(runtime.default_threads)
@@ -150,7 +160,7 @@ def test_adaptive_without_link_emulation(agent, split, image, stream, confidence
 
 def test_cloud_info_names_the_threshold_and_every_answer_carries_confidence(agent, image, confidences):
     info = agent.cloud.info()
-    assert info["adaptive"]["threshold"] == DEFAULT_ADAPTIVE_THRESHOLD
+    assert info["adaptive"]["threshold"] == THRESHOLD
     assert {"ttl_s", "max_frames_per_client", "max_total_bytes"} <= set(info["frame_cache"])
     confidences(0.4, 0.6, 0.8, 1.0)
     seen = []

@@ -11,7 +11,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from edge_agent.agent import AskError, CloudError, EdgeAgent
+from edge_agent.agent import HOST_STAGES, AskError, CloudError, EdgeAgent
 from progvlm.images import ImageInputError
 from progvlm.link import LinkProfile
 from edge_agent.profiles import get_profile
@@ -68,7 +68,9 @@ def reference(runtime, image, k=None):
 def test_every_mode_answers_with_stages_that_sum_to_the_total(agent, runtime, image, mode):
     r = agent.ask(image, Q, mode, k=2, bandwidth_mbps=1, rtt_ms=20)
     assert r["mode"] == mode and r["total_ms"] == pytest.approx(sum(r["stage_ms"].values()), abs=0.01)
-    assert r["total_ms"] <= r["wall_ms"] * 1.05 + 1
+    # every millisecond of the wall time is in a stage (the agent's own remainder included);
+    # the link's stages may overlap a little where the cloud's measured receive time does
+    assert r["wall_ms"] - 0.01 <= r["total_ms"] <= r["wall_ms"] * 1.05 + 1
     expected = reference(runtime, image, {"progressive": 2, "auto": r.get("k")}.get(mode))
     assert r["answer"] == expected
     if mode == "full-edge":
@@ -192,7 +194,7 @@ def test_a_request_can_ask_for_the_emulated_device(agent, image):
     r = agent.ask(image, Q, "full-edge", device_profile="imx95-emulated")
     # every device stage is projected; the host's decoding of the file is not the device's
     assert r["device_profile"] == "imx95-emulated"
-    assert r["projected_stages"] == [s for s in r["stage_ms"] if s != "file_decode"]
+    assert r["projected_stages"] == [s for s in r["stage_ms"] if s not in HOST_STAGES]
     assert agent.ask(image, Q, "full-edge")["projected_stages"] == []
     with pytest.raises(AskError, match="unknown device profile"):
         agent.ask(image, Q, "full-edge", device_profile="raspberry")

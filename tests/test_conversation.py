@@ -18,6 +18,7 @@ from progvlm.cloud_service import CloudModel, create_app
 from progvlm.examples import load_examples
 from progvlm.frame_cache import ENTRY_OVERHEAD_BYTES, CachedFrame, FrameCache
 from progvlm.services import free_port
+from test_adaptive_mode import fixed_threshold
 
 Q1, Q2, Q3 = "describe the scene .", "what color is the square ?", "what shape is purple ?"
 
@@ -66,7 +67,7 @@ def cloud(split):
     """A cloud of its own per test (a fresh cache, a clock the test moves, chosen confidences)."""
     clock, table = FakeClock(), {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}
     cache = FrameCache(ttl_s=60, clock=clock)
-    with serving(create_app(split, model=StubConfidence(split, table), frame_cache=cache),
+    with serving(create_app(fixed_threshold(split), model=StubConfidence(split, table), frame_cache=cache),
                  log_level="warning") as url:
         yield url, cache, clock, table
 
