@@ -199,6 +199,43 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
     yield page(ladder, picture)
 
 
+# ---- a conversation about one frame ----------------------------------------------------------
+def chat_turn(record: dict) -> str:
+    """One answer in the chat, with what it cost: the bytes this turn sent, the layers the cloud
+    used, the time, and why adaptive stopped."""
+    a = record.get("adaptive", {})
+    why = {"sure": "sure enough", "budget": "budget ran out: the best answer so far",
+           "all layers": "every layer sent"}.get(a.get("stopped_because"), "")
+    resumed = ("the cloud held this frame: no image bytes re-sent" if record.get("resumed")
+               else "the frame's first layers sent")
+    projected = " (projected)" if record["projected_stages"] else ""
+    return (f"**{record['answer']}**  \n{record.get('bytes_sent_this_turn', record['payload_bytes'])} "
+            f"bytes this turn · {record['layers_used']} layer(s) · {record['total_ms']:.0f} ms"
+            f"{projected} · {resumed}" + (f" · {why}" if why else "")
+            + (f"  \n⚠ {record['note']}" if record.get("note") else ""))
+
+
+def converse(image, question: str, history: list | None, bandwidth_mbps: float, rtt_ms: float,
+             budget_ms: float, device: str = "host"):
+    """Ask about the picked frame again and again (adaptive mode, one conversation): the cloud
+    keeps the layers it received, so a follow-up sends only its question, and more layers only
+    when the answer is not sure enough."""
+    if image is None:
+        raise gr.Error("Pick an example scene or upload an image first.")
+    if not question or not question.strip():
+        raise gr.Error("Type a question about the picked image.")
+    try:
+        load_image(image)
+        record = EDGE["client"].ask(image, question, mode="adaptive", conversation=True,
+                                    bandwidth_mbps=float(bandwidth_mbps), rtt_ms=float(rtt_ms),
+                                    budget_ms=float(budget_ms), device_profile=device)
+    except (EdgeAgentError, ImageInputError) as e:
+        raise gr.Error(str(e)) from None
+    history = list(history or []) + [{"role": "user", "content": question},
+                                     {"role": "assistant", "content": chat_turn(record)}]
+    return history, "", record
+
+
 def upload_as_is(preprocess):
     """Wrap gr.Image's preprocessing so that an upload reaches compare() as it is.
 
@@ -260,12 +297,27 @@ with gr.Blocks(title="progvlm") as demo:
     notes = gr.Markdown(elem_id="notes")
     with gr.Accordion("Raw records from the edge agent", open=False):
         raw = gr.JSON(label="records")
+    with gr.Group():
+        gr.Markdown("### A conversation about this frame (adaptive)\n"
+                    "Ask follow-up questions: the cloud keeps the layers it has received, so a "
+                    "follow-up sends no image bytes, and more layers only when the answer is not "
+                    "sure enough. Uses the bandwidth, RTT, budget and device set above.")
+        chat = gr.Chatbot(label="Conversation", elem_id="chat", height=320)
+        with gr.Row():
+            follow_up = gr.Textbox(label="Ask about this frame", elem_id="chat-question", scale=4,
+                                   placeholder="e.g. how many objects are there ?")
+            ask = gr.Button("Ask", elem_id="chat-ask", scale=1)
+        last_turn = gr.JSON(visible=False)
 
     demo.load(lambda: model_banner(EDGE["info"]), None, banner, api_name=False)
     image.change(suggested, image, questions, api_name=False)
     questions.change(lambda q: q or gr.update(), questions, question, api_name=False)
     inputs = [image, question, bandwidth, rtt, k, modes, budget, device]
     run.click(compare, inputs, [*cards, chart, ladder, picture, notes, raw], api_name="compare")
+    image.change(lambda: [], None, chat, api_name=False)  # a new frame, a new conversation
+    chat_inputs = [image, follow_up, chat, bandwidth, rtt, budget, device]
+    ask.click(converse, chat_inputs, [chat, follow_up, last_turn], api_name="converse")
+    follow_up.submit(converse, chat_inputs, [chat, follow_up, last_turn], api_name=False)
 
 
 def main():

@@ -198,6 +198,10 @@ class EdgeAgent:
         lazy initialisation, which no later request would."""
         from PIL import Image
         blank = Image.new("RGB", (self.runtime.image_size,) * 2)
+        png = io.BytesIO()
+        blank.save(png, "PNG")
+        load_image(png.getvalue())  # the decoders' first use
+        self.runtime.domain_note(blank)
         tokens, grid = self.runtime.vision(self.runtime.preprocess(blank))
         self.runtime.mae_encode(tokens, self.runtime.num_layers)
         self.runtime.language(tokens, "describe the scene .", grid, max_new_tokens=2)

@@ -120,3 +120,21 @@ def test_python_app_py_serves_the_page_and_ends_its_children(stop):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_conversation_about_one_frame_sends_its_bytes_once(app):
+    """The chat: the first question sends the frame's first layers, a follow-up none (the
+    cloud holds them); every turn shows its bytes and the answer is the one-shot request's."""
+    ex = app.EXAMPLES[1]
+    q1, q2 = (q["question"] for q in ex["questions"][:2])
+    history, cleared, first = app.converse(ex["path"], q1, [], 1, 20, 500)
+    history, _, second = app.converse(ex["path"], q2, history, 1, 20, 500)
+    assert cleared == "" and [m["role"] for m in history] == ["user", "assistant"] * 2
+    assert first["bytes_sent_this_turn"] > 0 and not first["resumed"]
+    assert second["resumed"] and second["bytes_sent_this_turn"] < first["bytes_sent_this_turn"]
+    assert f"**{second['answer']}**" in history[-1]["content"]
+    assert f"{second['bytes_sent_this_turn']} bytes this turn" in history[-1]["content"]
+    alone = app.EDGE["client"].ask(ex["path"], q2, mode="adaptive")
+    assert second["answer"] == alone["answer"]
+    with pytest.raises(gr.Error, match="Type a question"):
+        app.converse(ex["path"], " ", history, 1, 20, 500)
