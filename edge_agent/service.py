@@ -248,8 +248,10 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
     return app
 
 
-async def _compare_ndjson(agent: EdgeAgent, checked, modes: list[str]):
-    """agent.compare in a daemon thread; its events as lines, then done (or the error)."""
+async def _ndjson_lines(agent: EdgeAgent, deadline: float, work, last_types: tuple[str, ...]):
+    """Run `work(put)` in a daemon thread and yield each item it puts as an NDJSON line, up to
+    one whose type is in `last_types` (or the error that ended the work), never past the
+    request's deadline."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue = asyncio.Queue()
 
@@ -259,52 +261,36 @@ async def _compare_ndjson(agent: EdgeAgent, checked, modes: list[str]):
         except RuntimeError:
             pass  # the loop is closed: the server has shut down
 
-    def work():
+    def guarded():
         try:
-            agent.compare(checked, modes, on_event=put)
-            put({"type": "done"})
+            work(put)
         except Exception as e:  # noqa: BLE001 - reaches the caller as its line
             put({"type": "error", "status": _status(e), "detail": _detail(e)})
 
-    threading.Thread(target=work, daemon=True, name="edge-compare").start()
+    threading.Thread(target=guarded, daemon=True, name="edge-stream").start()
     while True:
         try:
-            item = await _within(lines.get(), checked.deadline, agent.request_timeout_s)
+            item = await _within(lines.get(), deadline, agent.request_timeout_s)
         except DeadlineError as e:
             item = {"type": "error", "status": 504, "detail": str(e)}
         yield json.dumps(item) + "\n"
-        if item["type"] in ("done", "error"):
+        if item["type"] in last_types + ("error",):
             return
 
 
-async def _ndjson(agent: EdgeAgent, checked):
-    """Run the checked request in a daemon thread; yield its refinements as they arrive, then
-    the record (or the error that ended the work), never past the deadline."""
-    loop = asyncio.get_running_loop()
-    lines: asyncio.Queue = asyncio.Queue()
+def _compare_ndjson(agent: EdgeAgent, checked, modes: list[str]):
+    """agent.compare's events as lines, then done (or the error)."""
+    def work(put):
+        agent.compare(checked, modes, on_event=put)
+        put({"type": "done"})
+    return _ndjson_lines(agent, checked.deadline, work, ("done",))
 
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(lines.put_nowait, item)
-        except RuntimeError:
-            pass  # the loop is closed: the server has shut down
 
-    def on_refinement(msg):
-        put({"type": "refinement", "layers": msg["layers"], "answer": msg["answer"],
-             "confidence": msg.get("confidence"), "edge_t_ms": msg["edge_t_ms"]})
-
-    def work():
-        try:
-            put({"type": "result", "record": agent.run(checked, on_refinement=on_refinement)})
-        except Exception as e:  # noqa: BLE001 - reaches the caller as its line
-            put({"type": "error", "status": _status(e), "detail": _detail(e)})
-
-    threading.Thread(target=work, daemon=True, name="edge-stream").start()
-    while True:
-        try:
-            item = await _within(lines.get(), checked.deadline, agent.request_timeout_s)
-        except DeadlineError as e:
-            item = {"type": "error", "status": 504, "detail": str(e)}
-        yield json.dumps(item) + "\n"
-        if item["type"] != "refinement":
-            return
+def _ndjson(agent: EdgeAgent, checked):
+    """The checked request's refinements as they arrive, then its record (or the error)."""
+    def work(put):
+        def on_refinement(msg):
+            put({"type": "refinement", "layers": msg["layers"], "answer": msg["answer"],
+                 "confidence": msg.get("confidence"), "edge_t_ms": msg["edge_t_ms"]})
+        put({"type": "result", "record": agent.run(checked, on_refinement=on_refinement)})
+    return _ndjson_lines(agent, checked.deadline, work, ("result",))

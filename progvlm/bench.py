@@ -44,6 +44,8 @@ QUICK_JPEG_QUALITIES = (10, 50, 90)
 CONCURRENCY = (1, 4, 16)
 CONSISTENCY_TARGET = 0.97
 AUTO_BUDGET_MS = 150.0
+ADAPTIVE_BUDGET_MS = 500.0  # adaptive's: the agent's default budget
+CONVERSATION_TURNS = 5
 
 
 def _write_csv(path: Path, rows: list[dict]):
@@ -83,6 +85,9 @@ def rate_accuracy(split, seed: int, questions: int, quick: bool, log) -> tuple[l
                   if name.startswith("jpeg") else "pooling" if name.startswith("pool") else "raw_fp16")
         rows.append({"method": name, "family": family, "bytes": b["bytes_mean"],
                      "accuracy": b["accuracy"], "consistency": b["consistency"]})
+    a = rep["adaptive"]
+    rows.append({"method": f"adaptive ({a['rule']} ≥ {a['threshold']:.4f})", "family": "adaptive",
+                 "bytes": a["bytes_mean"], "accuracy": a["accuracy"], "consistency": a["consistency"]})
     rows.append({"method": "uncompressed tokens", "family": "reference", "bytes": float("nan"),
                  "accuracy": rep["uncompressed"]["accuracy"], "consistency": 1.0})
     scene_list, _ = eval_questions(seed, questions)
@@ -123,7 +128,8 @@ def latency_cells(k_star: int, L: int, q_equal: int) -> list[tuple[str, dict]]:
             ("full-edge", {"mode": "full-edge"}),
             (f"progressive k={k_star}", {"mode": "progressive", "k": k_star}),
             (f"progressive k={L}", {"mode": "progressive", "k": L}),
-            ("auto", {"mode": "auto", "budget_ms": AUTO_BUDGET_MS})]
+            ("auto", {"mode": "auto", "budget_ms": AUTO_BUDGET_MS}),
+            ("adaptive", {"mode": "adaptive", "budget_ms": ADAPTIVE_BUDGET_MS})]
 
 
 @functools.lru_cache(maxsize=16)
@@ -191,6 +197,45 @@ def _latency_row(name: str, device: str, bw: float, records: list[dict], link_na
            "k": statistics.median(r.get("k", 0) for r in records)}
     row["stages"] = {s: statistics.median(r["stage_ms"].get(s, 0.0) for r in records) for s in stages}
     return row
+
+
+# ---- 3a. a conversation about one frame -------------------------------------------------------
+def conversation(agent_url: str, token: str | None, examples: list[dict], log, **link_options) -> list[dict]:
+    """Five questions about each frame, asked as one conversation (the cloud keeps the frame's
+    layers) and as five independent requests, in adaptive mode and progressive k = L, at the
+    headline link: total bytes and summed end-to-end time per frame."""
+    import httpx
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    rows = []
+    with httpx.Client(base_url=agent_url, timeout=180.0, headers=headers) as http:
+        for mode, extra in (("adaptive", {"budget_ms": ADAPTIVE_BUDGET_MS}), ("progressive", {})):
+            for together in (False, True):
+                log(f"conversation: {mode}, {'one conversation' if together else 'independent requests'}")
+                for ex in examples:
+                    questions = [q["question"] for q in ex["questions"]][:CONVERSATION_TURNS]
+                    records = [ask_agent(http, ex["path"], q, mode, HEADLINE_MBPS, HEADLINE_RTT_MS,
+                                         conversation=str(together).lower(), **extra, **link_options)
+                               for q in questions]
+                    sent = [r.get("bytes_sent_this_turn", r["payload_bytes"]) for r in records]
+                    correct = [r["answer"] == q["answer"] for r, q in zip(records, ex["questions"])]
+                    rows.append({"mode": mode, "conversation": together, "frame": Path(ex["path"]).name,
+                                 "turns": len(records), "bytes_total": sum(sent), "bytes_per_turn": sent,
+                                 "time_total_ms": sum(r["total_ms"] for r in records),
+                                 "correct": sum(correct)})
+    return rows
+
+
+def conversation_summary(rows: list[dict]) -> list[dict]:
+    """Medians over frames per (mode, conversation)."""
+    out = []
+    for key in dict.fromkeys((r["mode"], r["conversation"]) for r in rows):
+        group = [r for r in rows if (r["mode"], r["conversation"]) == key]
+        out.append({"mode": key[0], "conversation": key[1], "frames": len(group),
+                    "bytes_total": statistics.median(r["bytes_total"] for r in group),
+                    "time_total_ms": statistics.median(r["time_total_ms"] for r in group),
+                    "correct_rate": sum(r["correct"] for r in group) / sum(r["turns"] for r in group),
+                    "bytes_per_turn_example": group[0]["bytes_per_turn"]})
+    return out
 
 
 # ---- 3b. the edge near its floor --------------------------------------------------------------
@@ -284,7 +329,7 @@ def plot_rate_accuracy(rows: list[dict], path: Path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"progressive": ("o-", "C0"), "jpeg_model": ("s--", "C1"), "jpeg_camera": ("^--", "C2"),
-              "raw_fp16": ("D", "C3"), "pooling": ("x:", "C4")}
+              "raw_fp16": ("D", "C3"), "pooling": ("x:", "C4"), "adaptive": ("*", "C6")}
     for ax, metric in zip(axes, ("accuracy", "consistency")):
         for family, (style, colour) in styles.items():
             pts = sorted((r["bytes"], r[metric]) for r in rows if r["family"] == family)
@@ -371,7 +416,9 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
     q_equal = equal_accuracy_quality(rep, k_star)
     cells = latency_cells(k_star, L, q_equal)
 
-    images = [e["path"] for e in load_examples()][: 1 if quick else 3]
+    examples = load_examples()[: 1 if quick else 3]
+    images = [e["path"] for e in examples]
+    talk: list[dict] = []
     samples, headline_samples = (1, 9) if quick else (3, 15)
     bandwidths = QUICK_BANDWIDTHS if quick else BANDWIDTHS
     lat: list[dict] = []
@@ -382,6 +429,8 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
             lat += latency(agent.url, agent.token, images, cells, bandwidths, samples, headline_samples,
                            "emulated", log)
             load = load_test(split, cloud.url, cloud.token, images, k_star, 2.0 if quick else 5.0, log)
+            if not (link in ("kernel", "both") and kernel_ok):  # else over the kernel link, below
+                talk = conversation(agent.url, agent.token, examples, log)
         load += cloud_load(split, images, k_star, 2.0 if quick else 5.0, log, ray=not quick)
     kernel_note = None
     if link in ("kernel", "both") and kernel_ok:
@@ -394,6 +443,7 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
             # the agent's own pacing and delay off: the kernel and the relay do both
             lat += latency(agent.url, agent.token, images, cells, (HEADLINE_MBPS,), samples, headline_samples,
                            "kernel", log, devices=("host",), link_emulation="off")
+            talk = conversation(agent.url, agent.token, examples, log, link_emulation="off")
     elif link == "both":
         kernel_note = f"kernel link not run: {kernel_why}"
         log(kernel_note)
@@ -402,6 +452,7 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
     _write_csv(out / "breakdown_1mbps.csv", [{"mode": r["mode"], "device": r["device"], "link": r["link"],
                                               **r["stages"]} for r in lat if r["bandwidth_mbps"] == HEADLINE_MBPS])
     _write_csv(out / "load.csv", load)
+    _write_csv(out / "conversation.csv", [{k: v for k, v in r.items() if k != "bytes_per_turn"} for r in talk])
     emulated = [r for r in lat if r["link"] == "emulated"]
     if emulated:
         plot_latency(emulated, out / "latency_vs_bandwidth.png")
@@ -432,6 +483,8 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
         "bytes_vs_raw_fp16": k_bytes / base["raw_fp16"]["bytes_mean"],
         "scene_graph_bytes_mean": rep["floor"]["scene_graph_bytes_mean"],
         "edge_floor": floor,
+        "adaptive": {k: v for k, v in rep["adaptive"].items() if k != "reliability_bins"},
+        "conversation": conversation_summary(talk) if talk else [],
         "load": load,
     }
     if emulated:
@@ -499,6 +552,22 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
         lines.append(f"| {name} | {f['edge_preprocess_ms']:.2f} | {f['edge_vision_ms']:.2f} | "
                      f"{f['mae_encode_k1_ms']:.3f} | {f[f'mae_encode_k{L}_ms']:.3f} | "
                      f"{100 * f['mae_share_of_edge_k1']:.1f}% | {100 * f[f'mae_share_of_edge_k{L}']:.1f}% |")
+    a = h["adaptive"]
+    lines += ["", "## Adaptive: layers sent until the answer is sure", "",
+              f"Rule: {a['rule']} ≥ {a['threshold']:.4f} (calibrated on the training stream). On the "
+              f"evaluation stream: {a['bytes_mean']:.1f} bytes per question = {a['bytes_ratio_to_k1']:.2f}× "
+              f"k = 1's, accuracy {a['accuracy']:.3f} against k = L's {a['k4_accuracy']:.3f}, mean "
+              f"layers {a['mean_layers']:.2f}, ECE {a['ece']:.3f}; goal (k = L's accuracy at ≤ "
+              f"{a['budget']}× k = 1's bytes) {'met' if a['goal_met'] else 'not met'}."]
+    if h["conversation"]:
+        lines += ["", f"Five questions about one frame ({h['link']} link, {HEADLINE_MBPS:g} Mbps, RTT "
+                  f"{HEADLINE_RTT_MS:g} ms; medians over frames):", "",
+                  "| mode | asked as | bytes in all | summed end-to-end ms | correct | bytes per turn (first frame) |",
+                  "|---|---|---|---|---|---|"]
+        for r in h["conversation"]:
+            lines.append(f"| {r['mode']} | {'one conversation' if r['conversation'] else 'five requests'} | "
+                         f"{r['bytes_total']:.0f} | {r['time_total_ms']:.0f} | {r['correct_rate']:.2f} | "
+                         f"{', '.join(map(str, r['bytes_per_turn_example']))} |")
     lines += ["", "## Rate–accuracy", "", "| method | bytes | accuracy | consistency |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['bytes']:.1f} | {r['accuracy']:.3f} | {r['consistency']:.3f} |")
