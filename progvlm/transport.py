@@ -292,10 +292,7 @@ class CloudLink:
         refinements, final, errors = [], {}, []
 
         def on_message(msg, nbytes, arrived):
-            # as the edge sees it: after the reply's serialisation and propagation
-            msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
-            # (a real network has delivered it already: it arrived when it arrived)
-            msg["edge_t_ms"] = round(to_ms(arrived - t0) + (msg["downlink_ms"] if link.emulated else 0), 3)
+            _stamp(msg, nbytes, arrived, t0, link)
             if msg.get("type") == "refinement":
                 refinements.append(msg)
                 if on_refinement:
@@ -387,8 +384,7 @@ class CloudLink:
         refinements, final = [], {}
 
         def on_message(msg, nbytes, arrived):
-            msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
-            msg["edge_t_ms"] = round(to_ms(arrived - t0) + (msg["downlink_ms"] if link.emulated else 0), 3)
+            _stamp(msg, nbytes, arrived, t0, link)
             if msg.get("type") == "refinement":
                 refinements.append(msg)
                 if on_refinement:
@@ -529,6 +525,14 @@ class CloudLink:
         wait = due - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
+
+
+def _stamp(msg: dict, nbytes: int, arrived: float, t0: float, link: LinkProfile):
+    """A cloud message as the edge sees it: its downlink (RTT/2 and its bytes at the link's
+    bandwidth) and when it is in hand, `edge_t_ms` after the request began (after that downlink
+    on the emulated link; a real network has delivered it when it arrived)."""
+    msg["downlink_ms"] = to_ms(link.rtt_ms / 2000 + link.serialisation_s(nbytes))
+    msg["edge_t_ms"] = round(to_ms(arrived - t0) + (msg["downlink_ms"] if link.emulated else 0), 3)
 
 
 def _ws_url(base_url: str) -> str:

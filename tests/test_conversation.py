@@ -14,11 +14,11 @@ from edge_agent.agent import AskError, EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as create_edge_app
 from progvlm.bitstream import parse
-from progvlm.cloud_service import CloudModel, create_app
+from progvlm.cloud_service import create_app
 from progvlm.examples import load_examples
 from progvlm.frame_cache import ENTRY_OVERHEAD_BYTES, CachedFrame, FrameCache
 from progvlm.services import free_port
-from test_adaptive_mode import fixed_threshold
+from test_adaptive_mode import StubConfidence, fixed_threshold
 
 Q1, Q2, Q3 = "describe the scene .", "what color is the square ?", "what shape is purple ?"
 
@@ -29,16 +29,6 @@ class FakeClock:
 
     def __call__(self):
         return self.t
-
-
-class StubConfidence(CloudModel):
-    def __init__(self, split, table):
-        super().__init__(split)
-        self.table = table
-
-    def progressive(self, data, question):
-        reply = super().progressive(data, question)
-        return reply | {"confidence": self.table[reply["layers_used"]]}
 
 
 @pytest.fixture(scope="module")
