@@ -483,7 +483,9 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
         "bytes_vs_raw_fp16": k_bytes / base["raw_fp16"]["bytes_mean"],
         "scene_graph_bytes_mean": rep["floor"]["scene_graph_bytes_mean"],
         "edge_floor": floor,
-        "adaptive": {k: v for k, v in rep["adaptive"].items() if k != "reliability_bins"},
+        "adaptive": {**{k: v for k, v in rep["adaptive"].items() if not k.startswith("reliability")},
+                     "ece": rep["adaptive"]["reliability"]["ece"],
+                     "k_L_accuracy": rep["adaptive"][f"k{L}_accuracy"]},
         "conversation": conversation_summary(talk) if talk else [],
         "load": load,
     }
@@ -556,7 +558,7 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
     lines += ["", "## Adaptive: layers sent until the answer is sure", "",
               f"Rule: {a['rule']} ≥ {a['threshold']:.4f} (calibrated on the training stream). On the "
               f"evaluation stream: {a['bytes_mean']:.1f} bytes per question = {a['bytes_ratio_to_k1']:.2f}× "
-              f"k = 1's, accuracy {a['accuracy']:.3f} against k = L's {a['k4_accuracy']:.3f}, mean "
+              f"k = 1's, accuracy {a['accuracy']:.3f} against k = L's {a['k_L_accuracy']:.3f}, mean "
               f"layers {a['mean_layers']:.2f}, ECE {a['ece']:.3f}; goal (k = L's accuracy at ≤ "
               f"{a['budget']}× k = 1's bytes) {'met' if a['goal_met'] else 'not met'}."]
     if h["conversation"]:

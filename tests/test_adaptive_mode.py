@@ -77,7 +77,9 @@ def layer_answer(split, image, k):
 
 def assert_stages_sum(r):
     assert r["total_ms"] == pytest.approx(sum(r["stage_ms"].values()), abs=0.01)
-    assert r["total_ms"] <= r["wall_ms"] + 1, (r["stage_ms"], r["wall_ms"])  # nothing counted twice
+    assert r["total_ms"] >= r["wall_ms"] - 0.01  # every millisecond is in a stage
+    # nothing counted twice (5%: the in-process cloud shares this process's GIL on a busy host)
+    assert r["total_ms"] <= r["wall_ms"] * 1.05 + 1, (r["stage_ms"], r["wall_ms"])
 
 
 def test_sure_after_layer_1_sends_exactly_header_and_layer_1(agent, split, image, stream, confidences):

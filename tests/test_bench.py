@@ -38,8 +38,13 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     assert all(v["low"] <= v["ratio"] <= v["high"] for v in versus.values())
     assert set(headline["edge_floor"]) == {"pytorch", "onnxruntime"}
     assert all(0 < f["mae_share_of_edge_k1"] < 1 for f in headline["edge_floor"].values())
+    a = headline["adaptive"]
+    assert a["k1_bytes_mean"] <= a["bytes_mean"] <= a["k4_bytes_mean"] and 0 <= a["ece"] <= 1
+    talk = {(r["mode"], r["conversation"]): r for r in headline["conversation"]}
+    for mode in ("adaptive", "progressive"):  # the frame's bytes go once in a conversation
+        assert talk[(mode, True)]["bytes_total"] < talk[(mode, False)]["bytes_total"]
     for name in ("summary.md", "results.json", "rate_accuracy.csv", "latency.csv", "load.csv",
-                 "breakdown_1mbps.csv", "rate_accuracy.png", "latency_vs_bandwidth.png",
+                 "breakdown_1mbps.csv", "conversation.csv", "rate_accuracy.png", "latency_vs_bandwidth.png",
                  "breakdown_1mbps.png"):
         assert (tmp_path / name).stat().st_size > 100, name
     latency = (tmp_path / "latency.csv").read_text()
