@@ -227,6 +227,7 @@ def converse(image, question: str, history: list | None, bandwidth_mbps: float, 
     try:
         load_image(image)
         record = EDGE["client"].ask(image, question, mode="adaptive", conversation=True,
+                                    new_conversation=not history,  # a fresh chat: a fresh frame
                                     bandwidth_mbps=float(bandwidth_mbps), rtt_ms=float(rtt_ms),
                                     budget_ms=float(budget_ms), device_profile=device)
     except (EdgeAgentError, ImageInputError) as e:

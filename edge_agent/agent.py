@@ -140,6 +140,7 @@ class CheckedAsk:
     deadline: float  # time.monotonic() by which the record must be ready
     t_arrived: float  # time.perf_counter() when the check began: the record's wall_ms counts from it
     conversation: bool = False  # keep the frame at the cloud; resume it if it is there
+    new_conversation: bool = False  # a conversation's first question: send the frame afresh
     adaptive_threshold: float | None = None  # None: the cloud's (calibrated or default)
 
     def remaining_s(self) -> float:
@@ -243,7 +244,7 @@ class EdgeAgent:
               cut_after_layer: int | None = None, device_profile: str | None = None,
               client: str = "local", frame: str = "camera", jpeg_quality: int = JPEG_QUALITY,
               link_emulation: bool = True, image_format: str = "file", width: int | None = None,
-              height: int | None = None, conversation: bool = False,
+              height: int | None = None, conversation: bool = False, new_conversation: bool = False,
               adaptive_threshold: float | None = None) -> CheckedAsk:
         """Everything about a request that can be checked before its work: the fields and their
         ranges (AskError), the image (ImageInputError), the cloud's models (PairingError, or
@@ -290,6 +291,8 @@ class EdgeAgent:
             _check_budget(budget_ms)
         if not isinstance(conversation, bool):
             raise AskError(f"conversation must be true or false, got {conversation!r}")
+        if new_conversation and not conversation:
+            raise AskError("new_conversation starts a conversation: it needs conversation=true")
         if conversation and mode not in CONVERSATION_MODES:
             raise AskError(f"conversation applies to {', '.join(CONVERSATION_MODES)}; mode {mode} "
                            "sends its frame whole every time")
@@ -315,7 +318,7 @@ class EdgeAgent:
             self._check_cloud()
         return CheckedAsk(decoded, decode_ms, image_format == "file", question, mode, k, link, budget_ms, cut_after_layer,
                           frame, jpeg_quality, profile, client, deadline, t_arrived, conversation,
-                          adaptive_threshold)
+                          new_conversation, adaptive_threshold)
 
     def run(self, ask: CheckedAsk, on_refinement=None, shared: dict | None = None) -> dict:
         """One checked request → its record. Raises BusyError when the device stays taken until
@@ -358,6 +361,8 @@ class EdgeAgent:
                 frame_key = remembered = None
                 if ask.conversation:  # a follow-up about these pixels reuses the stream made for them
                     frame_key = self._timed(stages, factor, "frame_hash", self._pixels_key, image)
+                    if ask.new_conversation:  # whatever the cloud holds of it, start over
+                        self.frames.forget("cloud", frame_key)
                     remembered = self.frames.get("cloud", frame_key)
                 if remembered is not None:
                     stream = parse(remembered.data)

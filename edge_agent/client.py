@@ -30,10 +30,11 @@ class EdgeAgentClient:
 
     @staticmethod
     def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, device_profile,
-              stream, conversation=False, adaptive_threshold=None) -> dict:
+              stream, conversation=False, adaptive_threshold=None, new_conversation=False) -> dict:
         form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
                 "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false",
-                "conversation": "true" if conversation else "false"}
+                "conversation": "true" if conversation else "false",
+                "new_conversation": "true" if new_conversation else "false"}
         for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer),
                             ("device_profile", device_profile), ("adaptive_threshold", adaptive_threshold)):
             if value is not None:
@@ -44,13 +45,15 @@ class EdgeAgentClient:
                    k: int | None = None, bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0,
                    budget_ms: float | None = None, cut_after_layer: int | None = None,
                    device_profile: str | None = None, conversation: bool = False,
-                   adaptive_threshold: float | None = None) -> Iterator[dict]:
+                   adaptive_threshold: float | None = None,
+                   new_conversation: bool = False) -> Iterator[dict]:
         """Yield the agent's lines: {"type": "refinement", …} as layers are answered, then
         {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason.
-        `conversation`: ask about the same image again and again, its bytes sent once."""
+        `conversation`: ask about the same image again and again, its bytes sent once
+        (`new_conversation` on the first question: the frame is sent afresh)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer,
-                          device_profile, True, conversation, adaptive_threshold)
+                          device_profile, True, conversation, adaptive_threshold, new_conversation)
         yield from self._lines("/v1/ask", data, form)
 
     def compare_stream(self, image: str | Path | bytes, question: str, modes, k: int | None = None,

@@ -186,6 +186,9 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                   conversation: bool = Form(False, description="keep the frame at the cloud and "
                                             "resume it if held: a follow-up question about the same "
                                             "pixels sends no image bytes (progressive, auto, adaptive)"),
+                  new_conversation: bool = Form(False, description="with conversation: this is a "
+                                                "conversation's first question, so the frame is sent "
+                                                "afresh whatever the cloud holds of it"),
                   adaptive_threshold: float | None = Form(None, description="adaptive: stop once "
                                                           "the answer's confidence reaches this "
                                                           "(0..1; default: the cloud's)")):
@@ -199,7 +202,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
             checked = await _within(_in_daemon_thread(
                 loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
                 cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation,
-                image_format, width, height, conversation, adaptive_threshold),
+                image_format, width, height, conversation, new_conversation, adaptive_threshold),
                 time.monotonic() + agent.request_timeout_s,
                 agent.request_timeout_s)
             if not stream:

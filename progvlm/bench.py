@@ -213,9 +213,12 @@ def conversation(agent_url: str, token: str | None, examples: list[dict], log, *
                 log(f"conversation: {mode}, {'one conversation' if together else 'independent requests'}")
                 for ex in examples:
                     questions = [q["question"] for q in ex["questions"]][:CONVERSATION_TURNS]
+                    # each conversation starts afresh (the cloud may hold the frame from another)
                     records = [ask_agent(http, ex["path"], q, mode, HEADLINE_MBPS, HEADLINE_RTT_MS,
-                                         conversation=str(together).lower(), **extra, **link_options)
-                               for q in questions]
+                                         conversation=str(together).lower(),
+                                         new_conversation=str(together and i == 0).lower(),
+                                         **extra, **link_options)
+                               for i, q in enumerate(questions)]
                     sent = [r.get("bytes_sent_this_turn", r["payload_bytes"]) for r in records]
                     correct = [r["answer"] == q["answer"] for r, q in zip(records, ex["questions"])]
                     rows.append({"mode": mode, "conversation": together, "frame": Path(ex["path"]).name,

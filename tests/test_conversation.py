@@ -248,3 +248,17 @@ def test_entries_expire_after_their_ttl():
     assert cache.get("a", "f") is not None
     clock.t += 11
     assert cache.get("a", "f") is None and cache.total_bytes == 0
+
+
+def test_a_new_conversation_sends_the_frame_afresh(runtime, split, image, stream, cloud):
+    """new_conversation: the first question of a conversation sends the frame from its start,
+    whatever the cloud still holds of it; its follow-ups resume as usual."""
+    url, *_ = cloud
+    agent = EdgeAgent(runtime, url)
+    first = agent.ask(image, Q1, "progressive", conversation=True)
+    again = agent.ask(image, Q2, "progressive", conversation=True, new_conversation=True)
+    follow = agent.ask(image, Q3, "progressive", conversation=True)
+    assert first["bytes_sent_this_turn"] == again["bytes_sent_this_turn"] == stream.layer_ends()[-1]
+    assert not again["resumed"] and follow["resumed"] and follow["bytes_sent_this_turn"] == 0
+    with pytest.raises(AskError, match="needs conversation=true"):
+        agent.ask(image, Q1, "progressive", new_conversation=True)
