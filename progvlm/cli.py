@@ -562,7 +562,7 @@ def _images_and_questions(a):
 
 def cmd_calibrate_adaptive(a) -> int:
     from tqdm import tqdm
-    from . import adaptive
+    from . import adaptive, evaluate
     from .split import load_split
     budget = adaptive.BYTES_BUDGET if a.budget is None else a.budget
     if not 1.0 <= budget <= 100.0:
@@ -578,7 +578,7 @@ def cmd_calibrate_adaptive(a) -> int:
         paths, questions = got
         try:
             with tqdm(total=len(paths), desc="calibrate", unit="image", file=sys.stderr) as bar:
-                choice, ladder = adaptive.calibrate_on_images(split, paths, questions, bar.update,
+                choice, ladder = evaluate.calibrate_on_images(split, paths, questions, bar.update,
                                                               a.max_new_tokens, budget)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -597,7 +597,7 @@ def cmd_calibrate_adaptive(a) -> int:
                   f"with --images DIR), got {a.questions}", file=sys.stderr)
             return 2
         with tqdm(desc="calibrate", unit="scene", file=sys.stderr) as bar:
-            choice, ladder = adaptive.calibrate_on_scenes(split, count, a.seed, progress=bar.update,
+            choice, ladder = evaluate.calibrate_on_scenes(split, count, a.seed, progress=bar.update,
                                                           budget=budget)
     choice["seconds"] = round(time.time() - t0, 1)
     target, L = choice["target"], split.num_layers
@@ -621,7 +621,7 @@ def cmd_calibrate_adaptive(a) -> int:
                      f"{adaptive.plot_reliability(rel, a.reliability_plot, title)}")
     if not a.dry_run:
         try:
-            lines.append(f"written: {adaptive.save_calibration(split, choice, ladder, a.out)}")
+            lines.append(f"written: {evaluate.save_calibration(split, choice, ladder, a.out)}")
         except (OSError, ValueError) as e:
             print(f"error: cannot write adaptive.json: {e}", file=sys.stderr)
             return 2
@@ -666,8 +666,12 @@ def cmd_serve_cloud(a) -> int:
         return 2
     if token is None:
         print(cloud_service.open_access_warning(a.host), file=sys.stderr, flush=True)
+    model_class = None
+    if a.batching:
+        from .batching import BatchingCloudModel
+        model_class = BatchingCloudModel
     cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
-                        allowed_origins=a.allow_origin, batching=a.batching)
+                        allowed_origins=a.allow_origin, model_class=model_class)
     return 0
 
 

@@ -662,20 +662,18 @@ def open_access_warning(host: str) -> str:
 
 def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning",
-          allowed_origins=(), batching: bool = False):
+          allowed_origins=(), model_class=None):
     """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
     thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
-    more threads only steal the edge's core. `batching`: concurrent requests run as batches."""
+    more threads only steal the edge's core. `model_class`: CloudModel (default: one request at
+    a time) or progvlm.batching.BatchingCloudModel (concurrent requests as batches)."""
     import torch
     import uvicorn
     from .split import load_split
     torch.set_num_threads(threads)
     split = load_split(vlm, mae)
-    model = None
-    if batching:
-        from .batching import BatchingCloudModel
-        model = BatchingCloudModel(split)
-    app = create_app(split, token, max_body_bytes, allowed_origins, model=model)
+    app = create_app(split, token, max_body_bytes, allowed_origins,
+                     model=(model_class or CloudModel)(split))
     app.state.model.warm_up()
     # no single WebSocket message may be larger than a whole request may be
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from progvlm import adaptive
+from progvlm.evaluate import calibrate_on_scenes
 from progvlm.adaptive import AdaptiveRule, Ladder
 from progvlm.backends.base import Answer
 from progvlm.data import training_questions
@@ -249,7 +250,7 @@ def test_reliability_bins_and_ece_by_hand(tmp_path):
 # ---- the real model, a small slice of the training stream ---------------------------------------
 @pytest.mark.slow
 def test_calibration_on_a_training_slice_and_evaluation_on_the_eval_stream(split):
-    choice, ladder = adaptive.calibrate_on_scenes(split, count=60)
+    choice, ladder = calibrate_on_scenes(split, count=60)
     assert choice["rule"] in adaptive.RULES and 0.0 <= choice["threshold"] <= 1.0
     assert "training stream" in choice["calibrated_on"]
     assert choice["chosen"]["bytes_ratio"] <= adaptive.BYTES_BUDGET
