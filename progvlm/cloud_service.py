@@ -571,6 +571,7 @@ class _ArrivingStream:
         if self.ends is None:
             try:  # the header alone: a bounded slice, whatever the buffer's size
                 header = parse_header(bytes(self.buffer[:MAX_HEADER_BYTES]), self.split.fingerprint)
+                self.split.check_header(header)
             except TruncatedStream:
                 return None
             except BitstreamError as e:

@@ -130,14 +130,24 @@ class Split:
         return bitstream.pack(self.fingerprint, frame.num_tokens, self.num_layers, frame.layers,
                               frame.grid)
 
+    def check_header(self, header: bitstream.Header | bitstream.Bitstream) -> None:
+        """Raise BitstreamError unless this pair can take the stream the header announces: this
+        MAE's L, and N tokens in a layout the VLM accepts. Read from the header alone, before
+        any layer is decoded: decoding costs memory and time in proportion to N, which a
+        header of a few bytes could otherwise set to 2^28."""
+        if header.num_layers != self.num_layers:
+            raise bitstream.BitstreamError(f"stream of L={header.num_layers} layers; this MAE "
+                                           f"has L={self.num_layers}")
+        try:
+            self.vlm.check_layout(header.num_tokens, header.grid)
+        except ValueError as e:
+            raise bitstream.BitstreamError(f"stream shape does not fit this model: {e}") from None
+
     def unpack(self, data: bytes) -> Frame:
         """Wire bytes (a whole stream or a prefix cut after a layer) → Frame. Raises
-        BitstreamError for anything this MAE cannot decode."""
+        BitstreamError for anything this pair cannot decode (check_header)."""
         bs = bitstream.parse(data, expected_fingerprint=self.fingerprint)
-        if bs.num_layers != self.num_layers or bs.num_tokens % self.mae.cfg.num_tokens:
-            raise bitstream.BitstreamError(
-                f"stream shape N={bs.num_tokens}, L={bs.num_layers} does not fit this MAE "
-                f"(blocks of {self.mae.cfg.num_tokens} tokens, L={self.num_layers})")
+        self.check_header(bs)
         return Frame(bs.layers, bs.num_tokens, bs.grid, layers_announced=bs.k)
 
     # ---- cloud -----------------------------------------------------------------------------

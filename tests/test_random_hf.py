@@ -188,3 +188,24 @@ def test_smolvlm_256m_shape_builds_loads_and_splits_exactly(tmp_path):
     assert tokens.shape == (64, 576)
     whole = backend.answer(im, question, max_new_tokens=4)
     assert backend.cloud_half(tokens, question, max_new_tokens=4).token_ids == whole.token_ids
+
+
+def test_each_family_states_the_layouts_its_language_half_takes(folders):
+    """check_layout (what the cloud asks of a stream's header before decoding, issue 21) agrees
+    with what the edge makes, and refuses what the prompt could not hold."""
+    split = load_vlm(str(folders["tiny-idefics3-split"]))
+    tokens, grid = split.edge_half_with_grid(noise_image(5, size=(64, 64)))
+    split.check_layout(tokens.shape[0], grid)
+    per = split.tokens_per_block
+    for n, bad in ((per * 5, (2, 3)), (per * 50, (7, 7)), (per * 3, (2, 0)), (per * 2, None)):
+        with pytest.raises(ValueError):
+            split.check_layout(n, bad)
+    unsplit = HFVLMBackend.load(folders["tiny-idefics3"])
+    tokens, grid = unsplit.edge_half_with_grid(noise_image(1, size=(96, 96)))
+    unsplit.check_layout(tokens.shape[0], grid)
+    with pytest.raises(ValueError, match="at most 0 × 0"):
+        unsplit.check_layout(per * 5, (2, 2))  # splitting is off: no tiles
+    llava = load_vlm(str(folders["tiny-llava"]))
+    llava.check_layout(llava.edge_half(noise_image(1, size=(64, 64))).shape[0], None)
+    with pytest.raises(ValueError):
+        llava.check_layout(llava.tokens_per_block * 2, None)

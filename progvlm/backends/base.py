@@ -91,6 +91,15 @@ class VLMBackend(ABC):
     def answer(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
         """The whole model, unsplit."""
 
+    def check_layout(self, num_tokens: int, grid: Grid) -> None:
+        """Raise ValueError, saying why, unless the language half takes `num_tokens` visual
+        tokens laid out as `grid`. The cloud asks this of a stream's header before it decodes
+        anything, so a header cannot make it decode tokens the model would refuse. This
+        default is a fixed layout: one block of tokens_per_block, no grid."""
+        if grid is not None or num_tokens != self.tokens_per_block:
+            raise ValueError(f"{self.model_id} takes {self.tokens_per_block} visual tokens with no "
+                             f"tile grid, not {num_tokens}" + (f" in a {grid} grid" if grid else ""))
+
     # ---- what the page and the records show ---------------------------------------------------
     def describe(self) -> dict:
         return {"vlm_id": self.model_id, "tokens_per_block": self.tokens_per_block,

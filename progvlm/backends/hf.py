@@ -43,6 +43,8 @@ from PIL import Image
 from .base import Answer, VLMBackend, top2_probs, with_confidence
 
 #: config.model_type -> family handled by this backend
+# the largest tile grid side the Idefics3 prompt tags name (<row_6_col_6>)
+MAX_TILE_SIDE = 6
 FAMILIES = {"idefics3": "idefics3", "smolvlm": "idefics3", "llava": "llava"}
 
 #: prompts used when the processor carries no chat template (same shape as the official ones)
@@ -111,9 +113,30 @@ class HFVLMBackend(VLMBackend):
         if self.family == "llava":
             crop = getattr(ip, "crop_size", None) or getattr(ip, "size", {})
             return int(crop.get("height") or crop.get("shortest_edge"))
-        splitting = self.images_kwargs.get("do_image_splitting",
-                                           getattr(ip, "do_image_splitting", False))
-        return int((ip.size if splitting else ip.max_image_size)["longest_edge"])
+        return int((ip.size if self._splitting else ip.max_image_size)["longest_edge"])
+
+    @property
+    def _splitting(self) -> bool:
+        return bool(self.images_kwargs.get("do_image_splitting", getattr(
+            self.processor.image_processor, "do_image_splitting", False)))
+
+    def check_layout(self, num_tokens: int, grid) -> None:
+        """LLaVA: a fixed layout (the default). Idefics3: one global image, no grid or (0, 0);
+        with splitting, rows × cols tiles (at most the processor's own side of tiles) plus the
+        global image, tokens_per_block tokens each."""
+        if self.family != "idefics3":
+            return super().check_layout(num_tokens, grid)
+        rows, cols = grid if grid is not None else (0, 0)
+        ip = self.processor.image_processor
+        side = -(-int(ip.size["longest_edge"]) // int(ip.max_image_size["longest_edge"]))
+        most = min(side, MAX_TILE_SIDE) if self._splitting else 0
+        if (rows == 0) != (cols == 0) or not (rows <= most and cols <= most):
+            raise ValueError(f"{self.model_id} takes tile grids of at most {most} × {most}, "
+                             f"not {rows} × {cols}")
+        expected = self.tokens_per_block * (rows * cols + 1 if rows else 1)
+        if num_tokens != expected:
+            raise ValueError(f"{self.model_id} takes {expected} visual tokens for a {rows} × {cols} "
+                             f"grid, not {num_tokens}")
 
     def _llava_tokens(self) -> int:
         return self._expansion(0, None).count(self.image_token)
@@ -227,8 +250,8 @@ class HFVLMBackend(VLMBackend):
         """Idefics3 tile grid, read off the `<row_r_col_c>` tags the processor put in the prompt."""
         present = set(input_ids.flatten().tolist())
         rows = cols = 0
-        for r in range(1, 7):
-            for c in range(1, 7):
+        for r in range(1, MAX_TILE_SIDE + 1):
+            for c in range(1, MAX_TILE_SIDE + 1):
                 tid = self.tokenizer.convert_tokens_to_ids(f"<row_{r}_col_{c}>")
                 if tid is not None and tid != self.tokenizer.unk_token_id and tid in present:
                     rows, cols = max(rows, r), max(cols, c)

@@ -1,0 +1,178 @@
+"""Hardening, round 2 (issue 21): each test here failed on the code before its fix.
+
+1. A header of a few bytes announced N tokens up to 2^28; the cloud decoded them all under the
+   model lock before the VLM refused them (N = 262,144: 7.9 s and +2.4 GB). A stream whose N,
+   grid or L the paired VLM and MAE cannot take is now refused from its header alone; the fuzz
+   draws every header field over its whole range, over HTTP and the WebSocket, with a bound on
+   the memory the process gains.
+"""
+import binascii
+import os
+import struct
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from progvlm.bitstream import BitstreamError, Header
+from progvlm.cloud_service import create_app
+from progvlm.examples import load_examples
+
+Q = "describe the scene ."
+STREAM = "/v1/progressive/stream"
+MB = 1 << 20
+
+
+def raw_stream(fingerprint: bytes, n: int, num_layers: int, payloads: list[bytes],
+               grid: tuple[int, int] | None = None, k: int | None = None) -> bytes:
+    """A stream written from the format's description (bitstream.py's docstring), not by its
+    packer, so any field can take any value the format can hold: N up to 2^28 - 1, L and k
+    up to 15, a grid of 0..255 × 0..255."""
+    def varint(v):
+        out = bytearray()
+        while True:
+            out.append(v & 0x7F | (0x80 if v >> 7 else 0))
+            v >>= 7
+            if not v:
+                return bytes(out)
+    k = len(payloads) if k is None else k
+    head = b"PV" + bytes([1 if grid is None else 2]) + fingerprint + varint(n)
+    head += bytes(grid) if grid is not None else b""
+    head += bytes([num_layers << 4 | k]) + b"".join(varint(len(p)) for p in payloads)
+    head += struct.pack(">H", binascii.crc_hqx(head, 0xFFFF))
+    return head + b"".join(p + struct.pack(">H", binascii.crc_hqx(bytes([i]) + p, 0xFFFF))
+                           for i, p in enumerate(payloads))
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """The most resident memory this process reached above where it started, sampled every
+    2 ms in a thread while the block runs."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def gained(self) -> int:
+        return self.peak - self.start
+
+
+@pytest.fixture(scope="module")
+def client(split):
+    return TestClient(create_app(split))
+
+
+@pytest.fixture(scope="module")
+def real(split):
+    """A real 4-layer frame of a bundled example (its payloads, N and fingerprint)."""
+    return split.edge(Image.open(load_examples()[2]["path"]))
+
+
+@pytest.fixture
+def no_decoding(split, monkeypatch):
+    """Decoding any layer fails the test: a refusal must come from the header alone."""
+    def refuse(*a, **kw):
+        raise AssertionError("the cloud decoded a stream it should have refused from its header")
+    monkeypatch.setattr(split.mae, "decompress", refuse)
+    monkeypatch.setattr(split.mae, "edge_codec", refuse)
+
+
+# ---- 1. the memory bomb ----------------------------------------------------------------------
+@pytest.mark.parametrize("n, grid, num_layers", [
+    (262_144, None, 4),  # the issue's 16-byte attack
+    ((1 << 28) - 64, None, 4),  # the most the format's varint holds, a multiple of 64
+    (128, None, 4),  # two blocks: the bundled VLM takes one
+    (64, (1, 1), 4),  # a grid for a model with a fixed layout
+    (64, None, 15),  # an L that is not this MAE's
+])
+def test_a_stream_the_model_cannot_take_is_refused_from_its_header(
+        split, client, real, no_decoding, n, grid, num_layers):
+    data = raw_stream(split.fingerprint, n, num_layers, real.layers[:1], grid)
+    r = client.post("/v1/progressive", params={"question": Q}, content=data)
+    assert r.status_code == 400 and "bad bitstream" in r.json()["detail"], r.text
+    with client.websocket_connect(STREAM) as ws:
+        ws.send_json({"question": Q})
+        ws.send_bytes(data[:len(data) // 2])  # the header is enough: refused before layer 1 ends
+        msg = ws.receive_json()
+    assert msg["type"] == "error" and msg["status"] == 400, msg
+    with pytest.raises(BitstreamError, match="does not fit|this MAE has"):
+        split.unpack(data)
+
+
+def test_the_header_check_is_the_unpack_check(split, real):
+    """Split.check_header takes a parsed header (the WebSocket's incremental parse) and the
+    whole stream's Bitstream alike, with one verdict."""
+    good = Header(split.fingerprint, real.num_tokens, split.num_layers, [1], 12)
+    split.check_header(good)
+    for bad in (Header(split.fingerprint, 64 * 4096, split.num_layers, [1], 12),
+                Header(split.fingerprint, real.num_tokens, split.num_layers - 1, [1], 12),
+                Header(split.fingerprint, real.num_tokens, split.num_layers, [1], 12, (0, 0))):
+        with pytest.raises(BitstreamError):
+            split.check_header(bad)
+
+
+@st.composite
+def headers(draw, fingerprint: bytes, real_layers: list[bytes], n: int, num_layers: int):
+    """Every header field over its whole range, or (for about half the draws of each field) the
+    value the pair takes, so that some streams are answered; the layers real ones, random bytes
+    or none."""
+    def field(good, whole):
+        return draw(st.one_of(st.just(good), whole))
+    n = field(n, st.integers(1, (1 << 28) - 1))
+    grid = field(None, st.tuples(st.integers(0, 255), st.integers(0, 255)))
+    num_layers = field(num_layers, st.integers(0, 15))
+    k = field(len(real_layers), st.integers(0, 15))
+    payloads = field(real_layers[:max(1, min(k, len(real_layers)))],
+                     st.lists(st.binary(max_size=48), min_size=0, max_size=min(k, 4)))
+    fp = field(fingerprint, st.binary(min_size=4, max_size=4))
+    return raw_stream(fp, n, num_layers, payloads, grid, k=max(k, len(payloads)) & 0x0F)
+
+
+def test_fuzzed_headers_never_cost_memory_or_a_server_error(split, client, real):
+    """Headers drawn over every field's whole range, over HTTP and the WebSocket: each answer
+    is a 200 (only a stream this pair takes) or a 4xx, and the process gains under 200 MB in
+    all (N = 262,144 alone had cost 2.4 GB)."""
+    answered = []
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(headers(split.fingerprint, real.layers, real.num_tokens, split.num_layers))
+    def one(data):
+        r = client.post("/v1/progressive", params={"question": Q}, content=data)
+        assert r.status_code in (200, 400), r.text
+        if r.status_code == 200:
+            frame = split.unpack(data)  # only what the pair takes is answered
+            assert frame.num_tokens == split.vlm.tokens_per_block and frame.grid is None
+            answered.append(data)
+        with client.websocket_connect(STREAM) as ws:
+            ws.send_json({"question": Q, "refine": False})
+            ws.send_bytes(data)
+            ws.send_json({"end": True})
+            while (msg := ws.receive_json())["type"] == "refinement":
+                pass
+        assert msg["type"] in ("final", "error"), msg
+        assert msg["type"] == "final" or msg["status"] < 500, msg
+
+    with PeakRSS() as mem:
+        one()
+    assert mem.gained < 200 * MB, f"the process gained {mem.gained / MB:.0f} MB"
+    assert answered, "no drawn header was one the pair takes: the fuzz never reached the model"
