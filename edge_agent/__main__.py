@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from progvlm.http_limits import add_allow_host
 from progvlm.images import ImageInputError
 
 from .agent import MODES
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"serve beyond loopback without {AGENT_TOKEN_ENV}: anyone who reaches "
                             "the port can use the agent (and its cloud)")
     serve.add_argument("--cloud-url", default=None, help="the cloud backend (without it: full-edge only)")
+    add_allow_host(serve)
     _add_device_options(serve)
 
     export = sub.add_parser("export", help="export the device's models to ONNX for a board",
@@ -162,7 +164,7 @@ def cmd_ask(a) -> int:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from progvlm.http_limits import OpenBindError, check_bind
+    from progvlm.http_limits import OpenBindError, bind_names, check_bind
     from progvlm.transport import CloudError
     from .agent import EdgeAgent, PairingError
     from .profiles import get_profile
@@ -175,7 +177,8 @@ def cmd_serve(a) -> int:
     except (OpenBindError, PairingError, CloudError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(agent, token=token), host=a.host, port=a.port, log_level="warning",
+    uvicorn.run(create_app(agent, token=token, allowed_hosts=bind_names(a.host, a.allow_host)),
+                host=a.host, port=a.port, log_level="warning",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from progvlm.http_limits import BoundedBody, RequireToken, READ_TIMEOUT_S
+from progvlm.http_limits import READ_TIMEOUT_S, BoundedBody, RequireToken, TrustedHost
 from progvlm.images import ImageInputError
 
 from .agent import MODES, AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
@@ -58,7 +58,8 @@ ERRORS = {
     400: "The image cannot be read (not an image, truncated, too many pixels), or the multipart "
          "body cannot be parsed.",
     401: "No or a wrong access token (`Authorization: Bearer <token>`).",
-    403: "A cross-origin request (an `Origin` header naming another host): not served.",
+    403: "A cross-origin request (an `Origin` header naming another host), or a `Host` that does "
+         "not name this service (DNS rebinding): not served.",
     408: "The request body stalled past the read timeout, or took too long in all.",
     409: "The cloud runs another VLM or MAE than this device.",
     413: "The body or the image is over the limit.",
@@ -126,17 +127,20 @@ async def _within(future: asyncio.Future, deadline: float, timeout_s: float):
 
 
 def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token: str | None = None,
-               read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
-    """The service for `agent`. `token`: required of every /v1/* request when set."""
+               read_timeout_s: float = READ_TIMEOUT_S, allowed_hosts=frozenset()) -> FastAPI:
+    """The service for `agent`. `token`: required of every /v1/* request when set.
+    `allowed_hosts`: names it answers to besides its addresses and localhost
+    (progvlm.http_limits.TrustedHost)."""
     app = FastAPI(title="progvlm edge agent", version="1",
                   description="The camera device's side of progvlm. Every error is "
                               "`{\"detail\": \"<reason>\"}`.")
     app.state.agent = agent
-    # (add_middleware wraps outside-in from the last added: the token is checked before any
-    # body byte is read)
+    # (add_middleware wraps outside-in from the last added: the Host, then the token and the
+    # Origin are checked before any body byte is read)
     app.add_middleware(BoundedBody, max_body_bytes=max_upload_bytes + FORM_FIELDS_BYTES,
                        read_timeout_s=read_timeout_s)
     app.add_middleware(RequireToken, token=token)
+    app.add_middleware(TrustedHost, names=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def one_sentence(_, e: RequestValidationError):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .http_limits import add_allow_host
+
 
 def _add_vlm(p, mae: bool = True):
     """--vlm SPEC and --mae FOLDER: the same two options on every entry point."""
@@ -200,6 +202,7 @@ def _add_serve_cloud(sub):
                    help="a browser origin (scheme://host[:port]) whose pages may open the "
                         "WebSocket; repeatable (default: none; clients that send no Origin, "
                         "like the edge agent, are always served)")
+    add_allow_host(p)
 
 
 def _add_serve_cloud_ray(sub):
@@ -213,6 +216,7 @@ def _add_serve_cloud_ray(sub):
     p.add_argument("--port", type=int, default=8600)
     _add_vlm(p)
     p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas")
+    add_allow_host(p)
     p.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                    help="scale between MIN and MAX replicas instead (aiming at one full batch "
                         "in flight per replica)")
@@ -242,7 +246,7 @@ def cmd_serve_cloud_ray(a) -> int:
               token=os.environ.get(TOKEN_ENV) or None, max_body_bytes=a.max_body_bytes,
               replicas=a.replicas, autoscale=tuple(a.autoscale) if a.autoscale else None,
               max_batch=a.max_batch, batch_wait_ms=a.batch_wait_ms, threads=a.threads,
-              num_cpus=a.num_cpus, num_gpus=a.num_gpus)
+              num_cpus=a.num_cpus, num_gpus=a.num_gpus, allowed_hosts=a.allow_host)
     return 0
 
 
@@ -671,7 +675,8 @@ def cmd_serve_cloud(a) -> int:
         from .batching import BatchingCloudModel
         model_class = BatchingCloudModel
     cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
-                        allowed_origins=a.allow_origin, model_class=model_class)
+                        allowed_origins=a.allow_origin, model_class=model_class,
+                        allowed_hosts=a.allow_host)
     return 0
 
 

@@ -46,7 +46,7 @@ from starlette.requests import ClientDisconnect
 
 from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
 from .frame_cache import CachedFrame, FrameCache, check_frame_id
-from .http_limits import READ_TIMEOUT_S, BoundedBody, bearer_ok
+from .http_limits import READ_TIMEOUT_S, BoundedBody, RequireToken, TrustedHost, bearer_ok, bind_names
 from .images import ImageInputError, load_image
 from .split import Frame, Split
 
@@ -172,6 +172,7 @@ _ERRORS = {
     400: "bad input: an unreadable image, a corrupt, foreign or truncated bitstream, an empty "
          "body, a question the model cannot read",
     401: "missing or wrong access token",
+    403: "a request from a web page of another origin, or a Host that does not name this service",
     408: "the body stalled (no bytes for a read timeout) or took too long in all",
     413: "body over the limit",
     422: "no question, or one over the length limit",
@@ -240,9 +241,11 @@ def create_app(split: Split, token: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, allowed_origins=(),
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
                max_stream_messages: int = MAX_STREAM_MESSAGES, model=None,
-               read_timeout_s: float = READ_TIMEOUT_S, frame_cache: FrameCache | None = None) -> FastAPI:
+               read_timeout_s: float = READ_TIMEOUT_S, frame_cache: FrameCache | None = None,
+               allowed_hosts=frozenset()) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
-    open the WebSocket; none by default. `frame_cache`: where conversations keep their frames
+    open the WebSocket; none by default. `allowed_hosts`: names it answers to besides its
+    addresses and localhost (http_limits.TrustedHost; bind_names() makes them). `frame_cache`: where conversations keep their frames
     (progvlm.frame_cache's bounds by default)."""
     model = model or CloudModel(split)  # or a progvlm.batching.BatchingCloudModel
     app = FastAPI(title="progvlm cloud backend", version="1")
@@ -254,6 +257,10 @@ def create_app(split: Split, token: str | None = None,
     # a body that stalls or crawls is cut with 408, one over the limit with 413 as it streams
     # (WebSocket messages have their own limits, below)
     app.add_middleware(BoundedBody, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout_s)
+    # (wrapped outside-in from the last added: the Host first, then the token and the Origin, both
+    # before any body byte is read)
+    app.add_middleware(RequireToken, token=token)
+    app.add_middleware(TrustedHost, names=allowed_hosts)
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
@@ -268,19 +275,11 @@ def create_app(split: Split, token: str | None = None,
         log.exception("unexpected error")
         return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
 
-    @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and not bearer_ok(
-                request.headers.get("authorization"), token):
-            return JSONResponse({"detail": "missing or wrong access token"}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info", responses=_responses(Info, 401, 500))
+    @app.get("/v1/info", responses=_responses(Info, 401, 403, 500))
     def info():
         cache = app.state.frame_cache.stats()
         return {**model.info(), "adaptive": adaptive_threshold(split),
@@ -297,12 +296,12 @@ def create_app(split: Split, token: str | None = None,
         return await run_in_threadpool(compute, body, question) | {
             "received_bytes": len(body), "receive_ms": receive_ms}
 
-    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 408, 413, 422, 500),
+    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 403, 408, 413, 422, 500),
               openapi_extra=_binary_body("an image (JPEG, PNG, WebP, …): the whole VLM answers"))
     async def full(request: Request, question: str = QUESTION):
         return await answer_body(request, question, model.full)
 
-    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 408, 413, 422, 500),
+    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 403, 408, 413, 422, 500),
               openapi_extra=_binary_body("a progvlm bitstream, or any prefix of one: the MAE "
                                          "decodes the complete layers present"))
     async def progressive(request: Request, question: str = QUESTION):
@@ -663,7 +662,7 @@ def open_access_warning(host: str) -> str:
 
 def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threads: int = 1, log_level: str = "warning",
-          allowed_origins=(), model_class=None):
+          allowed_origins=(), model_class=None, allowed_hosts=()):
     """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
     thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
     more threads only steal the edge's core. `model_class`: CloudModel (default: one request at
@@ -674,7 +673,8 @@ def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
     torch.set_num_threads(threads)
     split = load_split(vlm, mae)
     app = create_app(split, token, max_body_bytes, allowed_origins,
-                     model=(model_class or CloudModel)(split))
+                     model=(model_class or CloudModel)(split),
+                     allowed_hosts=bind_names(host, allowed_hosts))
     app.state.model.warm_up()
     # no single WebSocket message may be larger than a whole request may be
     uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1)

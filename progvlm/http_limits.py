@@ -1,6 +1,9 @@
 """HTTP hardening shared by the cloud backend and the edge agent (plain ASGI, any framework):
 
     check_bind    refuse to listen beyond loopback without an access token, unless told to
+    TrustedHost   only requests that name this service in `Host` (403 otherwise): an IP
+                  address, localhost, or a name it was told it has. A page on another domain
+                  that rebinds its name to this machine (DNS rebinding) names its own domain
     RequireToken  `Authorization: Bearer <token>` on every path but the open ones (401), and no
                   cross-origin browser request at all (403): these are APIs for programs
     BoundedBody   a request body bounded while it streams (413 at once for a declared length
@@ -52,6 +55,51 @@ def check_bind(host: str, token: str | None, allow_open: bool,
                         "pass --allow-open to serve without one on purpose")
 
 
+def host_allowed(host: str | None, names=frozenset()) -> bool:
+    """Whether a `Host` header (name[:port]) names this service: any IP address literal, a
+    loopback name (localhost, *.localhost), or one of `names` (lower case). A DNS-rebinding
+    page can only reach a service under a domain name of its own, never under an address:
+    this is the rule development servers that face browsers apply (Vite's allowedHosts)."""
+    if not host:
+        return False
+    try:
+        parts = urlsplit("//" + host.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        name = (parts.hostname or "").rstrip(".")
+    except ValueError:  # e.g. a bad port or an unclosed IPv6 bracket
+        return False
+    if not name:
+        return False
+    if name == "localhost" or name.endswith(".localhost") or name in names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def bind_names(host: str, extra=()) -> frozenset[str]:
+    """The names a service bound to `host` answers to beyond addresses and localhost: `host`
+    itself when it is a name, and `extra` (--allow-host: a reverse proxy's or a board's name)."""
+    names = {n.strip().lower().rstrip(".") for n in extra if n and n.strip()}
+    if host and not is_loopback(host):
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            names.add(host.strip().lower().rstrip("."))
+    return frozenset(names)
+
+
+def add_allow_host(parser) -> None:
+    """The --allow-host option of every command that serves HTTP (argparse)."""
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a host name clients may use in the Host header besides the "
+                             "service's addresses and localhost (a reverse proxy's or a board's "
+                             "name); repeatable. Other names get 403: a web page cannot reach the "
+                             "service by rebinding its own domain to this machine")
+
+
 def bearer_ok(header: str | None, token: str | None) -> bool:
     """Whether an Authorization header carries `token` (always, when no token is configured)."""
     if not token:
@@ -75,6 +123,27 @@ async def _send_error(send, status: int, detail: str, headers: tuple = ()):
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+class TrustedHost:
+    """403 for any HTTP request or WebSocket whose `Host` does not name this service
+    (host_allowed), before anything else runs."""
+
+    def __init__(self, app, names=frozenset()):
+        self.app, self.names = app, frozenset(n.lower() for n in names)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = _header(scope, b"host")
+        if host_allowed(host, self.names):
+            return await self.app(scope, receive, send)
+        detail = (f"Host {host!r} does not name this service: requests must use its address, "
+                  f"localhost, or a name it was started with (--allow-host NAME)")
+        if scope["type"] == "websocket":  # closed before it is accepted: an HTTP 403
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": 4403, "reason": detail[:120]})
+        return await _send_error(send, 403, detail)
 
 
 class RequireToken:
@@ -157,4 +226,5 @@ class BoundedBody:
         await self.app(scope, bounded_receive, guarded_send)
 
 
-__all__ = ["BoundedBody", "OpenBindError", "RequireToken", "bearer_ok", "check_bind", "is_loopback"]
+__all__ = ["BoundedBody", "OpenBindError", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
+           "check_bind", "host_allowed", "is_loopback"]

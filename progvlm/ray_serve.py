@@ -30,9 +30,11 @@ from .cloud_service import DEFAULT_MAX_BODY_BYTES
 APP_NAME = "progvlm-cloud"
 
 
-def cloud_app(model: BatchingCloudModel, token: str | None, max_body_bytes: int):
+def cloud_app(model: BatchingCloudModel, token: str | None, max_body_bytes: int,
+              allowed_hosts=frozenset()):
     """The single-process service's FastAPI app, around `model`."""
-    return cloud_service.create_app(model.split, token, max_body_bytes, model=model)
+    return cloud_service.create_app(model.split, token, max_body_bytes, model=model,
+                                    allowed_hosts=allowed_hosts)
 
 
 def _replica_class():
@@ -43,13 +45,15 @@ def _replica_class():
     class CloudReplica:
         """One replica: the (VLM, MAE) pair, the FastAPI app, Ray Serve's batch queue."""
 
-        def __init__(self, vlm, mae, token, max_body_bytes, max_batch, batch_wait_ms, threads):
+        def __init__(self, vlm, mae, token, max_body_bytes, max_batch, batch_wait_ms, threads,
+                     allowed_hosts=()):
             import torch
 
             from .split import load_split
             torch.set_num_threads(threads)
             self.split = load_split(vlm, mae)
             self.token, self.max_body_bytes = token, max_body_bytes
+            self.allowed_hosts = frozenset(allowed_hosts)
             self.max_batch, self.batch_wait_ms = max_batch, batch_wait_ms
             self.answer_batch.set_max_batch_size(max_batch)
             self.answer_batch.set_batch_wait_timeout_s(batch_wait_ms / 1e3)
@@ -69,7 +73,7 @@ def _replica_class():
                    f"at most {self.batch_wait_ms:g} ms after the first")
             self.model = BatchingCloudModel(self.split, self.max_batch, self.batch_wait_ms,
                                             submit=submit, how=how)
-            app = cloud_app(self.model, self.token, self.max_body_bytes)
+            app = cloud_app(self.model, self.token, self.max_body_bytes, self.allowed_hosts)
             await asyncio.to_thread(self.model.warm_up)  # through the batch queue, like requests
             return app
 
@@ -86,10 +90,12 @@ def cloud_application(vlm: str | Path | None = None, mae: str | Path | None = No
                       token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                       replicas: int = 1, autoscale: tuple[int, int] | None = None,
                       max_batch: int = MAX_BATCH, batch_wait_ms: float = MAX_WAIT_MS,
-                      threads: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0):
+                      threads: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                      allowed_hosts=()):
     """The Ray Serve application (deploy it with serve.run). `replicas` fixed, or `autoscale`
     (min, max) replicas; per replica `num_cpus`/`num_gpus` (Ray resources) and `threads`
-    torch threads."""
+    torch threads; `allowed_hosts`: the names the app answers to besides its addresses and
+    localhost (http_limits.TrustedHost)."""
     from ray import serve
     if autoscale is not None:
         low, high = autoscale
@@ -110,7 +116,8 @@ def cloud_application(vlm: str | Path | None = None, mae: str | Path | None = No
         # behind the one computing
         max_ongoing_requests=2 * max_batch, **scaling)
     return deployment.bind(None if vlm is None else str(vlm), None if mae is None else str(mae),
-                           token, max_body_bytes, max_batch, batch_wait_ms, threads)
+                           token, max_body_bytes, max_batch, batch_wait_ms, threads,
+                           tuple(allowed_hosts))
 
 
 def serve_ray(host: str, port: int, ray_address: str | None = None, **app_kwargs):
@@ -118,6 +125,7 @@ def serve_ray(host: str, port: int, ray_address: str | None = None, **app_kwargs
     and block until interrupted."""
     import ray
     from ray import serve
+    app_kwargs["allowed_hosts"] = bind_names(host, app_kwargs.get("allowed_hosts", ()))
     ray.init(address=ray_address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(cloud_application(**app_kwargs), name=APP_NAME, route_prefix="/", blocking=True)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 from PIL import Image
 
 from edge_agent.agent import HOST_STAGES, AskError, CloudError, EdgeAgent
@@ -215,7 +215,7 @@ def test_the_imx95_profile_labels_its_scaled_times_projected(runtime, cloud_url,
 
 
 def test_the_edge_service_answers_streams_and_reports_faults(agent, image):
-    client = TestClient(create_edge_app(agent, max_upload_bytes=1_000_000))
+    client = LocalClient(create_edge_app(agent, max_upload_bytes=1_000_000))
     data = open(image, "rb").read()
     form = {"question": Q, "mode": "progressive", "k": "3", "bandwidth_mbps": "1", "rtt_ms": "10"}
     r = client.post("/v1/ask", files={"image": ("scene.png", data)}, data=form)
@@ -236,7 +236,7 @@ def test_the_edge_service_answers_streams_and_reports_faults(agent, image):
 
 
 def test_the_edge_service_says_502_when_the_cloud_is_down(runtime, image):
-    client = TestClient(create_edge_app(EdgeAgent(runtime, f"http://127.0.0.1:{free_port()}", timeout_s=2)))
+    client = LocalClient(create_edge_app(EdgeAgent(runtime, f"http://127.0.0.1:{free_port()}", timeout_s=2)))
     r = client.post("/v1/ask", files={"image": ("s.png", open(image, "rb").read())},
                     data={"question": Q, "mode": "full-cloud"})
     assert r.status_code == 502 and "unreachable" in r.json()["detail"]

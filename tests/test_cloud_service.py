@@ -3,7 +3,7 @@ import threading
 import time
 
 import pytest
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 from PIL import Image
 
 from progvlm.cloud_service import create_app
@@ -33,7 +33,7 @@ def parts():
 
 @pytest.fixture(scope="module")
 def client(parts):
-    return TestClient(create_app(parts[1], token=TOKEN, max_body_bytes=600_000))
+    return LocalClient(create_app(parts[1], token=TOKEN, max_body_bytes=600_000))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_the_stream_rejects_a_wrong_token_and_a_corrupt_stream(client, parts, ex
 
 def test_concurrent_requests_get_the_answers_of_sequential_ones(parts):
     backend, mae = parts
-    client = TestClient(create_app(mae))
+    client = LocalClient(create_app(mae))
     paths = [e["path"] for e in load_examples()[:4]]
     streams = [stream(mae, backend.edge_half(Image.open(p)), 2) for p in paths]
     questions = ["how many objects are there ?", Q]

@@ -5,7 +5,7 @@ the same answer, more bytes."""
 import json
 
 import pytest
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 from PIL import Image
 from websockets.sync.client import connect
 
@@ -137,7 +137,7 @@ def test_conversation_is_refused_where_it_means_nothing(runtime, image, cloud):
 
 def test_the_edge_api_carries_conversation(runtime, image, stream, cloud):
     agent = EdgeAgent(runtime, cloud[0])
-    client = TestClient(create_edge_app(agent))
+    client = LocalClient(create_edge_app(agent))
     data = open(image, "rb").read()
     form = {"question": Q1, "mode": "progressive", "k": "2", "conversation": "true"}
     first = client.post("/v1/ask", files={"image": ("i.png", data)}, data=form).json()

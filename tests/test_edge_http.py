@@ -17,7 +17,7 @@ import httpx
 import jsonschema
 import pytest
 import uvicorn
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 
 from edge_agent.agent import EdgeAgent
 from edge_agent.client import EdgeAgentClient
@@ -96,7 +96,7 @@ def _multipart_head(port: int, extra: str) -> bytes:
 
 # ---- 1. the access token, and where the agent may listen without one ----------------------------
 def test_the_agent_needs_its_token_except_for_healthz(agent):
-    client = TestClient(edge_app(agent, token=TOKEN))
+    client = LocalClient(edge_app(agent, token=TOKEN))
     assert client.get("/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
         r = client.get("/v1/info", headers=headers)
@@ -108,7 +108,7 @@ def test_the_agent_needs_its_token_except_for_healthz(agent):
 
 def test_a_cross_origin_browser_post_is_not_answered(agent):
     evil = {"Origin": "http://evil.example"}
-    with_token = TestClient(edge_app(agent, token=TOKEN))
+    with_token = LocalClient(edge_app(agent, token=TOKEN))
     r = _ask(with_token, headers=evil)  # what a page elsewhere can send without a preflight
     assert r.status_code in (401, 403) and "access-control-allow-origin" not in r.headers
     pre = with_token.options("/v1/ask", headers=evil | {"Access-Control-Request-Method": "POST",
@@ -117,7 +117,7 @@ def test_a_cross_origin_browser_post_is_not_answered(agent):
     # even with the token (a page cannot know it, but say it leaked) and even without a token
     # configured (loopback), a cross-origin request is refused before any work
     assert _ask(with_token, headers=AUTH | evil).status_code == 403
-    open_client = TestClient(edge_app(agent))
+    open_client = LocalClient(edge_app(agent))
     r = _ask(open_client, headers=evil)
     assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
     assert _ask(open_client, headers={"Origin": "http://testserver"}).status_code == 200  # same origin
@@ -216,7 +216,7 @@ def test_a_stalled_body_gets_408_after_the_read_timeout(small_limits):
 # ---- 3. deadlines; shutdown never waits on a request ---------------------------------------------
 def test_a_request_that_cannot_get_the_device_before_its_deadline_gets_503(runtime):
     agent = EdgeAgent(runtime, request_timeout_s=1.0)
-    client = TestClient(edge_app(agent))
+    client = LocalClient(edge_app(agent))
     with agent._device:  # another request holds the device
         t0 = time.monotonic()
         r = _ask(client, headers={})
@@ -283,7 +283,7 @@ def test_sigterm_ends_the_agent_during_a_long_paced_request(cloud_url):
     ({"mode": "progressive"}, 422, "needs a cloud"),
 ])
 def test_a_stream_refuses_bad_requests_with_a_real_status(agent, form, status, reason):
-    client = TestClient(edge_app(agent))
+    client = LocalClient(edge_app(agent))
     image = form.pop("image", IMAGE)
     r = _ask(client, image=image, headers={}, stream="true", **form)
     assert r.status_code == status, r.text
@@ -297,7 +297,7 @@ def _documented(spec: dict, path: str, status: int) -> dict:
 
 
 def test_openapi_documents_the_multipart_body_and_every_error(agent):
-    spec = TestClient(edge_app(agent, token=TOKEN)).get("/openapi.json").json()
+    spec = LocalClient(edge_app(agent, token=TOKEN)).get("/openapi.json").json()
     ask = spec["paths"]["/v1/ask"]["post"]
     body = ask["requestBody"]
     assert body["required"] and "multipart/form-data" in body["content"]
@@ -328,7 +328,7 @@ def test_real_error_bodies_match_the_documented_schema(runtime, agent):
     stubbed.cloud, stubbed._cloud_checked = PairedCloudThatRefuses(), True
     foreign = EdgeAgent(runtime)
     foreign.cloud = PairedCloudThatRefuses()  # pairing is checked: no VLM id → 409
-    client = TestClient(edge_app(agent, token=TOKEN, max_upload_bytes=1_000_000))
+    client = LocalClient(edge_app(agent, token=TOKEN, max_upload_bytes=1_000_000))
     spec = client.get("/openapi.json").json()
     cases = {
         400: _ask(client, image=b"not pixels"),
@@ -339,8 +339,8 @@ def test_real_error_bodies_match_the_documented_schema(runtime, agent):
     }
     missing = client.post("/v1/ask", files={"image": ("f.png", IMAGE)}, headers=AUTH)  # no question
     cases_422 = [cases[422], missing, _ask(client, bandwidth_mbps=0)]
-    cases[502] = _ask(TestClient(edge_app(stubbed)), headers={}, mode="full-cloud")
-    cases[409] = _ask(TestClient(edge_app(foreign)), headers={}, mode="full-cloud")
+    cases[502] = _ask(LocalClient(edge_app(stubbed)), headers={}, mode="full-cloud")
+    cases[409] = _ask(LocalClient(edge_app(foreign)), headers={}, mode="full-cloud")
     for status, r in cases.items():
         assert r.status_code == status, (status, r.text)
         jsonschema.validate(r.json(), _documented(spec, "/v1/ask", status))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 from PIL import Image
 
 from edge_agent.agent import EdgeAgent
@@ -86,7 +86,7 @@ def runtime():
 @pytest.fixture(scope="module")
 def edge(runtime):
     """The edge agent's HTTP API, no cloud (full-edge answers; the rest refuse)."""
-    return TestClient(edge_app(EdgeAgent(runtime)))
+    return LocalClient(edge_app(EdgeAgent(runtime)))
 
 
 class StubCloud:
@@ -112,7 +112,7 @@ def _agent_with_stub_cloud(runtime, **kw):
     return agent
 
 
-def _ask(client: TestClient, image=EXAMPLE, **form):
+def _ask(client: LocalClient, image=EXAMPLE, **form):
     form.setdefault("question", "describe the scene .")
     form = {k: str(v) for k, v in form.items()}
     data = image.read_bytes() if isinstance(image, Path) else Path(image).read_bytes()
@@ -151,7 +151,7 @@ def test_the_ranges_are_documented_and_their_ends_accepted():
 
 def test_a_payload_that_would_stay_on_the_link_too_long_is_refused_before_sending(runtime):
     agent = _agent_with_stub_cloud(runtime, max_link_s=1.0)
-    client = TestClient(edge_app(agent))
+    client = LocalClient(edge_app(agent))
     # full-cloud: a ~2.6 kB JPEG at 0.01 Mbps is ~2 s on the link
     r = _ask(client, mode="full-cloud", bandwidth_mbps=0.01, rtt_ms=0)
     assert r.status_code == 422, r.text
@@ -172,7 +172,7 @@ def test_the_default_bound_admits_the_bundled_model_on_the_slowest_link(runtime)
     from edge_agent.agent import MAX_LINK_S
     assert MAX_LINK_S == 120
     agent = _agent_with_stub_cloud(runtime)
-    client = TestClient(edge_app(agent))
+    client = LocalClient(edge_app(agent))
     r = _ask(client, mode="full-cloud", bandwidth_mbps=link.MIN_BANDWIDTH_MBPS, rtt_ms=link.MAX_RTT_MS)
     assert r.status_code == 502 and agent.cloud.calls == ["full"], r.text  # reached the cloud
 
@@ -189,7 +189,7 @@ def test_every_unreadable_file_is_an_image_input_error(bad_files, name):
 def test_unreadable_files_get_400_from_both_services(runtime, edge, bad_files, name):
     r = _ask(edge, image=bad_files[name], mode="full-edge")
     assert r.status_code == 400 and re.search(REASONS[name], r.json()["detail"]), r.text
-    cloud = TestClient(cloud_app(runtime.split))
+    cloud = LocalClient(cloud_app(runtime.split))
     r = cloud.post("/v1/full", params={"question": "describe the scene ."},
                    content=bad_files[name].read_bytes() or b"\x00")
     assert r.status_code == 400, r.text
@@ -213,15 +213,15 @@ def test_the_onnx_runtime_checks_the_question_length():
 @pytest.mark.parametrize("mode", ["full-edge", "full-cloud", "progressive", "auto"])
 def test_a_question_over_29_words_gets_422_before_any_work(runtime, mode):
     agent = _agent_with_stub_cloud(runtime)
-    r = _ask(TestClient(edge_app(agent)), mode=mode, question=LONG_QUESTION)
+    r = _ask(LocalClient(edge_app(agent)), mode=mode, question=LONG_QUESTION)
     assert r.status_code == 422, r.text
     assert "at most 29" in r.json()["detail"]
     assert agent.cloud.calls == []
-    assert _ask(TestClient(edge_app(agent)), mode="full-edge", question=OK_QUESTION).status_code == 200
+    assert _ask(LocalClient(edge_app(agent)), mode="full-edge", question=OK_QUESTION).status_code == 200
 
 
 def test_the_cloud_answers_400_for_a_question_over_29_words(runtime):
-    cloud = TestClient(cloud_app(runtime.split))
+    cloud = LocalClient(cloud_app(runtime.split))
     r = cloud.post("/v1/full", params={"question": LONG_QUESTION}, content=Path(EXAMPLE).read_bytes())
     assert r.status_code == 400 and "at most 29" in r.json()["detail"], r.text
     bitstream = runtime.split.pack(runtime.split.edge(load_image(EXAMPLE)))

@@ -11,7 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 import httpx  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+from local_client import LocalClient  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from progvlm.cloud_service import create_app  # noqa: E402
@@ -50,7 +50,7 @@ def ray_cloud():
 @pytest.fixture(scope="module")
 def local():
     split = load_split()
-    return split, TestClient(create_app(split))
+    return split, LocalClient(create_app(split))
 
 
 def test_ray_cloud_answers_as_the_single_process_service(ray_cloud, local):

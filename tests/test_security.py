@@ -5,6 +5,9 @@
    grid or L the paired VLM and MAE cannot take is now refused from its header alone; the fuzz
    draws every header field over its whole range, over HTTP and the WebSocket, with a bound on
    the memory the process gains.
+2. The cloud's HTTP routes answered a cross-origin POST that a browser sends without a preflight.
+3. DNS rebinding: a page whose own name resolves to this machine passed the Origin check (Origin
+   and Host both its name); now both services answer only Hosts that name them.
 """
 import binascii
 import os
@@ -12,14 +15,18 @@ import struct
 import threading
 
 import pytest
-from fastapi.testclient import TestClient
+from local_client import LocalClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from edge_agent.agent import EdgeAgent
+from edge_agent.runtime import PyTorchRuntime
+from edge_agent.service import create_app as edge_app
 from progvlm.bitstream import BitstreamError, Header
 from progvlm.cloud_service import create_app
 from progvlm.examples import load_examples
+from progvlm.http_limits import bind_names, host_allowed
 
 Q = "describe the scene ."
 STREAM = "/v1/progressive/stream"
@@ -78,7 +85,7 @@ class PeakRSS:
 
 @pytest.fixture(scope="module")
 def client(split):
-    return TestClient(create_app(split))
+    return LocalClient(create_app(split))
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +183,68 @@ def test_fuzzed_headers_never_cost_memory_or_a_server_error(split, client, real)
         one()
     assert mem.gained < 200 * MB, f"the process gained {mem.gained / MB:.0f} MB"
     assert answered, "no drawn header was one the pair takes: the fuzz never reached the model"
+
+
+# ---- 2. cross-origin requests to the cloud -----------------------------------------------------
+def test_the_cloud_refuses_a_cross_origin_simple_post(split, client, real):
+    """A page on any site can POST text/plain to a loopback port without a preflight; the
+    browser would hide the answer, but the cloud did the work (and item 1 was one such POST)."""
+    data = split.pack(real)
+    page = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    for path, body in (("/v1/progressive", data), ("/v1/full", b"x")):
+        r = client.post(path, params={"question": Q}, content=body, headers=page)
+        assert r.status_code == 403 and "cross-origin" in r.json()["detail"], r.text
+    assert client.get("/v1/info", headers={"Origin": "null"}).status_code == 403
+    # a program (no Origin) and a page of this very origin are served
+    assert client.post("/v1/progressive", params={"question": Q}, content=data).status_code == 200
+    assert client.get("/v1/info", headers={"Origin": "http://127.0.0.1"}).status_code == 200
+
+
+# ---- 3. DNS rebinding -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def edge_client():
+    return LocalClient(edge_app(EdgeAgent(PyTorchRuntime.load())))
+
+
+def _rebound(port: str = "8700") -> dict:
+    return {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+
+
+def test_a_rebound_name_is_refused_by_the_agent(edge_client):
+    image = open(load_examples()[0]["path"], "rb").read()
+    form = {"question": Q, "mode": "full-edge"}
+    for headers in (_rebound(), {"Host": "evil.example"}):  # same-origin GETs send no Origin
+        r = edge_client.post("/v1/ask", files={"image": ("f.png", image)}, data=form, headers=headers)
+        assert r.status_code == 403 and "does not name this service" in r.json()["detail"], r.text
+        assert edge_client.get("/v1/info", headers=headers).status_code == 403
+    r = edge_client.post("/v1/ask", files={"image": ("f.png", image)}, data=form,
+                         headers={"Host": "localhost:8700", "Origin": "http://localhost:8700"})
+    assert r.status_code == 200, r.text
+
+
+def test_a_rebound_name_is_refused_by_the_cloud_over_http_and_websocket(split, client):
+    assert client.get("/v1/info", headers=_rebound("8600")).status_code == 403
+    from starlette.websockets import WebSocketDisconnect
+    with pytest.raises(WebSocketDisconnect) as refused:
+        with client.websocket_connect(STREAM, headers=_rebound("8600")) as ws:
+            ws.receive_json()
+    assert refused.value.code == 4403
+    # a name given with --allow-host is served
+    named = LocalClient(create_app(split, allowed_hosts=bind_names("127.0.0.1", ["cloud.lan"])))
+    assert named.get("/v1/info", headers={"Host": "cloud.lan:8600"}).status_code == 200
+    assert named.get("/v1/info", headers={"Host": "evil.example"}).status_code == 403
+
+
+@pytest.mark.parametrize("host, ok", [
+    ("127.0.0.1:8700", True), ("localhost", True), ("LOCALHOST:1", True), ("app.localhost", True),
+    ("[::1]:8700", True), ("192.168.1.20:8700", True), ("cloud.lan", True),
+    ("evil.example:8700", False), ("localhost.evil.example", False), ("", False), (None, False),
+    ("[::1", False), ("127.0.0.1:notaport", False), ("cloud.lan.evil", False),
+])
+def test_which_hosts_name_a_service(host, ok):
+    assert host_allowed(host, bind_names("0.0.0.0", ["Cloud.LAN"])) is ok
+
+
+def test_a_service_bound_to_a_name_answers_to_it():
+    assert bind_names("board.local", ()) == {"board.local"}
+    assert bind_names("0.0.0.0", ()) == bind_names("127.0.0.1", ()) == frozenset()
