@@ -164,7 +164,7 @@ def cmd_ask(a) -> int:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from progvlm.http_limits import OpenBindError, bind_names, check_bind
+    from progvlm.http_limits import HeadDeadline, OpenBindError, bind_names, check_bind
     from progvlm.transport import CloudError
     from .agent import EdgeAgent, PairingError
     from .profiles import get_profile
@@ -178,7 +178,7 @@ def cmd_serve(a) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     uvicorn.run(create_app(agent, token=token, allowed_hosts=bind_names(a.host, a.allow_host)),
-                host=a.host, port=a.port, log_level="warning",
+                host=a.host, port=a.port, log_level="warning", http=HeadDeadline,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 

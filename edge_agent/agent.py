@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 from progvlm.bitstream import parse
 from progvlm.frame_cache import FRAME_TTL_S, CachedFrame, FrameCache
-from progvlm.images import load_image, raw_frame, resize_for_model
+from progvlm.images import JPEG_MAX_SIDE, encode_jpeg, fit_jpeg, load_image, raw_frame, resize_for_model
 from progvlm.link import LinkProfile
+from progvlm.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S, check_question
 from progvlm.adaptive import DEFAULT_RULE
 from progvlm.transport import CloudError, CloudLink, to_ms
 
@@ -56,17 +57,11 @@ JPEG_QUALITY = 90  # full-cloud's default; a caller may ask 1..95 (Pillow's usef
 # frame already resized to the model's input (which presumes the device knows the model)
 FRAMES = ("camera", "model")
 DEFAULT_BUDGET_MS = 500.0
+DECODE_SLOTS = 2  # uploads decoded at the same time; more wait (each may cost ~300 MB at the cap)
 REPLY_BYTES_ESTIMATE = 250  # a JSON answer on the downlink, for auto's prediction
-# The most time one request may spend on the shaped link (round trip + payload + reply at the
-# asked bandwidth); a request that would take longer is refused before anything is sent. The
-# link's own ranges (progvlm.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
-MAX_LINK_S = 120.0
 # stages that are no device compute, so a projected device profile never scales them: decoding
 # a file (the host's container work), waiting for the device, the agent's own bookkeeping
 HOST_STAGES = ("file_decode", "device_queue", "agent")
-# The most time one request may take from its arrival to its record, by default: the link's
-# bound and a minute of compute and of waiting for the device (one request at a time)
-COMPUTE_ALLOWANCE_S = 60.0
 
 
 class AskError(ValueError):
@@ -177,6 +172,9 @@ class EdgeAgent:
             except CloudError:
                 pass  # down for now: full-edge still answers; checked again before cloud use
         self._device = threading.Lock()  # one camera, one frame at a time
+        # uploads decoded at once: a file of a few KB can decode to the pixel cap's ~120 MB
+        # (and more while Pillow works), so concurrent uploads must not multiply it unbounded
+        self._decoding = threading.BoundedSemaphore(DECODE_SLOTS)
         # conversations: per frame, the stream made for it and the layers the cloud holds
         self.frames = FrameCache(ttl_s=FRAME_TTL_S, max_frames_per_client=EDGE_FRAMES)
         self.estimates = LinkEstimates()  # auto's, learnt per client from clean answers
@@ -223,12 +221,11 @@ class EdgeAgent:
         stages[name] = ms * factor
         return out
 
-    def _jpeg(self, image, frame: str, quality: int) -> bytes:
-        if frame == "model":
-            image = resize_for_model(image, self.runtime.image_size)
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=quality)
-        return buf.getvalue()
+    def _jpeg(self, image, frame: str, quality: int) -> tuple[bytes, tuple[int, int]]:
+        """Full-cloud's payload and the size it was encoded at: the camera frame (downscaled
+        where a side is over JPEG's limit, images.fit_jpeg) or the model's input size."""
+        image = resize_for_model(image, self.runtime.image_size) if frame == "model" else fit_jpeg(image)
+        return encode_jpeg(image, quality), image.size
 
     # ---- one request -----------------------------------------------------------------------
     def ask(self, image, question: str, mode: str = "progressive", k: int | None = None,
@@ -267,10 +264,9 @@ class EdgeAgent:
             raise AskError(str(e)) from None
         if mode not in MODES:
             raise AskError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if not isinstance(question, str) or not question.strip():
-            raise AskError("a question is required")
-        try:
-            self.runtime.check_question(question)  # e.g. longer than the model reads
+        try:  # what the cloud will read (the protocol's limits), then what the model reads
+            check_question(question)
+            self.runtime.check_question(question)
         except ValueError as e:
             raise AskError(str(e)) from None
         try:  # every mode: full-edge sends nothing, but a caller's values are checked alike
@@ -287,8 +283,7 @@ class EdgeAgent:
         if mode == "progressive" and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L):
             raise AskError(f"k must be an integer in 1..{L}, got {k!r}")
         budget_ms = DEFAULT_BUDGET_MS if budget_ms is None else budget_ms
-        if mode in ("auto", "adaptive"):
-            _check_budget(budget_ms)
+        _check_budget(budget_ms)  # every mode: only auto and adaptive use it, but a value is a value
         if not isinstance(conversation, bool):
             raise AskError(f"conversation must be true or false, got {conversation!r}")
         if new_conversation and not conversation:
@@ -311,9 +306,15 @@ class EdgeAgent:
             raise AskError(f"mode {mode} needs a cloud backend; this agent has none configured")
         if image_format not in ("file", "rgb24"):
             raise AskError(f"image_format must be file or rgb24, got {image_format!r}")
-        t0 = time.perf_counter()
-        decoded = load_image(image) if image_format == "file" else raw_frame(image, width, height)
-        decode_ms = to_ms(time.perf_counter() - t0)
+        if not self._decoding.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise BusyError(f"{DECODE_SLOTS} other uploads were being decoded for this request's "
+                            f"whole deadline of {self.request_timeout_s:g} s")
+        try:
+            t0 = time.perf_counter()
+            decoded = load_image(image) if image_format == "file" else raw_frame(image, width, height)
+            decode_ms = to_ms(time.perf_counter() - t0)
+        finally:
+            self._decoding.release()
         if mode != "full-edge":
             self._check_cloud()
         return CheckedAsk(decoded, decode_ms, image_format == "file", question, mode, k, link, budget_ms, cut_after_layer,
@@ -355,8 +356,8 @@ class EdgeAgent:
             note = step("edge_domain_check", self.runtime.domain_note, image)
             stages["edge_preprocess"] += stages.pop("edge_domain_check")
             if mode == "full-cloud":
-                payload = self._timed(stages, factor, "serialize", self._jpeg, image, ask.frame,
-                                      ask.jpeg_quality)
+                payload, jpeg_size = self._timed(stages, factor, "serialize", self._jpeg, image,
+                                                 ask.frame, ask.jpeg_quality)
             else:
                 frame_key = remembered = None
                 if ask.conversation:  # a follow-up about these pixels reuses the stream made for them
@@ -393,9 +394,11 @@ class EdgeAgent:
         if mode == "full-edge":
             record.update(answer=answer, payload_bytes=0)
         elif mode == "full-cloud":
-            w, h = (image.size if ask.frame == "camera" else (self.runtime.image_size,) * 2)
-            record["payload"] = (f"JPEG q{ask.jpeg_quality} at {w}×{h} "
-                                 f"({'the camera frame' if ask.frame == 'camera' else 'the model input size'})")
+            (w, h), (cw, ch) = jpeg_size, image.size
+            what = "the model input size" if ask.frame == "model" else "the camera frame" + (
+                f" of {cw}×{ch} downscaled to fit JPEG's {JPEG_MAX_SIDE:,} px sides"
+                if (w, h) != (cw, ch) else "")
+            record["payload"] = f"JPEG q{ask.jpeg_quality} at {w}×{h} ({what})"
             self._check_link_time(link, len(payload), ask)
             ex = self.cloud.full(payload, question, link)
             record.update(answer=ex.reply["answer"], payload_bytes=len(payload))
@@ -562,8 +565,6 @@ class EdgeAgent:
         cloud_mode = next((m for m in modes if m != "full-edge"), None)
         checked = self.check(image, question, "progressive" if cloud_mode else "full-edge", k,
                              budget_ms=budget_ms, **fields)
-        if "auto" in modes:
-            _check_budget(DEFAULT_BUDGET_MS if budget_ms is None else budget_ms)
         runs = len(modes) + 2  # the modes, the reference answer and the ladder's stream
         deadline = time.monotonic() + runs * self.request_timeout_s
         return dataclasses.replace(checked, deadline=deadline,
@@ -617,16 +618,16 @@ class EdgeAgent:
         """Refuse a request that would spend longer than max_link_s on the link, or (once
         `ask` is under way) longer than what is left of its deadline."""
         t = link.link_time_s(payload_bytes + REPLY_BYTES_ESTIMATE)
-        if ask is not None and t > ask.remaining_s():
-            raise DeadlineError(f"{t:.1f} s on the link would pass this request's deadline of "
-                                f"{self.request_timeout_s:g} s ({max(ask.remaining_s(), 0):.1f} s left)")
-        if t > self.max_link_s:
+        if t > self.max_link_s:  # first: over the limit is a 422 however long the deadline
             what = (f"the {payload_bytes:,}-byte payload and its reply" if payload_bytes
                     else "the round trip and the reply alone")
             raise AskError(f"at {link.bandwidth_mbps:g} Mbps with an RTT of {link.rtt_ms:g} ms, "
                            f"{what} would take {t:.1f} s on the link, over this agent's limit of "
                            f"{self.max_link_s:g} s per request: raise the bandwidth, lower the "
                            "RTT or send fewer layers")
+        if ask is not None and t > ask.remaining_s():
+            raise DeadlineError(f"{t:.1f} s on the link would pass this request's deadline of "
+                                f"{self.request_timeout_s:g} s ({max(ask.remaining_s(), 0):.1f} s left)")
 
     def _add_link_and_cloud(self, stages: dict, ex):
         cloud = {f"cloud_{name.removesuffix('_ms')}": v for name, v in ex.reply["stage_ms"].items()}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -39,10 +40,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from progvlm.http_limits import READ_TIMEOUT_S, BoundedBody, RequireToken, TrustedHost
+from progvlm.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
 from progvlm.images import ImageInputError
 
 from .agent import MODES, AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
+
+log = logging.getLogger("edge_agent")
 
 MAX_UPLOAD_BYTES = 20 << 20
 FORM_FIELDS_BYTES = 64 << 10  # room for the form's other fields and the multipart framing
@@ -141,6 +144,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                        read_timeout_s=read_timeout_s)
     app.add_middleware(RequireToken, token=token)
     app.add_middleware(TrustedHost, names=allowed_hosts)
+    app.add_middleware(CatchErrors, log=log)
 
     @app.exception_handler(RequestValidationError)
     async def one_sentence(_, e: RequestValidationError):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import encode_jpeg
+
 
 def raw_fp16(tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Split without compression: the tokens as fp16 (bytes, what the cloud receives)."""
@@ -17,9 +19,7 @@ def raw_fp16(tokens: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 
 def jpeg(image: Image.Image, quality: int) -> tuple[int, Image.Image]:
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    data = buf.getvalue()
+    data = encode_jpeg(image, quality)
     return len(data), Image.open(io.BytesIO(data)).convert("RGB")
 
 

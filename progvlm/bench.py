@@ -642,13 +642,6 @@ def language_timing(vlm, tokens, grid, question: str, max_new_tokens: int = 32) 
             "generated_tokens": generated}
 
 
-def _jpeg_bytes(image, quality: int) -> bytes:
-    import io
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def _timed(fn, *args):
     """fn(*args) and its wall time in ms (GPU work included: synchronised before and after)."""
     import torch
@@ -681,7 +674,7 @@ def measure_costs(split, image_paths, edge_threads: int = 1, max_new_tokens: int
     best of CHEAP_STAGE_REPEATS runs per image)."""
     import torch
 
-    from .images import ImageInputError, load_image, resize_for_model
+    from .images import ImageInputError, encode_jpeg, load_image, resize_for_model
     from .split import Frame
     vlm, mae, L = split.vlm, split.mae, split.num_layers
     cloud = cloud_split or split
@@ -717,8 +710,8 @@ def measure_costs(split, image_paths, edge_threads: int = 1, max_new_tokens: int
             r.update({f"mae_encode_k{k}_ms": ms for k, ms in best.items()})
             wire = {k: split.pack(Frame(layers[:k], tokens.shape[0], grid)) for k in range(1, L + 1)}
             jpeg_model, r["jpeg_model_encode_ms"] = _timed_best(
-                lambda: _jpeg_bytes(resize_for_model(image, vlm.input_size), COST_JPEG_QUALITY))
-            jpeg_camera, r["jpeg_camera_encode_ms"] = _timed_best(_jpeg_bytes, image, COST_JPEG_QUALITY)
+                lambda: encode_jpeg(resize_for_model(image, vlm.input_size), COST_JPEG_QUALITY))
+            jpeg_camera, r["jpeg_camera_encode_ms"] = _timed_best(encode_jpeg, image, COST_JPEG_QUALITY)
             edge_lm = language_timing(vlm, tokens, grid, COST_QUESTION, max_new_tokens)
             r["edge_lm_prefill_ms"], r["edge_lm_per_token_ms"] = edge_lm["prefill_ms"], edge_lm["per_token_ms"]
             torch.set_num_threads(cloud_threads)

@@ -17,8 +17,10 @@ away is no error: one debug line.
 The WebSocket refuses a browser page from an origin not in `allowed_origins` (403; clients that
 send no Origin, like the edge agent, are not browsers). It bounds what one request may cost:
 at most `max_body_bytes` and `max_stream_messages` messages, and no silence longer than
-`idle_timeout_s` between its messages; a kept-open socket idle for `session_idle_s` between
-requests is closed (code 1000), and the client reconnects.
+`idle_timeout_s` between its messages, nor longer than `request_timeout_s` in all (the edge's
+link-time bound and a minute of compute: protocol.REQUEST_TIMEOUT_S); a kept-open socket idle for
+`session_idle_s` between requests is closed (code 1000), and the client reconnects. Over HTTP,
+a request's line and headers must arrive within http_limits.HEAD_TIMEOUT_S (HeadDeadline).
 
 Concurrency: requests are received concurrently. By default (`CloudModel`) the model runs one
 request at a time under a lock, first come first served: every stage time is one request's.
@@ -46,23 +48,23 @@ from starlette.requests import ClientDisconnect
 
 from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
 from .frame_cache import CachedFrame, FrameCache, check_frame_id
-from .http_limits import READ_TIMEOUT_S, BoundedBody, RequireToken, TrustedHost, bearer_ok, bind_names
+from .http_limits import (READ_TIMEOUT_S, BoundedBody, CatchErrors, HeadDeadline, RequireToken,
+                          TrustedHost, bearer_ok, bind_names)
 from .images import ImageInputError, load_image
+from .protocol import (FULL_PATH, INFO_PATH, KINDS, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
+                       REQUEST_TIMEOUT_S, STREAM_PATH, check_question)
 from .split import Frame, Split
 
 log = logging.getLogger("progvlm.cloud")
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a 12-MP JPEG fits; a bitstream is ~100 bytes
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"
-MAX_QUESTION_CHARS = 500
 SILENT_CUT_S = 0.5  # an unrefined stream with layers still to come, silent this long: cut
-STREAM_PATH = "/v1/progressive/stream"
 IDLE_TIMEOUT_S = 10.0  # the most silence inside a request, or before a new socket's first message
 SESSION_IDLE_S = 60.0  # a kept-open socket with no request for this long is closed
 # messages per request: the default body limit in the link's 1000-byte chunks fits twice over
 MAX_STREAM_MESSAGES = 16_384
 MAX_CONTROL_CHARS = 4096  # a start or end message is a few dozen characters
-KINDS = ("progressive", "full")
 
 
 class RequestError(Exception):
@@ -204,14 +206,10 @@ def _validation_detail(errors) -> str:
 
 
 def _check_question(question, where: str = "query parameter `question`") -> str:
-    if question is not None and not isinstance(question, str):
-        raise RequestError(422, f"the question ({where}) must be a string, got {type(question).__name__}")
-    if question is None or not question.strip():
-        raise RequestError(422, f"a question is required ({where})")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise RequestError(422, f"question too long: {len(question)} characters, at most "
-                                f"{MAX_QUESTION_CHARS}")
-    return question
+    try:
+        return check_question(question, where)
+    except ValueError as e:
+        raise RequestError(422, str(e)) from None
 
 
 async def _read_body(request: Request, limit: int) -> tuple[bytes, float]:
@@ -242,7 +240,7 @@ def create_app(split: Split, token: str | None = None,
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
                max_stream_messages: int = MAX_STREAM_MESSAGES, model=None,
                read_timeout_s: float = READ_TIMEOUT_S, frame_cache: FrameCache | None = None,
-               allowed_hosts=frozenset()) -> FastAPI:
+               allowed_hosts=frozenset(), request_timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
     open the WebSocket; none by default. `allowed_hosts`: names it answers to besides its
     addresses and localhost (http_limits.TrustedHost; bind_names() makes them). `frame_cache`: where conversations keep their frames
@@ -252,7 +250,8 @@ def create_app(split: Split, token: str | None = None,
     app.state.model = model
     app.state.frame_cache = frame_cache if frame_cache is not None else FrameCache()
     app.state.stream_connections = 0  # sockets accepted on the stream (a session reuses one)
-    limits = _StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s)
+    limits = _StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s,
+                           request_timeout_s)
     allowed = {_normal_origin(o) for o in allowed_origins}
     # a body that stalls or crawls is cut with 408, one over the limit with 413 as it streams
     # (WebSocket messages have their own limits, below)
@@ -261,6 +260,7 @@ def create_app(split: Split, token: str | None = None,
     # before any body byte is read)
     app.add_middleware(RequireToken, token=token)
     app.add_middleware(TrustedHost, names=allowed_hosts)
+    app.add_middleware(CatchErrors, log=log)
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
@@ -270,16 +270,11 @@ def create_app(split: Split, token: str | None = None,
     async def invalid_request(_, e: RequestValidationError):
         return JSONResponse({"detail": _validation_detail(e.errors())}, status_code=422)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_, e: Exception):
-        log.exception("unexpected error")
-        return JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
-
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/info", responses=_responses(Info, 401, 403, 500))
+    @app.get(INFO_PATH, responses=_responses(Info, 401, 403, 500))
     def info():
         cache = app.state.frame_cache.stats()
         return {**model.info(), "adaptive": adaptive_threshold(split),
@@ -296,12 +291,12 @@ def create_app(split: Split, token: str | None = None,
         return await run_in_threadpool(compute, body, question) | {
             "received_bytes": len(body), "receive_ms": receive_ms}
 
-    @app.post("/v1/full", responses=_responses(FullAnswer, 400, 401, 403, 408, 413, 422, 500),
+    @app.post(FULL_PATH, responses=_responses(FullAnswer, 400, 401, 403, 408, 413, 422, 500),
               openapi_extra=_binary_body("an image (JPEG, PNG, WebP, …): the whole VLM answers"))
     async def full(request: Request, question: str = QUESTION):
         return await answer_body(request, question, model.full)
 
-    @app.post("/v1/progressive", responses=_responses(ProgressiveAnswer, 400, 401, 403, 408, 413, 422, 500),
+    @app.post(PROGRESSIVE_PATH, responses=_responses(ProgressiveAnswer, 400, 401, 403, 408, 413, 422, 500),
               openapi_extra=_binary_body("a progvlm bitstream, or any prefix of one: the MAE "
                                          "decodes the complete layers present"))
     async def progressive(request: Request, question: str = QUESTION):
@@ -371,9 +366,10 @@ async def _close_with_error(ws: WebSocket, status: int, detail: str, code: int):
 
 
 class _StreamLimits:
-    def __init__(self, max_bytes: int, max_messages: int, idle_s: float, session_idle_s: float):
+    def __init__(self, max_bytes: int, max_messages: int, idle_s: float, session_idle_s: float,
+                 request_s: float):
         self.max_bytes, self.max_messages = max_bytes, max_messages
-        self.idle_s, self.session_idle_s = idle_s, session_idle_s
+        self.idle_s, self.session_idle_s, self.request_s = idle_s, session_idle_s, request_s
 
 
 class _Idle(Exception):
@@ -392,6 +388,7 @@ class _StreamSession:
         self.ws, self.model, self.limits = ws, model, limits
         self.cache, self.client = cache, client
         self.inbox: asyncio.Queue = asyncio.Queue(self.INBOX_MESSAGES)
+        self.request_deadline = time.monotonic() + limits.request_s  # the current request's
 
     async def _read(self):
         while True:
@@ -409,10 +406,16 @@ class _StreamSession:
             raise WebSocketDisconnect(message.get("code", 1000))
         return arrived, message
 
-    async def _next_in_request(self, timeout: float | None = None) -> tuple[float, dict]:
+    async def _next_in_request(self) -> tuple[float, dict]:
+        """The request's next message: none within idle_s, or none before the request's whole
+        time (request_s) is up, is a 408."""
+        left = self.request_deadline - time.monotonic()
         try:
-            return await self._next(timeout or self.limits.idle_s)
+            return await self._next(max(0.0, min(self.limits.idle_s, left)))
         except _Idle:
+            if left < self.limits.idle_s:
+                raise RequestError(408, f"the request took over {self.limits.request_s:g} s: "
+                                        "abandoned") from None
             raise RequestError(408, f"no message for {self.limits.idle_s:g} s inside a request: "
                                     "abandoned") from None
 
@@ -429,6 +432,7 @@ class _StreamSession:
                     await self.ws.close(code=1000, reason=f"idle for {wait:g} s")
                     return
                 start = _parse_start(message)
+                self.request_deadline = time.monotonic() + self.limits.request_s
                 if start.kind == "full":
                     await self._full(start)
                 else:
@@ -605,7 +609,7 @@ def _parse_start(message: dict) -> _Start:
     if len(text) > MAX_CONTROL_CHARS:
         raise RequestError(413, f"start message of {len(text)} characters, at most {MAX_CONTROL_CHARS}")
     try:
-        start = json.loads(text)
+        start = _control_json(text)
     except ValueError as e:
         raise RequestError(400, f"the start message is not JSON: {e}") from None
     if not isinstance(start, dict):
@@ -639,10 +643,19 @@ def adaptive_threshold(split: Split) -> dict:
     return {"threshold": threshold, "source": source}
 
 
+def _control_json(text: str):
+    """A control message's JSON, or ValueError: unparsable, or nested so deep that the parser
+    would exhaust the stack (`[` × 2000 fits in MAX_CONTROL_CHARS)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _expect_end(message: dict):
     text = message.get("text") or ""
     try:
-        end = len(text) <= MAX_CONTROL_CHARS and json.loads(text) == {"end": True}
+        end = len(text) <= MAX_CONTROL_CHARS and _control_json(text) == {"end": True}
     except ValueError:
         end = False
     if not end:
@@ -677,4 +690,5 @@ def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
                      allowed_hosts=bind_names(host, allowed_hosts))
     app.state.model.warm_up()
     # no single WebSocket message may be larger than a whole request may be
-    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, ws_max_size=max_body_bytes + 1,
+                http=HeadDeadline)

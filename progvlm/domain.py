@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .images import resize_for_model, to_rgb
+from .images import encode_jpeg, resize_for_model, to_rgb
 from .scenes import COLOURS
 
 VIEW_SIZE = 128  # the bundled VLM's input size (assets/tiny_vlm/config.json, image_size)
@@ -152,9 +152,7 @@ def _measure(seeds: int = 300) -> None:
     from .scenes import generate_scene, render_scene
 
     def jpeg(im):
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=30)
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return Image.open(io.BytesIO(encode_jpeg(im, 30))).convert("RGB")
 
     def variants(im):
         small, big = im.resize((128, 128), Image.BILINEAR), im.resize((1024, 1024), Image.BICUBIC)

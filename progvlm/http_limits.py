@@ -1,11 +1,13 @@
 """HTTP hardening shared by the cloud backend and the edge agent (plain ASGI, any framework):
 
     check_bind    refuse to listen beyond loopback without an access token, unless told to
+    CatchErrors   an unexpected exception → a 500 with a one-line detail, the connection kept
     TrustedHost   only requests that name this service in `Host` (403 otherwise): an IP
                   address, localhost, or a name it was told it has. A page on another domain
                   that rebinds its name to this machine (DNS rebinding) names its own domain
     RequireToken  `Authorization: Bearer <token>` on every path but the open ones (401), and no
                   cross-origin browser request at all (403): these are APIs for programs
+    HeadDeadline  uvicorn's HTTP protocol with a deadline on a request's line and headers
     BoundedBody   a request body bounded while it streams (413 at once for a declared length
                   over the limit, else as soon as the bytes counted pass it) and read against a
                   timeout (408 when it stalls or takes too long in all)
@@ -22,10 +24,13 @@ import time
 from urllib.parse import urlsplit
 
 import anyio
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs"})  # nothing secret in any of them
 READ_TIMEOUT_S = 10.0  # the longest a client may leave a started body silent
 BODY_TIMEOUT_S = 60.0  # the longest a whole body may take to arrive
+HEAD_TIMEOUT_S = 10.0  # the longest a request line and headers may take to arrive
 
 
 class OpenBindError(ValueError):
@@ -123,6 +128,37 @@ async def _send_error(send, status: int, detail: str, headers: tuple = ()):
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+class CatchErrors:
+    """Any exception the app raises over HTTP becomes a 500 `{"detail": "internal error: …"}`
+    (the traceback goes to `log`) and the kept-alive connection stays usable: an exception
+    re-raised to the server (as Starlette's handler for Exception does) makes it drop the
+    connection, and a client's next request on it fails with a read error."""
+
+    def __init__(self, app, log):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:  # noqa: BLE001 - answered, logged
+            self.log.exception("unexpected error")
+            if started:
+                raise  # half a response sent: only closing the connection can say so
+            body = json.dumps({"detail": f"internal error: {type(e).__name__}: {e}"}).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 class TrustedHost:
@@ -226,5 +262,41 @@ class BoundedBody:
         await self.app(scope, bounded_receive, guarded_send)
 
 
-__all__ = ["BoundedBody", "OpenBindError", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
+__all__ = ["BoundedBody", "CatchErrors", "HeadDeadline", "OpenBindError", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
            "check_bind", "host_allowed", "is_loopback"]
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol (`uvicorn.run(..., http=HeadDeadline)`), with a deadline on each
+    request's head: a client that has begun a request but not finished its line and headers
+    within HEAD_TIMEOUT_S (or has sent nothing that long since it connected) is disconnected.
+    Without it, one header line every few seconds (a
+    slowloris) holds a connection for as long as the client likes: uvicorn times idle
+    keep-alive connections, not a head in progress. (BoundedBody times the body.)"""
+
+    _head_timer = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self.conn.their_state is h11.IDLE:  # a request begins
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # its head is in
+            self._cancel_head_timer()
+
+    def _cancel_head_timer(self):
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self):
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        self._cancel_head_timer()
+        super().connection_lost(exc)

@@ -171,6 +171,28 @@ def resize_for_model(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.BILINEAR, reducing_gap=2.0)
 
 
+JPEG_MAX_SIDE = 65_500  # libjpeg's limit on either side of a JPEG
+
+
+def fit_jpeg(img: Image.Image) -> Image.Image:
+    """`img`, or where a side is over JPEG's limit (JPEG_MAX_SIDE) the image downscaled to fit,
+    aspect kept: what a camera sending JPEG has to do with such a frame."""
+    w, h = img.size
+    if max(w, h) <= JPEG_MAX_SIDE:
+        return img
+    scale = JPEG_MAX_SIDE / max(w, h)
+    return img.resize((max(1, min(JPEG_MAX_SIDE, round(w * scale))),
+                       max(1, min(JPEG_MAX_SIDE, round(h * scale)))), Image.BILINEAR)
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    """The one JPEG encoder (full-cloud's frame, the baselines, the bench): an RGB image →
+    JPEG bytes at `quality`, fitted to JPEG's side limit first (fit_jpeg)."""
+    buf = io.BytesIO()
+    fit_jpeg(img).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 # The bundled VLM's pixel normalisation. NumPy only: the edge runtime without PyTorch uses it too.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 

@@ -47,8 +47,8 @@ from websockets.sync.client import connect as ws_connect
 
 from .bitstream import parse
 from .link import LinkProfile, paced_chunks, paced_segments
+from .protocol import INFO_PATH, STREAM_PATH
 
-STREAM_PATH = "/v1/progressive/stream"
 HANDSHAKE_RTTS = {"ws": 2, "wss": 3}  # round trips before a new socket carries a request
 MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers open and close their own
 PACING_SLACK_S = 0.001  # a paced round's own bookkeeping, counted as uplink
@@ -159,10 +159,17 @@ class CloudLink:
         return response.json()
 
     def info(self) -> dict:
-        try:
-            return self._checked(self._http.get("/v1/info"))
-        except httpx.HTTPError as e:
-            raise self._fail(e) from None
+        """The cloud's /v1/info. A kept-alive connection that the cloud dropped meanwhile
+        (a read error before any reply) is retried once on a fresh one, as a dropped
+        WebSocket is (`_request`)."""
+        for attempt in (1, 2):
+            try:
+                return self._checked(self._http.get(INFO_PATH))
+            except (httpx.ReadError, httpx.RemoteProtocolError) as e:
+                if attempt == 2:
+                    raise self._fail(e) from None
+            except httpx.HTTPError as e:
+                raise self._fail(e) from None
 
     # ---- the socket pool ---------------------------------------------------------------------
     def _open(self, link: LinkProfile):

@@ -169,7 +169,7 @@ def test_a_payload_that_would_stay_on_the_link_too_long_is_refused_before_sendin
 
 
 def test_the_default_bound_admits_the_bundled_model_on_the_slowest_link(runtime):
-    from edge_agent.agent import MAX_LINK_S
+    from progvlm.protocol import MAX_LINK_S
     assert MAX_LINK_S == 120
     agent = _agent_with_stub_cloud(runtime)
     client = LocalClient(edge_app(agent))

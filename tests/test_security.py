@@ -8,8 +8,18 @@
 2. The cloud's HTTP routes answered a cross-origin POST that a browser sends without a preflight.
 3. DNS rebinding: a page whose own name resolves to this machine passed the Origin check (Origin
    and Host both its name); now both services answer only Hosts that name them.
+4. A camera frame with a side over JPEG's 65,500 px: full-cloud raised a 500.
+5. Deeply nested JSON as a WebSocket control message: a RecursionError, a 500 and close 1011.
+6. The agent let questions through that the cloud refuses (over 500 characters): a 502 after
+   the device's work; the protocol's limit is now one definition that both sides apply.
+7. Link time over the agent's limit got 422 up to the deadline and 504 beyond it.
+8. /v1/compare with modes=adaptive alone skipped the budget's check: NaN in the NDJSON.
+9. After a 500 the cloud closed the kept-alive connection: the client's next request on it
+   failed with a read error.
 """
 import binascii
+import io
+import json
 import os
 import struct
 import threading
@@ -27,6 +37,7 @@ from progvlm.bitstream import BitstreamError, Header
 from progvlm.cloud_service import create_app
 from progvlm.examples import load_examples
 from progvlm.http_limits import bind_names, host_allowed
+from progvlm.protocol import MAX_QUESTION_CHARS
 
 Q = "describe the scene ."
 STREAM = "/v1/progressive/stream"
@@ -248,3 +259,232 @@ def test_which_hosts_name_a_service(host, ok):
 def test_a_service_bound_to_a_name_answers_to_it():
     assert bind_names("board.local", ()) == {"board.local"}
     assert bind_names("0.0.0.0", ()) == bind_names("127.0.0.1", ()) == frozenset()
+
+
+# ---- 4–8. the agent against a real cloud -------------------------------------------------------
+@pytest.fixture(scope="module")
+def agent_client(running_cloud):
+    agent = EdgeAgent(PyTorchRuntime.load(), running_cloud.url, running_cloud.token)
+    return LocalClient(edge_app(agent))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _post(client, path: str, image: bytes, **form):
+    form = {"question": Q, **{k: str(v) for k, v in form.items()}}
+    return client.post(path, files={"image": ("f.png", image)}, data=form)
+
+
+def test_a_frame_wider_than_jpeg_allows_is_downscaled_for_full_cloud(agent_client):
+    wide = _png(Image.new("RGB", (70_000, 6), (200, 40, 40)))  # 420,000 pixels: under the cap
+    r = _post(agent_client, "/v1/ask", wide, mode="full-cloud")
+    assert r.status_code == 200, r.text
+    assert "70000×6 downscaled to fit JPEG's 65,500 px sides" in r.json()["payload"], r.json()["payload"]
+    r = _post(agent_client, "/v1/compare", wide, modes="full-cloud,progressive")
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert r.status_code == 200 and lines[-1]["type"] == "done", lines[-1]
+
+
+@pytest.mark.parametrize("message", ["[" * 2000, '{"a":' * 800, "{" * 4000],
+                         ids=["lists", "objects", "braces"])
+def test_deeply_nested_json_on_the_websocket_is_a_400(client, real, split, message):
+    with client.websocket_connect(STREAM) as ws:  # as the start message
+        ws.send_text(message)
+        msg = ws.receive_json()
+    assert (msg["type"], msg["status"]) == ("error", 400), msg
+    with client.websocket_connect(STREAM) as ws:  # as the end message
+        ws.send_json({"question": Q})
+        ws.send_bytes(split.pack(real)[:10])
+        ws.send_text(message)
+        msg = ws.receive_json()
+    assert (msg["type"], msg["status"]) == ("error", 400), msg
+
+
+@pytest.mark.parametrize("question", [
+    " ".join(["what"] * 4) + " " + "x" * 600,  # 5 words, 604+ characters
+    "x" * 900_000,  # one word of 900 KB
+], ids=["5-words", "900KB-word"])
+@pytest.mark.parametrize("mode", ["progressive", "full-cloud", "full-edge"])
+def test_the_agent_applies_the_clouds_question_limit_before_its_work(agent_client, question, mode):
+    image = open(load_examples()[0]["path"], "rb").read()
+    r = _post(agent_client, "/v1/ask", image, mode=mode, question=question)
+    assert r.status_code == 422, r.text
+    assert f"at most {MAX_QUESTION_CHARS}" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("bandwidth_mbps", [0.012, 0.01])
+def test_link_time_over_the_limit_is_one_refusal_whatever_its_size(running_cloud, bandwidth_mbps):
+    """A noise frame's JPEG (~700 KB) at 0.012 Mbps spends ~470 s on the link, at 0.01 Mbps
+    ~560 s: both over the 120 s limit and the 180 s deadline; 422 for both, as for 120-180 s."""
+    agent = EdgeAgent(PyTorchRuntime.load(), running_cloud.url, running_cloud.token)
+    noise = Image.frombytes("RGB", (640, 640), os.urandom(640 * 640 * 3))
+    r = _post(LocalClient(edge_app(agent)), "/v1/ask", _png(noise), mode="full-cloud",
+              bandwidth_mbps=bandwidth_mbps, rtt_ms=0)
+    assert r.status_code == 422 and "limit of 120 s" in r.json()["detail"], r.text
+
+
+@pytest.mark.parametrize("modes", ["adaptive", "progressive", "full-edge"])
+@pytest.mark.parametrize("budget", ["nan", "inf", "-1", "0"])
+def test_every_mode_checks_the_budget(agent_client, modes, budget):
+    image = open(load_examples()[0]["path"], "rb").read()
+    r = _post(agent_client, "/v1/compare", image, modes=modes, budget_ms=budget)
+    assert r.status_code == 422 and "budget" in r.json()["detail"], r.text
+
+
+# ---- 9. a 500 keeps the connection --------------------------------------------------------------
+class FailingModel:
+    """The cloud's model, failing unexpectedly on every progressive request."""
+
+    def __init__(self, split):
+        from progvlm.cloud_service import CloudModel
+        self._model = CloudModel(split)
+
+    def progressive(self, data, question):
+        raise RuntimeError("boom")
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_after_a_500_the_kept_alive_connection_still_serves(split, caplog):
+    import httpx
+
+    from cloud_server import serving
+    with serving(create_app(split, model=FailingModel(split)), log_level="warning") as url, \
+            httpx.Client(base_url=url) as http:
+        opened = []
+        for _ in range(3):
+            r = http.post("/v1/progressive", params={"question": Q}, content=b"PV" + bytes(20),
+                          extensions={"trace": lambda name, info: opened.append(name)
+                                      if name == "connection.connect_tcp.complete" else None})
+            assert r.status_code == 500 and "boom" in r.json()["detail"], r.text
+            assert http.get("/v1/info").status_code == 200
+    assert len(opened) == 1, f"{len(opened)} connections for 3 failures: the cloud dropped them"
+
+
+def test_the_transport_retries_info_once_on_a_fresh_connection():
+    import httpx
+
+    from progvlm.transport import CloudError, CloudLink
+    calls = []
+
+    def handler(request):
+        calls.append(request.url.path)
+        if len(calls) == 1:
+            raise httpx.ReadError("connection reset by peer")
+        return httpx.Response(200, json={"vlm_id": "x"})
+    link = CloudLink("http://127.0.0.1:9")
+    link._http = httpx.Client(base_url=link.base_url, transport=httpx.MockTransport(handler))
+    assert link.info() == {"vlm_id": "x"} and calls == ["/v1/info"] * 2
+    calls.clear()
+    link._http = httpx.Client(base_url=link.base_url, transport=httpx.MockTransport(
+        lambda request: (calls.append(1), (_ for _ in ()).throw(httpx.ReadError("reset")))[1]))
+    with pytest.raises(CloudError, match="unreachable"):
+        link.info()
+    assert len(calls) == 2  # once more, not forever
+
+
+# ---- risks: slow heads, trickling streams, concurrent decodes -----------------------------------
+def test_a_request_head_sent_one_line_at_a_time_is_cut(split, monkeypatch):
+    import socket
+    import time
+
+    from cloud_server import serving
+    from progvlm import http_limits
+    monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 1.0)
+    with serving(create_app(split), http=http_limits.HeadDeadline) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            t0 = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            closed = None
+            for i in range(40):  # a header line every 0.25 s, for 10 s if allowed
+                time.sleep(0.25)
+                try:
+                    sock.sendall(f"X-Slow-{i}: 1\r\n".encode())
+                    sock.settimeout(0.01)
+                    if sock.recv(1) == b"":
+                        closed = time.monotonic() - t0
+                        break
+                except (TimeoutError, socket.timeout):
+                    continue
+                except OSError:
+                    closed = time.monotonic() - t0
+                    break
+        assert closed is not None and closed < 3, f"the slow head held the connection ({closed})"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # a whole head
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_a_stream_request_trickling_for_longer_than_its_limit_is_cut(split, real):
+    import time
+    client = LocalClient(create_app(split, request_timeout_s=1.0, idle_timeout_s=0.6))
+    data = split.pack(real)
+    with client.websocket_connect(STREAM) as ws:
+        ws.send_json({"question": Q})
+        t0 = time.monotonic()
+        for i in range(10):  # one byte every 0.3 s: never idle for 0.6 s
+            ws.send_bytes(data[i:i + 1])
+            time.sleep(0.3)
+        msg = ws.receive_json()
+    assert (msg["type"], msg["status"]) == ("error", 408) and "over 1 s" in msg["detail"], msg
+    assert time.monotonic() - t0 < 4
+
+
+def test_concurrent_uploads_are_decoded_a_few_at_a_time(monkeypatch):
+    """8 concurrent 6000 × 6000 PNGs (105 KB each, ~260 MB each to decode) took the agent from
+    0.6 to 2.6 GB: decoding ran outside the device lock with no limit. Now at most DECODE_SLOTS
+    decode at once, and the others wait for a slot within their deadline."""
+    import time
+
+    from edge_agent import agent as agent_module
+    agent = EdgeAgent(PyTorchRuntime.load())
+    client = LocalClient(edge_app(agent))
+    now = max_now = 0
+    lock = threading.Lock()
+    real_load = agent_module.load_image
+
+    def slow_load(source, *a, **kw):
+        nonlocal now, max_now
+        with lock:
+            now += 1
+            max_now = max(max_now, now)
+        try:
+            time.sleep(0.2)
+            return real_load(source, *a, **kw)
+        finally:
+            with lock:
+                now -= 1
+    monkeypatch.setattr(agent_module, "load_image", slow_load)
+    image = open(load_examples()[0]["path"], "rb").read()
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(_post(
+        client, "/v1/ask", image, mode="full-edge").status_code)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [200] * 8
+    assert 1 < max_now <= agent_module.DECODE_SLOTS, max_now
+
+
+@pytest.mark.slow
+def test_concurrent_large_uploads_stay_within_a_memory_bound():
+    agent = EdgeAgent(PyTorchRuntime.load())
+    client = LocalClient(edge_app(agent))
+    big = _png(Image.new("RGB", (6000, 6000), (30, 60, 90)))
+    codes = []
+    with PeakRSS() as mem:
+        threads = [threading.Thread(target=lambda: codes.append(_post(
+            client, "/v1/ask", big, mode="full-edge").status_code)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes == [200] * 8
+    assert mem.gained < 1200 * MB, f"8 uploads of 6000 × 6000 gained {mem.gained / MB:.0f} MB"
