@@ -18,10 +18,10 @@ import pandas as pd
 
 from edge_agent.agent import MODES as AGENT_MODES
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
-from progvlm.examples import find_example, ground_truth, load_examples
+from progvlm.toyworld.examples import find_example, ground_truth, load_examples
 from progvlm.images import ImageInputError, load_image
-from progvlm.metrics import SemanticConsistency
-from progvlm.questions import unknown_words
+from progvlm.eval.metrics import SemanticConsistency
+from progvlm.toyworld.questions import unknown_words
 
 EXAMPLES = load_examples()
 MODES = list(AGENT_MODES)  # the agent owns the list: a new mode appears here by itself
@@ -191,7 +191,7 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
                            f"{consistency(row['answer'], reference):.3f}"] for row in event["rows"]]
             yield page(ladder)
         progress(0.95, desc="what each layer adds")
-        from progvlm.layer_map import layer_residuals, residual_strip
+        from progvlm.eval.layer_map import layer_residuals, residual_strip
         residuals = layer_residuals(_layer_split(), image)
         picture = None if residuals is None else residual_strip(image, residuals)
     except (EdgeAgentError, ImageInputError) as e:  # the agent's (or Pillow's) reason, as said
@@ -339,7 +339,7 @@ def main():
     if args.edge_url:
         connect(args.edge_url, args.vlm, args.mae)
     else:
-        from progvlm.services import cloud_service, edge_service
+        from progvlm.serve.children import cloud_service, edge_service
         print("starting the cloud backend and the edge agent on loopback …", file=sys.stderr)
         # each child gets a fresh random token: nothing else on this host can use them
         cloud = cloud_service(vlm=args.vlm, mae=args.mae).start()

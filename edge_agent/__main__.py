@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from progvlm.http_limits import add_allow_host
+from progvlm.net.http_limits import add_allow_host
 from progvlm.images import ImageInputError
 
 from .agent import MODES
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_ask(a) -> int:
-    from progvlm.services import cloud_service
+    from progvlm.serve.children import cloud_service
     from .agent import AskError, CloudError, DeadlineError, EdgeAgent, PairingError
     from .profiles import get_profile
     token = os.environ.get(TOKEN_ENV) or None
@@ -164,8 +164,8 @@ def cmd_ask(a) -> int:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from progvlm.http_limits import HeadDeadline, OpenBindError, bind_names, check_bind
-    from progvlm.transport import CloudError
+    from progvlm.net.http_limits import HeadDeadline, OpenBindError, bind_names, check_bind
+    from progvlm.net.transport import CloudError
     from .agent import EdgeAgent, PairingError
     from .profiles import get_profile
     from .service import create_app

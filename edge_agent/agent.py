@@ -11,7 +11,7 @@
 
 Conversation (`conversation=True`, progressive, auto and adaptive): the frame gets an id, a
 content hash of its MAE stream (all L layers, the MAE's fingerprint in the header); the cloud
-keeps what it received under it (progvlm.frame_cache) and the agent remembers, per frame (its
+keeps what it received under it (progvlm.net.frame_cache) and the agent remembers, per frame (its
 pixels' hash), the stream it made and how many layers the cloud holds. A follow-up question
 about the same pixels resumes: no edge compute, no image bytes unless more layers are needed;
 a cloud that lost the frame says so and the frame is sent again (the same answer, more bytes).
@@ -36,13 +36,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from progvlm.bitstream import parse
-from progvlm.frame_cache import FRAME_TTL_S, CachedFrame, FrameCache
+from progvlm.codec.bitstream import parse
+from progvlm.net.frame_cache import FRAME_TTL_S, CachedFrame, FrameCache
 from progvlm.images import JPEG_MAX_SIDE, encode_jpeg, fit_jpeg, load_image, raw_frame, resize_for_model
-from progvlm.link import LinkProfile
-from progvlm.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S, check_question
+from progvlm.net.link import LinkProfile
+from progvlm.net.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S, check_question
 from progvlm.adaptive import DEFAULT_RULE
-from progvlm.transport import CloudError, CloudLink, to_ms
+from progvlm.net.transport import CloudError, CloudLink, to_ms
 
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
@@ -50,7 +50,7 @@ from .runtime import EdgeRuntime
 MODES = ("full-cloud", "full-edge", "progressive", "auto", "adaptive")
 CONVERSATION_MODES = ("progressive", "auto", "adaptive")
 # frames this agent remembers for conversations (their streams are a few hundred bytes each);
-# the cloud forgets a frame after progvlm.frame_cache.FRAME_TTL_S, so the agent does too
+# the cloud forgets a frame after progvlm.net.frame_cache.FRAME_TTL_S, so the agent does too
 EDGE_FRAMES = 32
 JPEG_QUALITY = 90  # full-cloud's default; a caller may ask 1..95 (Pillow's useful range)
 # full-cloud's frame: the camera's own (what a device without the model would send), or the
@@ -249,7 +249,7 @@ class EdgeAgent:
         agent's own for this request; both run on one thread, so only the scaling and the labels
         change. `client` names who asks: auto learns its estimates per client. `frame` and
         `jpeg_quality`: full-cloud's JPEG. `link_emulation=False`: a real shaped network lies
-        between this agent and the cloud (progvlm.netlink), so the agent paces and sleeps
+        between this agent and the cloud (progvlm.net.kernel_link), so the agent paces and sleeps
         nothing; bandwidth and RTT then describe that network. `image_format`: "file" (PNG,
         JPEG, …: decoding it is the host's work, stage `file_decode`, never projected) or
         "rgb24" (a raw camera frame of `width` × `height`, as a camera delivers it: the device's

@@ -6,7 +6,7 @@
     language.onnx      visual tokens (1, N, D) + text ids (1, T) → next-token logits (1, V)
                        (full-edge; one greedy step over the whole prompt, no KV cache: the
                        answers here are a few tokens long)
-    mae_tables.*       the MAE's coding tables (progvlm/edge_codec.py)
+    mae_tables.*       the MAE's coding tables (progvlm/codec/tables.py)
     manifest.json      model ids, shapes, vocabulary and the sha256 of every file
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from progvlm.edge_codec import MAEEncoderTables
-from progvlm.questions import VOCAB
+from progvlm.codec.tables import MAEEncoderTables
+from progvlm.toyworld.questions import VOCAB
 
 from .onnx_runtime import FORMAT, REQUIRED_FILES
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from progvlm.edge_codec import META_FILE, TABLES_FILE, MAEEncoderTables
+from progvlm.codec.tables import META_FILE, TABLES_FILE, MAEEncoderTables
 from progvlm.images import model_input
-from progvlm.questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID, decode_ids, encode_words
+from progvlm.toyworld.questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID, decode_ids, encode_words
 
 from .runtime import EdgeRuntime
 
@@ -63,7 +63,7 @@ def _check_files(folder: Path, sha256: dict):
 
 
 def question_ids(question: str) -> list[int]:
-    """<bos> words <sep>: the prompt layout of progvlm.models.tiny_vlm.question_ids (which
+    """<bos> words <sep>: the prompt layout of progvlm.toyworld.tiny_vlm.question_ids (which
     imports torch, so it is restated here)."""
     return [WORD_TO_ID[BOS]] + encode_words(question) + [WORD_TO_ID[SEP]]
 
@@ -114,7 +114,7 @@ class OnnxRuntime(EdgeRuntime):
 
     def domain_note(self, image):
         """The bundled model's check that a frame looks like its scenes (NumPy and Pillow)."""
-        from progvlm.domain import check_scene_domain
+        from progvlm.toyworld.domain import check_scene_domain
         check = check_scene_domain(image)
         return None if check.in_domain else check.reason
 

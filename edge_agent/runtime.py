@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 from PIL import Image
 
-from progvlm import bitstream
+from progvlm.codec import bitstream
 
 
 class EdgeRuntime(ABC):
@@ -67,7 +67,7 @@ class EdgeRuntime(ABC):
                 "num_layers": self.num_layers, "tokens_per_block": self.tokens_per_block}
 
     def frame_bytes(self, layers: list[bytes], num_tokens: int, grid=None) -> bytes:
-        """The wire form of layers 1..k (progvlm/bitstream.py: versioned, checksummed)."""
+        """The wire form of layers 1..k (progvlm/codec/bitstream.py: versioned, checksummed)."""
         return bitstream.pack(self.mae_fingerprint, num_tokens, self.num_layers, layers, grid)
 
 

@@ -15,7 +15,7 @@
                     refinement/result per mode, the ladder k = 1..L, then done (the demo's Run)
 
 With a token configured, /v1/* needs `Authorization: Bearer <token>`; a request a browser sends
-from another origin is refused (progvlm.http_limits). Every error is `{"detail": "<reason>"}`:
+from another origin is refused (progvlm.net.http_limits). Every error is `{"detail": "<reason>"}`:
 400 an unreadable image, 401 no or a wrong token, 403 cross-origin, 408 a body that stalls,
 409 a cloud running another VLM or MAE than this device (naming both), 413 a body or image over
 the limit, 422 a field missing, malformed or out of range (the range named), 502 the cloud down
@@ -40,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from progvlm.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
+from progvlm.net.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
 from progvlm.images import ImageInputError
 
 from .agent import MODES, AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
@@ -133,7 +133,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                read_timeout_s: float = READ_TIMEOUT_S, allowed_hosts=frozenset()) -> FastAPI:
     """The service for `agent`. `token`: required of every /v1/* request when set.
     `allowed_hosts`: names it answers to besides its addresses and localhost
-    (progvlm.http_limits.TrustedHost)."""
+    (progvlm.net.http_limits.TrustedHost)."""
     app = FastAPI(title="progvlm edge agent", version="1",
                   description="The camera device's side of progvlm. Every error is "
                               "`{\"detail\": \"<reason>\"}`.")

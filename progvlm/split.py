@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import bitstream
+from .codec import bitstream
 from .adaptive import ADAPTIVE_FILE, DEFAULT_RULE, AdaptiveRule
 from .backends import MAE_ENV, VLMBackend, load_vlm
 from .backends.base import Answer, Grid
-from .entropy import EntropyDecodeError
+from .codec.entropy import EntropyDecodeError
 from .models.mae import DEFAULT_MAE, MAE, load_mae
 
 

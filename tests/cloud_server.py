@@ -6,7 +6,7 @@ import time
 
 import uvicorn
 
-from progvlm.services import free_port
+from progvlm.serve.children import free_port
 
 
 @contextlib.contextmanager

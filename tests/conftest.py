@@ -44,11 +44,11 @@ class RunningCloud:
 
 @pytest.fixture(scope="session")
 def running_cloud(split):
-    """The cloud backend (progvlm.cloud_service) serving `split` on loopback, in a thread of
+    """The cloud backend (progvlm.serve.cloud) serving `split` on loopback, in a thread of
     this process: a real URL for CloudLink and the edge agent, without a second model load."""
     import uvicorn
-    from progvlm.cloud_service import create_app
-    from progvlm.services import free_port
+    from progvlm.serve.cloud import create_app
+    from progvlm.serve.children import free_port
     token, port = "test-cloud-token", free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(split, token), host="127.0.0.1", port=port,
                                            log_level="warning"))

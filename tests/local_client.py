@@ -2,7 +2,7 @@
 
 Starlette's TestClient names its server `testserver`, and the services answer only requests
 that name them by address, localhost or a name they were started with
-(progvlm.http_limits.TrustedHost: a DNS-rebinding page names its own domain)."""
+(progvlm.net.http_limits.TrustedHost: a DNS-rebinding page names its own domain)."""
 from urllib.parse import urljoin
 
 from fastapi.testclient import TestClient

@@ -9,9 +9,9 @@ from PIL import Image
 from cloud_server import serving
 from edge_agent.agent import AskError, EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
-from progvlm.bitstream import parse
-from progvlm.cloud_service import CloudModel, create_app
-from progvlm.examples import load_examples
+from progvlm.codec.bitstream import parse
+from progvlm.serve.cloud import CloudModel, create_app
+from progvlm.toyworld.examples import load_examples
 
 Q = "describe the scene ."
 THRESHOLD = 0.9  # the stub confidences below are chosen around it

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from progvlm import adaptive
-from progvlm.evaluate import calibrate_on_scenes
+from progvlm.eval.evaluate import calibrate_on_scenes
 from progvlm.adaptive import AdaptiveRule, Ladder
 from progvlm.backends.base import Answer
-from progvlm.data import training_questions
+from progvlm.toyworld.data import training_questions
 from progvlm.models.mae import DEFAULT_MAE
-from progvlm.questions import EOS, WORD_TO_ID
-from progvlm.scenes import generate_scene, render_scene
+from progvlm.toyworld.questions import EOS, WORD_TO_ID
+from progvlm.toyworld.scenes import generate_scene, render_scene
 from progvlm.split import SplitError, load_split
 
 
@@ -256,7 +256,7 @@ def test_calibration_on_a_training_slice_and_evaluation_on_the_eval_stream(split
     assert choice["chosen"]["bytes_ratio"] <= adaptive.BYTES_BUDGET
     k1, kL = choice["fixed_k"][0], choice["fixed_k"][-1]
     assert choice["chosen"]["accuracy"] >= k1["accuracy"]  # τ = 0 is k = 1: never worse
-    from progvlm.evaluate import evaluate_mae
+    from progvlm.eval.evaluate import evaluate_mae
     rep = evaluate_mae(split, seed=3, count=30, jpeg_qualities=(),
                        adaptive_rule=AdaptiveRule(choice["rule"], choice["threshold"]))
     ad = rep["adaptive"]
@@ -273,7 +273,7 @@ def test_any_vlm_calibrates_and_reports_the_adaptive_row_on_its_images(tmp_path,
     pytest.importorskip("transformers")
     from PIL import Image
     from progvlm.backends.random_hf import write_random_vlm
-    from progvlm.cli import main
+    from progvlm.cli.main import main
     from test_measure_any_vlm import untrained_mae
     images = tmp_path / "photos"
     images.mkdir()
@@ -303,7 +303,7 @@ def test_any_vlm_calibrates_and_reports_the_adaptive_row_on_its_images(tmp_path,
 
 
 def test_calibrate_adaptive_refuses_bad_options_with_the_reason(capsys):
-    from progvlm.cli import main
+    from progvlm.cli.main import main
     assert main(["calibrate-adaptive", "--budget", "0.5", "--dry-run"]) == 2
     assert "--budget must be in 1..100" in capsys.readouterr().err
     assert main(["calibrate-adaptive", "--questions", "0", "--dry-run"]) == 2

@@ -13,13 +13,13 @@ from PIL import Image
 
 from edge_agent.agent import HOST_STAGES, AskError, CloudError, EdgeAgent
 from progvlm.images import ImageInputError
-from progvlm.link import LinkProfile
+from progvlm.net.link import LinkProfile
 from edge_agent.profiles import get_profile
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as create_edge_app
-from progvlm.cloud_service import create_app as create_cloud_app
-from progvlm.examples import load_examples
-from progvlm.services import free_port
+from progvlm.serve.cloud import create_app as create_cloud_app
+from progvlm.toyworld.examples import load_examples
+from progvlm.serve.children import free_port
 
 Q = "describe the scene ."
 TOKEN = "edge-test-token"
@@ -154,7 +154,7 @@ def test_auto_predicts_from_this_clients_clean_requests_not_the_last_one(agent, 
     # this client and a slow stranger must not move the next choice
     cut = agent.ask(image, Q, "progressive", k=4, cut_after_layer=1, client="steady", **link)
     assert cut["stage_ms"]["overhead"] > 0
-    from progvlm.link import LinkProfile
+    from progvlm.net.link import LinkProfile
     agent.estimates.add("steady", LinkProfile(**link), False, cloud_ms=5_000, overhead_ms=5_000)
     agent.estimates.add("stranger", LinkProfile(**link), False, cloud_ms=9_000, overhead_ms=9_000)
     budget = before["predicted_ms"][4] + 250

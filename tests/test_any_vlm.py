@@ -20,9 +20,9 @@ from PIL import Image
 
 from edge_agent.agent import JPEG_QUALITY, EdgeAgent, PairingError
 from edge_agent.runtime import PyTorchRuntime
-from progvlm.cli import main as progvlm_main
+from progvlm.cli.main import main as progvlm_main
 from progvlm.images import load_image
-from progvlm.services import cloud_service, free_port
+from progvlm.serve.children import cloud_service, free_port
 from progvlm.split import SplitError, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_a_tiled_vlm_through_the_cloud_service_in_every_mode(tmp_path, images):
 
     import uvicorn
 
-    from progvlm.cloud_service import create_app
+    from progvlm.serve.cloud import create_app
     vlm, mae = untrained_pair(tmp_path, "tiny-idefics3-split", images)
     split = load_split(str(vlm), mae)
     port = free_port()

@@ -31,9 +31,9 @@ from schemathesis.transport.serialization import Binary
 from edge_agent.agent import MODES, EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as create_edge_app
-from progvlm.bitstream import parse
-from progvlm.cloud_service import create_app as create_cloud_app
-from progvlm.examples import load_examples
+from progvlm.codec.bitstream import parse
+from progvlm.serve.cloud import create_app as create_cloud_app
+from progvlm.toyworld.examples import load_examples
 from progvlm.images import resize_for_model
 
 TOKEN = "fuzz-token"

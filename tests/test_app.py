@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from progvlm.services import cloud_service, edge_service, free_port
+from progvlm.serve.children import cloud_service, edge_service, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from progvlm.backends.base import VLMBackend
-from progvlm.batching import BatchingCloudModel, Job, MicroBatcher, run_jobs
-from progvlm.cloud_service import CloudModel, RequestError
-from progvlm.data import training_questions
-from progvlm.scenes import generate_scene, render_scene
+from progvlm.serve.batching import BatchingCloudModel, Job, MicroBatcher, run_jobs
+from progvlm.serve.cloud import CloudModel, RequestError
+from progvlm.toyworld.data import training_questions
+from progvlm.toyworld.scenes import generate_scene, render_scene
 from progvlm.split import Split, load_split
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from progvlm.bench import scene_graph_bits
-from progvlm.data import EVAL_STREAM, scenes
+from progvlm.bench.experiment import scene_graph_bits
+from progvlm.toyworld.data import EVAL_STREAM, scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 

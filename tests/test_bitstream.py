@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from progvlm import entropy
-from progvlm.bitstream import BitstreamError, pack, pack_header, parse
+from progvlm.codec import entropy
+from progvlm.codec.bitstream import BitstreamError, pack, pack_header, parse
 
 FP = b"\x01\x02\x03\x04"
 

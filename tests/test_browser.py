@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from progvlm.services import free_port
+from progvlm.serve.children import free_port
 
 # starts the demo with its two services and a browser: ~50 s; CI runs it with `-m slow`
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
     from gradio_client import Client, handle_file
     from playwright.sync_api import sync_playwright
 
-    from progvlm.examples import load_examples
+    from progvlm.toyworld.examples import load_examples
     example = load_examples()[2]
     question = example["questions"][0]["question"]
     with sync_playwright() as p:

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from progvlm.cli import build_parser, main
+from progvlm.cli.main import build_parser, main
 
 COMMANDS = ["train-vlm", "eval-vlm", "train-mae", "eval-mae", "ask", "make-examples"]
 

@@ -15,10 +15,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from cloud_server import serving
-from progvlm import cli
-from progvlm.bitstream import TruncatedStream, parse
-from progvlm.cloud_service import create_app
-from progvlm.examples import load_examples
+from progvlm.cli.main import main as cli
+from progvlm.codec.bitstream import TruncatedStream, parse
+from progvlm.serve.cloud import create_app
+from progvlm.toyworld.examples import load_examples
 from progvlm.split import load_split
 
 Q = "describe the scene ."
@@ -264,7 +264,7 @@ def test_a_missing_question_is_named_in_the_422(client, data):
 @pytest.mark.parametrize("host, who", [("127.0.0.1", "any process on this machine"),
                                        ("0.0.0.0", "anyone who can reach this host")])
 def test_serve_cloud_without_a_token_warns_at_start(monkeypatch, capsys, host, who):
-    import progvlm.cloud_service as cloud_service
+    import progvlm.serve.cloud as cloud_service
     called = {}
     monkeypatch.setattr(cloud_service, "serve", lambda *a, **kw: called.update(args=a, kw=kw))
     monkeypatch.delenv(cloud_service.TOKEN_ENV, raising=False)
@@ -285,8 +285,8 @@ def test_a_stalled_body_gets_408_and_the_connection_is_freed(split):
     import time as _time
 
     import uvicorn
-    from progvlm.cloud_service import create_app
-    from progvlm.services import free_port
+    from progvlm.serve.cloud import create_app
+    from progvlm.serve.children import free_port
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(split, read_timeout_s=1.0), port=port,
                                            log_level="error"))

@@ -6,8 +6,8 @@ import pytest
 from local_client import LocalClient
 from PIL import Image
 
-from progvlm.cloud_service import create_app
-from progvlm.examples import load_examples
+from progvlm.serve.cloud import create_app
+from progvlm.toyworld.examples import load_examples
 from progvlm.split import Frame, load_split
 
 TOKEN = "s3cret"
@@ -189,13 +189,13 @@ def test_concurrent_requests_get_the_answers_of_sequential_ones(parts):
 
 def _layer_ends(data: bytes) -> list[int]:
     """Byte offsets where layers 1..k end in the wire form."""
-    from progvlm.bitstream import parse
+    from progvlm.codec.bitstream import parse
     return parse(data).layer_ends()
 
 
 def _other_fingerprint(data: bytes) -> bytes:
     """The same layers, written as by another MAE (a valid stream, the wrong model)."""
-    from progvlm.bitstream import pack, parse
+    from progvlm.codec.bitstream import pack, parse
     bs = parse(data)
     return pack(bytes(4), bs.num_tokens, bs.num_layers, bs.layers)
 

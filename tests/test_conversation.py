@@ -13,11 +13,11 @@ from cloud_server import serving
 from edge_agent.agent import AskError, EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as create_edge_app
-from progvlm.bitstream import parse
-from progvlm.cloud_service import create_app
-from progvlm.examples import load_examples
-from progvlm.frame_cache import ENTRY_OVERHEAD_BYTES, CachedFrame, FrameCache
-from progvlm.services import free_port
+from progvlm.codec.bitstream import parse
+from progvlm.serve.cloud import create_app
+from progvlm.toyworld.examples import load_examples
+from progvlm.net.frame_cache import ENTRY_OVERHEAD_BYTES, CachedFrame, FrameCache
+from progvlm.serve.children import free_port
 from test_adaptive_mode import StubConfidence, assert_stages_sum, fixed_threshold
 
 Q1, Q2, Q3 = "describe the scene .", "what color is the square ?", "what shape is purple ?"

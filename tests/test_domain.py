@@ -1,4 +1,4 @@
-"""The scene-domain check (progvlm/domain.py): generated scenes in, photographs out."""
+"""The scene-domain check (progvlm/toyworld/domain.py): generated scenes in, photographs out."""
 import io
 import time
 from pathlib import Path
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from progvlm.data import EVAL_STREAM, scene_seed
-from progvlm.domain import THRESHOLD, check_scene_domain
+from progvlm.toyworld.data import EVAL_STREAM, scene_seed
+from progvlm.toyworld.domain import THRESHOLD, check_scene_domain
 from progvlm.images import to_rgb
-from progvlm.scenes import generate_scene, render_scene
+from progvlm.toyworld.scenes import generate_scene, render_scene
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 # the photographs of skimage.data bundled with scikit-image (no download)
@@ -48,7 +48,7 @@ def assert_out(im, what):
     return c
 
 
-# seeds no calibration used (python -m progvlm.domain measures seed 7's stream)
+# seeds no calibration used (python -m progvlm.toyworld.domain measures seed 7's stream)
 @pytest.mark.parametrize("index", range(16))
 def test_fresh_generated_scenes_are_in_domain(index):
     scene = generate_scene(scene_seed(EVAL_STREAM, 2024, index))
@@ -133,8 +133,8 @@ def test_every_answer_about_a_photograph_carries_the_note(skimage_data, tmp_path
 
     from edge_agent.agent import EdgeAgent
     from edge_agent.runtime import PyTorchRuntime
-    from progvlm.cli import main
-    from progvlm.examples import load_examples
+    from progvlm.cli.main import main
+    from progvlm.toyworld.examples import load_examples
     photo = tmp_path / "astronaut.png"
     Image.fromarray(skimage_data.astronaut()).save(photo)
     scene = load_examples()[0]["path"]

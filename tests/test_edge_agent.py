@@ -5,8 +5,8 @@ import json
 import pytest
 
 from edge_agent.__main__ import main
-from progvlm.bitstream import parse
-from progvlm.examples import load_examples
+from progvlm.codec.bitstream import parse
+from progvlm.toyworld.examples import load_examples
 from progvlm.images import ImageInputError, load_image
 from progvlm.split import load_split
 

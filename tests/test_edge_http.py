@@ -23,11 +23,11 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.client import EdgeAgentClient
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as edge_app
-from progvlm.cloud_service import create_app as cloud_app
-from progvlm.examples import load_examples
-from progvlm.http_limits import OpenBindError, check_bind
-from progvlm.services import cloud_service, edge_service, free_port
-from progvlm.transport import CloudError
+from progvlm.serve.cloud import create_app as cloud_app
+from progvlm.toyworld.examples import load_examples
+from progvlm.net.http_limits import OpenBindError, check_bind
+from progvlm.serve.children import cloud_service, edge_service, free_port
+from progvlm.net.transport import CloudError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = load_examples()[0]["path"]

@@ -18,13 +18,13 @@ from PIL import Image
 from edge_agent.agent import EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as edge_app
-from progvlm.cloud_service import create_app as cloud_app
-from progvlm.examples import load_examples
+from progvlm.serve.cloud import create_app as cloud_app
+from progvlm.toyworld.examples import load_examples
 from progvlm.images import ImageInputError, load_image
-from progvlm import link
-from progvlm.link import LinkError, LinkProfile
-from progvlm.services import free_port
-from progvlm.transport import CloudError
+from progvlm.net import link
+from progvlm.net.link import LinkError, LinkProfile
+from progvlm.serve.children import free_port
+from progvlm.net.transport import CloudError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = load_examples()[0]["path"]
@@ -169,7 +169,7 @@ def test_a_payload_that_would_stay_on_the_link_too_long_is_refused_before_sendin
 
 
 def test_the_default_bound_admits_the_bundled_model_on_the_slowest_link(runtime):
-    from progvlm.protocol import MAX_LINK_S
+    from progvlm.net.protocol import MAX_LINK_S
     assert MAX_LINK_S == 120
     agent = _agent_with_stub_cloud(runtime)
     client = LocalClient(edge_app(agent))

@@ -1,17 +1,17 @@
 """The shaped uplink paces real bytes: what the edge measures is what the link's own model
 says it costs (RTT/2 + bytes·8/bandwidth), never less, and not much more.
 
-The timed path is the product's: progvlm.transport.CloudLink sending through
-progvlm.link.paced_chunks / paced_segments to a real cloud backend on loopback."""
+The timed path is the product's: progvlm.net.transport.CloudLink sending through
+progvlm.net.link.paced_chunks / paced_segments to a real cloud backend on loopback."""
 import io
 import math
 
 import pytest
 from PIL import Image
 
-from progvlm.examples import load_examples
-from progvlm.link import LinkError, LinkProfile, paced_chunks
-from progvlm.transport import CloudLink
+from progvlm.toyworld.examples import load_examples
+from progvlm.net.link import LinkError, LinkProfile, paced_chunks
+from progvlm.net.transport import CloudLink
 
 Q = "describe the scene ."
 REPEATS = 3  # the pacer is never early; a busy host makes single runs late, rarely all three

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from progvlm.backends.tiny import TinyVLMBackend
-from progvlm.bitstream import BitstreamError, parse
-from progvlm.examples import load_examples
+from progvlm.codec.bitstream import BitstreamError, parse
+from progvlm.toyworld.examples import load_examples
 from progvlm.images import load_image
 from progvlm.models.mae import DEFAULT_MAE, MAE, MAEConfig, load_mae
-from progvlm.models.tiny_vlm import TinyVLM, TinyVLMConfig
-from progvlm.scenes import generate_scene, render_scene
+from progvlm.toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
+from progvlm.toyworld.scenes import generate_scene, render_scene
 from progvlm.split import Frame, Split, load_split
 from progvlm.training.train_mae import train_mae
 

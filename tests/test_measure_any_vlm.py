@@ -11,7 +11,7 @@ from PIL import Image
 
 from progvlm.backends import load_vlm
 from progvlm.backends.random_hf import write_random_vlm
-from progvlm.cli import main
+from progvlm.cli.main import main
 from progvlm.images import load_image
 from progvlm.models.mae import MAE, MAEConfig
 from progvlm.training.train_mae import save_mae

@@ -1,4 +1,4 @@
-"""The kernel link (progvlm/netlink.py): the kernel shapes the rate and the delay is real.
+"""The kernel link (progvlm/net/kernel_link.py): the kernel shapes the rate and the delay is real.
 
 Lower bounds only where timing is concerned (a shaped link cannot be faster than its rate and
 delay allow); the upper bounds are loose sanity checks. Needs root, `ip` and `tc`."""
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from progvlm.netlink import die_with_parent, kernel_link, kernel_link_available
+from progvlm.net.kernel_link import die_with_parent, kernel_link, kernel_link_available
 
 pytestmark = pytest.mark.slow
 

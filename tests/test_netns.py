@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from progvlm.netlink import die_with_parent, run_checked, run_quiet
-from progvlm.netlink import kernel_link_available as _netns_available
+from progvlm.net.kernel_link import die_with_parent, run_checked, run_quiet
+from progvlm.net.kernel_link import kernel_link_available as _netns_available
 
 # two namespaces, a shaped veth and two services started in them: CI runs it with `-m slow`
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def _edge_qdisc_bytes(link) -> int:
 
 
 def _image() -> str:
-    from progvlm.examples import load_examples
+    from progvlm.toyworld.examples import load_examples
     # the busiest frame (largest PNG) gives the largest JPEG, so the link time dominates the noise
     return max((item["path"] for item in load_examples()), key=lambda p: Path(p).stat().st_size)
 

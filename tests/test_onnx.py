@@ -12,8 +12,8 @@ import torch
 from edge_agent.onnx_export import export_onnx
 from edge_agent.onnx_runtime import ExportError, OnnxRuntime
 from edge_agent.runtime import PyTorchRuntime
-from progvlm import bitstream
-from progvlm.examples import load_examples
+from progvlm.codec import bitstream
+from progvlm.toyworld.examples import load_examples
 from progvlm.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_onnx_and_pytorch_code_the_same_tokens_into_the_same_bytes(runtimes, tok
     """The MAE half alone: the same visual tokens through the exported (folded) encoder and
     the NumPy coder, and through PyTorch, give the same payloads for every k, on the examples
     and on generated scenes (300 more were checked once, by hand: all identical)."""
-    from progvlm.scenes import generate_scene, render_scene
+    from progvlm.toyworld.scenes import generate_scene, render_scene
     torch_rt, onnx_rt = runtimes
     frames = [a for a, _ in tokens]
     threads = torch.get_num_threads()
@@ -100,7 +100,7 @@ def test_the_exported_encoder_has_the_standardisation_folded_in(export_dir):
 
 
 def test_the_numpy_coder_reproduces_the_pytorch_assignment_rule(runtimes, tokens):
-    """Independent of progvlm/edge_codec.py: ResidualVQ.quantise (the training rule), the
+    """Independent of progvlm/codec/tables.py: ResidualVQ.quantise (the training rule), the
     stage models, against MAEEncoderTables.encode_layers on the same latent."""
     torch_rt, onnx_rt = runtimes
     mae, identical = torch_rt.split.mae, 0

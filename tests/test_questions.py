@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from progvlm.questions import (NUMBER_WORDS, QUESTION_TYPES, VOCAB, decode_ids, describe,
+from progvlm.toyworld.questions import (NUMBER_WORDS, QUESTION_TYPES, VOCAB, decode_ids, describe,
                                encode_words, make_question, questions_for, unknown_words)
-from progvlm.scenes import generate_scene
+from progvlm.toyworld.scenes import generate_scene
 
 
 def _scenes(n=300):

@@ -22,7 +22,7 @@ from progvlm.backends.random_hf import (  # noqa: E402
     NOTE, NOTE_FILE, PRESETS, build_config_and_processor, preset_token_shape,
     write_random_vlm,
 )
-from progvlm.cli import main  # noqa: E402
+from progvlm.cli.main import main  # noqa: E402
 
 TINY_PRESETS = [p for p in PRESETS if p.startswith("tiny-")]
 QUESTIONS = ["what color is the cube?", "how many spheres are there?"]

@@ -14,9 +14,9 @@ import httpx  # noqa: E402
 from local_client import LocalClient  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from progvlm.cloud_service import create_app  # noqa: E402
-from progvlm.ray_serve import APP_NAME, cloud_application  # noqa: E402
-from progvlm.scenes import generate_scene, render_scene  # noqa: E402
+from progvlm.serve.cloud import create_app  # noqa: E402
+from progvlm.serve.ray_serve import APP_NAME, cloud_application  # noqa: E402
+from progvlm.toyworld.scenes import generate_scene, render_scene  # noqa: E402
 from progvlm.split import load_split  # noqa: E402
 
 pytestmark = pytest.mark.slow

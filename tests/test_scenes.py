@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from progvlm.scenes import (CAMERA_SIZE, GRID, MIN_AXIS_GAP, cell_targets, generate_scene,
+from progvlm.toyworld.scenes import (CAMERA_SIZE, GRID, MIN_AXIS_GAP, cell_targets, generate_scene,
                             render_scene)
 
 

@@ -33,11 +33,11 @@ from PIL import Image
 from edge_agent.agent import EdgeAgent
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as edge_app
-from progvlm.bitstream import BitstreamError, Header
-from progvlm.cloud_service import create_app
-from progvlm.examples import load_examples
-from progvlm.http_limits import bind_names, host_allowed
-from progvlm.protocol import MAX_QUESTION_CHARS
+from progvlm.codec.bitstream import BitstreamError, Header
+from progvlm.serve.cloud import create_app
+from progvlm.toyworld.examples import load_examples
+from progvlm.net.http_limits import bind_names, host_allowed
+from progvlm.net.protocol import MAX_QUESTION_CHARS
 
 Q = "describe the scene ."
 STREAM = "/v1/progressive/stream"
@@ -340,7 +340,7 @@ class FailingModel:
     """The cloud's model, failing unexpectedly on every progressive request."""
 
     def __init__(self, split):
-        from progvlm.cloud_service import CloudModel
+        from progvlm.serve.cloud import CloudModel
         self._model = CloudModel(split)
 
     def progressive(self, data, question):
@@ -369,7 +369,7 @@ def test_after_a_500_the_kept_alive_connection_still_serves(split, caplog):
 def test_the_transport_retries_info_once_on_a_fresh_connection():
     import httpx
 
-    from progvlm.transport import CloudError, CloudLink
+    from progvlm.net.transport import CloudError, CloudLink
     calls = []
 
     def handler(request):
@@ -394,7 +394,7 @@ def test_a_request_head_sent_one_line_at_a_time_is_cut(split, monkeypatch):
     import time
 
     from cloud_server import serving
-    from progvlm import http_limits
+    from progvlm.net import http_limits
     monkeypatch.setattr(http_limits, "HEAD_TIMEOUT_S", 1.0)
     with serving(create_app(split), http=http_limits.HeadDeadline) as url:
         port = int(url.rsplit(":", 1)[1])

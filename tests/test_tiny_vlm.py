@@ -3,10 +3,10 @@ import numpy as np
 import torch
 
 from progvlm.backends.tiny import TinyVLMBackend
-from progvlm.data import pack_qas, training_questions
-from progvlm.models.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
-from progvlm.questions import QUESTION_TYPES, encode_words
-from progvlm.scenes import generate_scene, render_scene
+from progvlm.toyworld.data import pack_qas, training_questions
+from progvlm.toyworld.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
+from progvlm.toyworld.questions import QUESTION_TYPES, encode_words
+from progvlm.toyworld.scenes import generate_scene, render_scene
 
 
 def _random_model(seed=0):
@@ -79,7 +79,7 @@ def test_batched_cloud_half_equals_one_at_a_time(bundled_backend):
 
 def test_bundled_model_answers_example_questions(bundled_backend):
     """The shipped weights are trained: they answer most suggested questions right."""
-    from progvlm.examples import load_examples
+    from progvlm.toyworld.examples import load_examples
     right = total = 0
     for ex in load_examples():
         tokens = bundled_backend.edge_half(render_scene(ex["scene"]))

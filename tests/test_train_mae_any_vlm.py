@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from progvlm.backends import load_vlm  # noqa: E402
 from progvlm.backends.random_hf import write_random_vlm  # noqa: E402
-from progvlm.cli import main  # noqa: E402
+from progvlm.cli.main import main  # noqa: E402
 from progvlm.models.mae import load_mae  # noqa: E402
 from progvlm.training.train_mae import (  # noqa: E402
     TrainMAEError, build_teacher_cache, list_images, train_mae_on_images,

@@ -5,8 +5,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from progvlm.evaluate import evaluate_backend
-from progvlm.models.tiny_vlm import TinyVLMConfig
+from progvlm.eval.evaluate import evaluate_backend
+from progvlm.toyworld.tiny_vlm import TinyVLMConfig
 from progvlm.training import train_vlm as train_vlm_module
 from progvlm.training.train_vlm import train_vlm
 

@@ -11,12 +11,12 @@ from websockets.exceptions import ConnectionClosedError
 from websockets.protocol import State
 
 from cloud_server import serving
-from progvlm.cloud_service import create_app
-from progvlm.examples import load_examples
-from progvlm.link import LinkProfile
-from progvlm.services import free_port
+from progvlm.serve.cloud import create_app
+from progvlm.toyworld.examples import load_examples
+from progvlm.net.link import LinkProfile
+from progvlm.serve.children import free_port
 from progvlm.split import load_split
-from progvlm.transport import HANDSHAKE_RTTS, CloudError, CloudLink
+from progvlm.net.transport import HANDSHAKE_RTTS, CloudError, CloudLink
 
 Q = "describe the scene ."
 LINK = LinkProfile(10.0, 20.0)
@@ -211,6 +211,6 @@ def test_without_keep_open_every_request_connects(split, streams):
 
 def _foreign(data: bytes) -> bytes:
     """The same layers, written as by another MAE (valid on the edge, refused by the cloud)."""
-    from progvlm.bitstream import pack, parse
+    from progvlm.codec.bitstream import pack, parse
     bs = parse(data)
     return pack(bytes(4), bs.num_tokens, bs.num_layers, bs.layers)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from edge_agent.agent import EdgeAgent  # noqa: E402
 from edge_agent.runtime import PyTorchRuntime  # noqa: E402
-from progvlm.examples import load_examples  # noqa: E402
-from progvlm.services import cloud_service  # noqa: E402
+from progvlm.toyworld.examples import load_examples  # noqa: E402
+from progvlm.serve.children import cloud_service  # noqa: E402
 
 LINK = {"bandwidth_mbps": 1.0, "rtt_ms": 20.0}
 

@@ -7,8 +7,8 @@ transport's own emulation (RTT/2 sleeps, HANDSHAKE_RTTS round trips per new sock
 
     python docs/bench/session_latency.py [--requests 20] [--old-transport path/to/transport.py]
 
---old-transport: a copy of progvlm/transport.py from before sessions (git show
-61b0026:progvlm/transport.py > /tmp/old_transport.py), measured the same way.
+--old-transport: a copy of progvlm/net/transport.py from before sessions (git show
+61b0026:progvlm/net/transport.py > /tmp/old_transport.py), measured the same way.
 """
 import argparse
 import asyncio
@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from PIL import Image  # noqa: E402
 
 from cloud_server import serving  # noqa: E402
-from progvlm.cloud_service import create_app  # noqa: E402
-from progvlm.examples import load_examples  # noqa: E402
-from progvlm.link import LinkProfile  # noqa: E402
-from progvlm.services import free_port  # noqa: E402
+from progvlm.serve.cloud import create_app  # noqa: E402
+from progvlm.toyworld.examples import load_examples  # noqa: E402
+from progvlm.net.link import LinkProfile  # noqa: E402
+from progvlm.serve.children import free_port  # noqa: E402
 from progvlm.split import load_split  # noqa: E402
-from progvlm.transport import CloudLink  # noqa: E402
+from progvlm.net.transport import CloudLink  # noqa: E402
 
 RTT_MS, MBPS, Q = 20.0, 1.0, "describe the scene ."
 

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ..data import pixels_from_uint8
+from .. import ASSETS
+from ..toyworld.data import pixels_from_uint8
 from ..images import model_input, resize_for_model, to_rgb
-from ..models.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
-from ..questions import decode_ids, encode_words, WORD_TO_ID, EOS
+from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
+from ..toyworld.questions import decode_ids, encode_words, WORD_TO_ID, EOS
 from .base import Answer, VLMBackend, with_confidence
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_WEIGHTS = ASSETS / "tiny_vlm"
 
 
@@ -80,7 +80,7 @@ class TinyVLMBackend(VLMBackend):
         return list(self.model.visual_tokens(self.pixels(images)))
 
     def domain_note(self, image):
-        from ..domain import check_scene_domain
+        from ..toyworld.domain import check_scene_domain
         check = check_scene_domain(image)
         return None if check.in_domain else check.reason
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import bitstream, entropy
-from .tiny_vlm import Block
+from .. import ASSETS
+from ..codec import bitstream, entropy
+from ..toyworld.tiny_vlm import Block
 
-DEFAULT_MAE = Path(__file__).resolve().parents[2] / "assets" / "mae"
+DEFAULT_MAE = ASSETS / "mae"
 
 
 @dataclass
@@ -208,7 +209,7 @@ class MAE(nn.Module):
 
     def encode_indices(self, tokens: torch.Tensor) -> np.ndarray:
         """tokens (N, D) → code indices (L, N). The same assignment rule as training, with the
-        small per-stage steps in NumPy (progvlm/edge_codec.py, which a board runs without
+        small per-stage steps in NumPy (progvlm/codec/tables.py, which a board runs without
         PyTorch): on the edge, per-op overhead is most of the cost."""
         return self.edge_codec().indices(self._latent(tokens))
 
@@ -251,7 +252,7 @@ class MAE(nn.Module):
         """The MAE's coding tables in NumPy: the edge's half of compress (assignment, entropy
         coding, framing), and the range coder's models that decompress uses too."""
         if getattr(self, "_cached_codec", None) is None:
-            from ..edge_codec import MAEEncoderTables
+            from ..codec.tables import MAEEncoderTables
             self._cached_codec = MAEEncoderTables.from_mae(self)
         return self._cached_codec
 

@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
+from ..toyworld.data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
 from ..models.mae import MAE, MAEConfig
 from .checkpoint import resume_from, save_checkpoint
 

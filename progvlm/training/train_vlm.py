@@ -27,9 +27,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..backends.tiny import TinyVLMBackend
-from ..data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
-from ..evaluate import evaluate_backend
-from ..models.tiny_vlm import TinyVLM, TinyVLMConfig
+from ..toyworld.data import TRAIN_STREAM, pack_qas, pixels_from_uint8, render_set, scenes, training_questions
+from ..eval.evaluate import evaluate_backend
+from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
 from .checkpoint import resume_from, save_checkpoint
 
 

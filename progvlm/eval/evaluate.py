@@ -5,10 +5,10 @@ from collections import Counter
 
 import numpy as np
 
-from . import adaptive
-from .data import EVAL_STREAM, scenes as make_scenes
-from .questions import QA, QUESTION_TYPES, questions_for
-from .scenes import render_scene
+from .. import adaptive
+from ..toyworld.data import EVAL_STREAM, scenes as make_scenes
+from ..toyworld.questions import QA, QUESTION_TYPES, questions_for
+from ..toyworld.scenes import render_scene
 
 
 def eval_questions(seed: int, count: int, stream: int = EVAL_STREAM, start: int = 0):
@@ -78,9 +78,9 @@ def evaluate_mae_ladder(split, seed: int, count: int, progress=None, jpeg_qualit
     import torch.nn.functional as F
 
     from . import baselines as base_methods
-    from .images import resize_for_model
+    from ..images import resize_for_model
     from .metrics import SemanticConsistency
-    from .split import Frame
+    from ..split import Frame
 
     backend, mae = split.vlm, split.mae
     sim = SemanticConsistency()
@@ -237,7 +237,7 @@ GENERIC_QUESTIONS = ("Describe the image.", "What is in the picture?", "What col
 
 def default_questions() -> list[str]:
     """The generic prompts train-mae uses for images when it exposes them, else ours."""
-    from .training import train_mae
+    from ..training import train_mae
     return list(getattr(train_mae, "DEFAULT_PROMPTS", None) or GENERIC_QUESTIONS)
 
 
@@ -279,9 +279,9 @@ def evaluate_mae_on_images_ladder(split, image_paths, questions, progress=None,
     import torch.nn.functional as F
 
     from . import baselines as base_methods
-    from .images import ImageInputError, load_image, resize_for_model
+    from ..images import ImageInputError, load_image, resize_for_model
     from .metrics import SemanticConsistency
-    from .split import Frame
+    from ..split import Frame
 
     vlm, L = split.vlm, split.num_layers
     questions = list(questions)
@@ -376,7 +376,7 @@ def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
                         budget: float = adaptive.BYTES_BUDGET) -> tuple[dict, adaptive.Ladder]:
     """The bundled model (generated scenes with ground truth): `count` questions of the
     training stream answered at every k, then `calibrate`. Returns (choice, ladder)."""
-    from .data import TRAIN_STREAM
+    from ..toyworld.data import TRAIN_STREAM
     _, ladder = evaluate_mae_ladder(split, seed, count, progress, stream=TRAIN_STREAM,
                                     start=start, baselines=False)
     choice = adaptive.calibrate(ladder, budget)

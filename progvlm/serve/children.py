@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from .. import ROOT
+
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -44,7 +44,7 @@ class ChildService:
     def __init__(self, name: str, args: list[str], url: str, env: dict | None = None,
                  token: str | None = None, wrap=None):
         self.name, self.args, self.url, self.token = name, args, url, token
-        self.wrap = wrap or (lambda cmd: cmd)  # e.g. progvlm.netlink's `in_namespace`
+        self.wrap = wrap or (lambda cmd: cmd)  # e.g. progvlm.net.kernel_link's `in_namespace`
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self._stderr = None

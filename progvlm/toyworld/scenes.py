@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .images import resize_for_model
+from ..images import resize_for_model
 
 CAMERA_SIZE = 512
 COLOURS: dict[str, tuple[int, int, int]] = {

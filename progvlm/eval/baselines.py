@@ -4,12 +4,11 @@ from __future__ import annotations
 import io
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import encode_jpeg
+from ..images import encode_jpeg
 
 
 def raw_fp16(tokens: torch.Tensor) -> tuple[int, torch.Tensor]:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import ASSETS
 from .data import EVAL_STREAM, scene_seed
-from .images import load_image
+from ..images import load_image
 from .questions import describe, suggested_questions
 from .scenes import Scene, generate_scene, render_scene
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
+EXAMPLES_DIR = ASSETS / "examples"
 EXAMPLES_SEED = 20_261_128  # a seed of its own: examples are neither training nor eval scenes
 
 

@@ -2,7 +2,7 @@
 autoscaling, and the very HTTP contract of the single-process service.
 
 Each replica loads the (VLM, MAE) pair once and serves the single-process FastAPI app
-(cloud_service.create_app) through `@serve.ingress`: /healthz, /v1/info, /v1/full,
+(cloud.create_app) through `@serve.ingress`: /healthz, /v1/info, /v1/full,
 /v1/progressive and the WebSocket /v1/progressive/stream (Ray Serve passes WebSockets through
 a FastAPI ingress: docs.ray.io, serve/http-guide, "WebSockets"). Behind the app the model is
 a `BatchingCloudModel` whose jobs go to the replica's `@serve.batch` method, so Ray Serve
@@ -23,9 +23,10 @@ import time
 from functools import partial
 from pathlib import Path
 
-from . import cloud_service
+from . import cloud
 from .batching import MAX_BATCH, MAX_WAIT_MS, Batched, BatchingCloudModel, Job, run_isolated, run_jobs
-from .cloud_service import DEFAULT_MAX_BODY_BYTES
+from .cloud import DEFAULT_MAX_BODY_BYTES
+from ..net.http_limits import bind_names
 
 APP_NAME = "progvlm-cloud"
 
@@ -33,7 +34,7 @@ APP_NAME = "progvlm-cloud"
 def cloud_app(model: BatchingCloudModel, token: str | None, max_body_bytes: int,
               allowed_hosts=frozenset()):
     """The single-process service's FastAPI app, around `model`."""
-    return cloud_service.create_app(model.split, token, max_body_bytes, model=model,
+    return cloud.create_app(model.split, token, max_body_bytes, model=model,
                                     allowed_hosts=allowed_hosts)
 
 
@@ -49,7 +50,7 @@ def _replica_class():
                      allowed_hosts=()):
             import torch
 
-            from .split import load_split
+            from ..split import load_split
             torch.set_num_threads(threads)
             self.split = load_split(vlm, mae)
             self.token, self.max_body_bytes = token, max_body_bytes

@@ -13,7 +13,7 @@ With the bundled VLM (generated scenes, exact ground truth), one seeded run of:
     5. floor           the bits the scene's ground truth needs, beside the bytes each k sends
 
 Writes CSV/JSON, PNG plots and a Markdown summary to the results folder. The edge agent is
-driven through its public interface only: a child process (`progvlm.services.edge_service`)
+driven through its public interface only: a child process (`progvlm.serve.children.edge_service`)
 asked over HTTP, so progvlm imports nothing from edge_agent.
 
 With `--images DIR` (any VLM; the only choice for a non-bundled one): `run_cost_profile`, the
@@ -62,7 +62,7 @@ def _write_csv(path: Path, rows: list[dict]):
 def scene_graph_bits(scene) -> float:
     """Bits that name the scene's ground truth: the object count, then per object its colour,
     shape, size and grid cell (what every question here can ask about)."""
-    from .scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES
+    from ..toyworld.scenes import COLOURS, GRID, MAX_OBJECTS, SHAPES, SIZES
     per_object = math.log2(len(COLOURS)) + math.log2(len(SHAPES)) + math.log2(len(SIZES)) \
         + math.log2(GRID * GRID)
     return math.log2(MAX_OBJECTS) + len(scene.objects) * per_object
@@ -70,7 +70,7 @@ def scene_graph_bits(scene) -> float:
 
 # ---- 1. rate–accuracy -------------------------------------------------------------------------
 def rate_accuracy(split, seed: int, questions: int, quick: bool, log) -> tuple[list[dict], dict]:
-    from .evaluate import eval_questions, evaluate_mae
+    from ..eval.evaluate import eval_questions, evaluate_mae
     qualities = QUICK_JPEG_QUALITIES if quick else JPEG_QUALITIES
     log(f"rate–accuracy: {questions} questions, JPEG q {qualities} at model and camera size")
     from tqdm import tqdm
@@ -135,7 +135,7 @@ def latency_cells(k_star: int, L: int, q_equal: int) -> list[tuple[str, dict]]:
 @functools.lru_cache(maxsize=16)
 def _raw_frame(path: str) -> tuple[bytes, int, int]:
     """An image file's pixels as a camera frame: RGB24 bytes, width, height."""
-    from .images import load_image
+    from ..images import load_image
     image = load_image(path)
     return np.asarray(image).tobytes(), image.size[0], image.size[1]
 
@@ -265,7 +265,7 @@ def cloud_load(split, images, k_star: int, seconds: float, log, ray: bool) -> li
     """The load test against the batching cloud (`serve-cloud --batching`) and, with `ray` and
     Ray Serve installed, against `serve-cloud-ray` (one replica, @serve.batch)."""
     import importlib.util
-    from .services import ChildService, cloud_service, free_port, new_token
+    from ..serve.children import ChildService, cloud_service, free_port, new_token
     with cloud_service(vlm="bundled", batching=True) as cloud:
         rows = load_test(split, cloud.url, cloud.token, images, k_star, seconds, log,
                          "one process, batched")
@@ -288,9 +288,9 @@ def load_test(split, cloud_url: str, cloud_token: str | None, images: list[str],
               seconds: float, log, backend: str = "one process, one request at a time") -> list[dict]:
     """N clients, each sending progressive requests back to back over loopback (no shaping),
     each over its own kept-open session."""
-    from .images import load_image
-    from .link import LinkProfile
-    from .transport import CloudLink
+    from ..images import load_image
+    from ..net.link import LinkProfile
+    from ..net.transport import CloudLink
     streams = [split.pack(split.edge(load_image(p), k_star)) for p in images]
     fast = LinkProfile(10_000.0, 0.0)
     rows = []
@@ -398,12 +398,12 @@ def plot_breakdown(rows: list[dict], path: Path):
 # ---- the whole run ----------------------------------------------------------------------------
 def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both", log=print) -> dict:
     """`link`: "emulated" (the agent paces the bytes itself), "kernel" (a namespace and a veth
-    shaped by the kernel, progvlm/netlink.py; needs root) or "both" (the kernel one where the
+    shaped by the kernel, progvlm/net/kernel_link.py; needs root) or "both" (the kernel one where the
     machine allows it, and the gap between the two)."""
-    from .examples import load_examples
-    from .netlink import kernel_link, kernel_link_available
-    from .services import cloud_service, edge_service
-    from .split import load_split
+    from ..toyworld.examples import load_examples
+    from ..net.kernel_link import kernel_link, kernel_link_available
+    from ..serve.children import cloud_service, edge_service
+    from ..split import load_split
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     split = load_split("bundled")
@@ -674,8 +674,8 @@ def measure_costs(split, image_paths, edge_threads: int = 1, max_new_tokens: int
     best of CHEAP_STAGE_REPEATS runs per image)."""
     import torch
 
-    from .images import ImageInputError, encode_jpeg, load_image, resize_for_model
-    from .split import Frame
+    from ..images import ImageInputError, encode_jpeg, load_image, resize_for_model
+    from ..split import Frame
     vlm, mae, L = split.vlm, split.mae, split.num_layers
     cloud = cloud_split or split
     if cloud.fingerprint != split.fingerprint or cloud.vlm.model_id != vlm.model_id:
@@ -857,7 +857,7 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
     L = costs["L"]
     note = None
     if vlm_spec is not None and Path(vlm_spec).is_dir():
-        from .backends.random_hf import NOTE_FILE
+        from ..backends.random_hf import NOTE_FILE
         marker = Path(vlm_spec) / NOTE_FILE
         if marker.is_file():
             note = json.loads(marker.read_text())["note"]

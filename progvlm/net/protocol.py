@@ -17,7 +17,7 @@ KINDS = ("progressive", "full")  # what one request on the stream carries
 MAX_QUESTION_CHARS = 500
 # The most time one request may spend on the shaped link (round trip + payload + reply at the
 # asked bandwidth); the edge refuses a request that would take longer before sending anything.
-# The link's own ranges (progvlm.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
+# The link's own ranges (progvlm.net.link: 0.01–10000 Mbps, RTT 0–10000 ms) are checked first.
 MAX_LINK_S = 120.0
 # The most time one request may take from its start to its answer, by default: the link's bound
 # and a minute of compute and of waiting for the device (one request at a time). The cloud cuts

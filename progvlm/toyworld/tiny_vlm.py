@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..questions import BOS, EOS, PAD, SEP, VOCAB, WORD_TO_ID
-from ..scenes import COLOURS, GRID, SHAPES, SIZES
+from .questions import BOS, EOS, PAD, SEP, VOCAB, WORD_TO_ID
+from .scenes import COLOURS, GRID, SHAPES, SIZES
 
 
 @dataclass

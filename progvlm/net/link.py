@@ -37,7 +37,7 @@ class LinkProfile:
     bandwidth_mbps: float
     rtt_ms: float = 0.0
     chunk_bytes: int = 1000  # ≈ one Ethernet payload: pacing granularity
-    # False: a real network carries the bytes (e.g. progvlm.netlink's kernel link), so nothing
+    # False: a real network carries the bytes (e.g. progvlm.net.kernel_link's kernel link), so nothing
     # is paced or slept here; bandwidth and RTT then only describe that network, to split the
     # measured time into the uplink and downlink stages
     emulated: bool = True

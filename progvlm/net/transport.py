@@ -8,7 +8,7 @@ a small pool of open sockets, one per concurrent caller. HTTP is used for /v1/in
 
 Every request pays the round trip as half before its first byte (the request propagating) and
 half after its reply (the answer propagating back); the bytes themselves leave at the shaped
-bandwidth through `progvlm.link.paced_chunks`, and the reply's bytes are held back until a link
+bandwidth through `progvlm.net.link.paced_chunks`, and the reply's bytes are held back until a link
 of that bandwidth would have delivered them. Each stage time is measured wall time, and the
 stages of an Exchange add up to its wall time:
 
@@ -45,7 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.protocol import State
 from websockets.sync.client import connect as ws_connect
 
-from .bitstream import parse
+from ..codec.bitstream import parse
 from .link import LinkProfile, paced_chunks, paced_segments
 from .protocol import INFO_PATH, STREAM_PATH
 

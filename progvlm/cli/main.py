@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .http_limits import add_allow_host
+from ..net.http_limits import add_allow_host
 
 
 def _add_vlm(p, mae: bool = True):
@@ -206,7 +206,7 @@ def _add_serve_cloud(sub):
 
 
 def _add_serve_cloud_ray(sub):
-    from .batching import MAX_BATCH, MAX_WAIT_MS
+    from ..serve.batching import MAX_BATCH, MAX_WAIT_MS
     p = sub.add_parser("serve-cloud-ray", help="the cloud backend on Ray Serve: replicas, "
                        "request batching, autoscaling (pip install 'ray[serve]')",
                        description="The serve-cloud HTTP contract (the same FastAPI app, WebSocket "
@@ -234,9 +234,9 @@ def _add_serve_cloud_ray(sub):
 
 def cmd_serve_cloud_ray(a) -> int:
     import os
-    from .cloud_service import TOKEN_ENV
+    from ..serve.cloud import TOKEN_ENV
     try:
-        from .ray_serve import serve_ray
+        from ..serve.ray_serve import serve_ray
         import ray.serve  # noqa: F401
     except ImportError:
         print("error: serve-cloud-ray needs Ray Serve: pip install 'ray[serve]' (see "
@@ -289,7 +289,7 @@ def _add_bench(sub):
 
 
 def _add_make_random_vlm(sub):
-    from .backends.random_hf import NOTE, PRESETS
+    from ..backends.random_hf import NOTE, PRESETS
     p = sub.add_parser("make-random-vlm", help="write a random-weight transformers VLM folder "
                        "(a stand-in for a Hub checkpoint, offline)",
                        description="Write a transformers VLM folder with random weights that "
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_backend(spec: str | None):
-    from .backends import load_vlm
+    from ..backends import load_vlm
     return load_vlm(spec)
 
 
@@ -327,7 +327,7 @@ def _emit(result: dict, as_json: bool, lines: list[str]):
 
 
 def cmd_train_vlm(a) -> int:
-    from .training.train_vlm import train_vlm
+    from ..training.train_vlm import train_vlm
     summary = train_vlm(a.out, a.workdir, steps=a.steps, num_scenes=a.scenes, batch=a.batch,
                         lr=a.lr, seed=a.seed, eval_every=a.eval_every, resume=not a.no_resume,
                         log=lambda m: print(m, file=sys.stderr))
@@ -339,8 +339,8 @@ def cmd_train_vlm(a) -> int:
 
 def _time_halves(backend, repeats: int = 20) -> dict:
     """Median wall time of the edge half and the cloud half, one image at a time."""
-    from .evaluate import median_ms
-    from .scenes import generate_scene, render_scene
+    from ..eval.evaluate import median_ms
+    from ..toyworld.scenes import generate_scene, render_scene
     img = render_scene(generate_scene(7))
     q = "describe the scene ."
     edge, cloud = median_ms(lambda: backend.edge_half(img), lambda t: backend.cloud_half(t, q),
@@ -352,7 +352,7 @@ def _time_halves(backend, repeats: int = 20) -> dict:
 
 def cmd_eval_vlm(a) -> int:
     from tqdm import tqdm
-    from .evaluate import evaluate_backend
+    from ..eval.evaluate import evaluate_backend
     if a.questions < 1:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
@@ -378,9 +378,9 @@ def cmd_eval_vlm(a) -> int:
 
 
 def cmd_train_mae(a) -> int:
-    from .backends.tiny import TinyVLMBackend
-    from .models.mae import MAEConfig
-    from .training import train_mae as tm
+    from ..backends.tiny import TinyVLMBackend
+    from ..models.mae import MAEConfig
+    from ..training import train_mae as tm
 
     def fail(message) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -443,8 +443,8 @@ def cmd_train_mae(a) -> int:
 
 def cmd_eval_mae(a) -> int:
     from tqdm import tqdm
-    from .backends import load_vlm
-    from .split import load_split
+    from ..backends import load_vlm
+    from ..split import load_split
     vlm = load_vlm(a.vlm)
     if a.images is not None:
         return _eval_mae_on_images(a, load_split(vlm, a.mae))
@@ -463,7 +463,7 @@ def cmd_eval_mae(a) -> int:
     if count < 1:
         print("error: --questions must be at least 1", file=sys.stderr)
         return 2
-    from .evaluate import evaluate_mae
+    from ..eval.evaluate import evaluate_mae
     split = load_split(vlm, a.mae)
     t0 = time.time()
     with tqdm(desc="eval-mae", unit="scene", file=sys.stderr) as bar:
@@ -493,7 +493,7 @@ def cmd_eval_mae(a) -> int:
 def _eval_mae_on_images(a, split) -> int:
     """eval-mae --images DIR: any VLM, no ground truth (evaluate_mae_on_images)."""
     from tqdm import tqdm
-    from .evaluate import evaluate_mae_on_images
+    from ..eval.evaluate import evaluate_mae_on_images
     got = _images_and_questions(a)
     if got is None:
         return 2
@@ -528,7 +528,7 @@ def _eval_mae_on_images(a, split) -> int:
 
 def _adaptive_lines(ad: dict, split, plot: Path | None) -> list[str]:
     """The adaptive row's details under the eval-mae table; writes the reliability plot."""
-    from .adaptive import plot_reliability
+    from ..adaptive import plot_reliability
     target, L = ad["target"], len(ad["layers_histogram"])
     _, source = split.adaptive_threshold()
     hist = ", ".join(f"k={k}: {n}" for k, n in ad["layers_histogram"].items())
@@ -551,7 +551,7 @@ def _adaptive_lines(ad: dict, split, plot: Path | None) -> list[str]:
 def _images_and_questions(a):
     """--images DIR and --questions FILE → (image paths, questions); prints the error and
     returns None for bad ones."""
-    from .evaluate import default_questions, read_questions
+    from ..eval.evaluate import default_questions, read_questions
     if not a.images.is_dir():
         print(f"error: --images {a.images} is not a folder", file=sys.stderr)
         return None
@@ -566,8 +566,9 @@ def _images_and_questions(a):
 
 def cmd_calibrate_adaptive(a) -> int:
     from tqdm import tqdm
-    from . import adaptive, evaluate
-    from .split import load_split
+    from .. import adaptive
+    from ..eval import evaluate
+    from ..split import load_split
     budget = adaptive.BYTES_BUDGET if a.budget is None else a.budget
     if not 1.0 <= budget <= 100.0:
         print(f"error: --budget must be in 1..100 (mean bytes of k = 1), got {budget}",
@@ -634,7 +635,7 @@ def cmd_calibrate_adaptive(a) -> int:
 
 
 def cmd_ask(a) -> int:
-    from .images import ImageInputError, load_image
+    from ..images import ImageInputError, load_image
     try:
         image = load_image(a.image)
     except ImageInputError as e:
@@ -652,7 +653,7 @@ def cmd_ask(a) -> int:
 
 
 def cmd_make_examples(a) -> int:
-    from .examples import write_examples
+    from ..toyworld.examples import write_examples
     for item in write_examples(count=a.count):
         print(f"{item['file']}: {item['description']}")
     return 0
@@ -660,28 +661,28 @@ def cmd_make_examples(a) -> int:
 
 def cmd_serve_cloud(a) -> int:
     import os
-    from . import cloud_service
-    from .http_limits import OpenBindError, check_bind
-    token = os.environ.get(cloud_service.TOKEN_ENV) or None
+    from ..serve import cloud
+    from ..net.http_limits import OpenBindError, check_bind
+    token = os.environ.get(cloud.TOKEN_ENV) or None
     try:
-        check_bind(a.host, token, a.allow_open, cloud_service.TOKEN_ENV)
+        check_bind(a.host, token, a.allow_open, cloud.TOKEN_ENV)
     except OpenBindError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if token is None:
-        print(cloud_service.open_access_warning(a.host), file=sys.stderr, flush=True)
+        print(cloud.open_access_warning(a.host), file=sys.stderr, flush=True)
     model_class = None
     if a.batching:
-        from .batching import BatchingCloudModel
+        from ..serve.batching import BatchingCloudModel
         model_class = BatchingCloudModel
-    cloud_service.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
+    cloud.serve(a.host, a.port, token, a.vlm, a.mae, a.max_body_bytes, a.threads,
                         allowed_origins=a.allow_origin, model_class=model_class,
                         allowed_hosts=a.allow_host)
     return 0
 
 
 def cmd_bench(a) -> int:
-    from .backends import BUNDLED, default_vlm_spec
+    from ..backends import BUNDLED, default_vlm_spec
     log = lambda m: print(m, file=sys.stderr, flush=True)
     if a.images is not None:
         return _bench_cost_profile(a, log)
@@ -690,7 +691,7 @@ def cmd_bench(a) -> int:
               f"{a.vlm or default_vlm_spec()} pass --images DIR to measure its cost profile "
               "(with --vlm and --mae)", file=sys.stderr)
         return 2
-    from .bench import run_bench
+    from ..bench.experiment import run_bench
     out = a.out or Path("runs/bench-quick" if a.quick else "docs/bench")
     headline = run_bench(out, seed=a.seed, quick=a.quick, link=a.link, log=log)
     _emit(headline, a.json, [
@@ -705,9 +706,9 @@ def cmd_bench(a) -> int:
 
 
 def _bench_cost_profile(a, log) -> int:
-    """bench --images DIR: the cost profile of any VLM (progvlm.bench.run_cost_profile)."""
-    from .bench import describe_interval, run_cost_profile
-    from .split import load_split
+    """bench --images DIR: the cost profile of any VLM (progvlm.bench.experiment.run_cost_profile)."""
+    from ..bench.experiment import describe_interval, run_cost_profile
+    from ..split import load_split
     # the device profiles are the edge agent's; the CLI hands them to the bench, which itself
     # imports nothing from edge_agent
     from edge_agent.profiles import get_profile, npu_profile
@@ -721,7 +722,7 @@ def _bench_cost_profile(a, log) -> int:
     split = load_split(a.vlm, a.mae)
     cloud_split = None
     if a.cloud_device:
-        from .backends import load_vlm
+        from ..backends import load_vlm
         cloud_split = load_split(load_vlm(a.vlm, device=a.cloud_device), split.mae)
     out = a.out or Path("runs/bench-cost")
     profiles = [get_profile("host"), get_profile("imx95-emulated"), npu_profile()]
@@ -756,7 +757,7 @@ def _bench_cost_profile(a, log) -> int:
 
 
 def cmd_make_random_vlm(a) -> int:
-    from .backends.random_hf import NOTE, NOTE_FILE, write_random_vlm
+    from ..backends.random_hf import NOTE, NOTE_FILE, write_random_vlm
     out = write_random_vlm(a.out, a.preset, seed=a.seed)
     note = json.loads((out / NOTE_FILE).read_text())
     print(f"{out}: {a.preset}, N x D = {note['visual_tokens']} x {note['token_dim']} visual "
@@ -771,8 +772,8 @@ def main(argv=None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
-    from .backends import VLMSpecError
-    from .split import SplitError
+    from ..backends import VLMSpecError
+    from ..split import SplitError
     try:
         return _COMMANDS[a.command](a)
     except (VLMSpecError, SplitError) as e:  # a VLM or MAE that cannot be loaded: say why

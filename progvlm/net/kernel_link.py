@@ -16,7 +16,7 @@ Needs Linux, root, `ip` and `tc` (iproute2). `kernel_link_available()` says why 
                                  "--host", link.listen_host, "--port", str(link.inner_port)]))
         ... the edge on this host talks to link.cloud_url ...
 
-The relay is also a command: `python -m progvlm.netlink relay LISTEN_HOST:PORT TARGET_HOST:PORT
+The relay is also a command: `python -m progvlm.net.kernel_link relay LISTEN_HOST:PORT TARGET_HOST:PORT
 DELAY_MS`.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def kernel_link(rate_mbit: float, rtt_ms: float, prefer_netem: bool = True):
         else:
             inner_port = INNER_PORT
             relay = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "progvlm.netlink", "relay",
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "progvlm.net.kernel_link", "relay",
                  f"{cloud_ip}:{CLOUD_PORT}", f"127.0.0.1:{inner_port}", f"{rtt_ms / 2:g}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 preexec_fn=die_with_parent)
@@ -258,7 +258,7 @@ def _address(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None):
     import argparse
-    p = argparse.ArgumentParser(prog="python -m progvlm.netlink")
+    p = argparse.ArgumentParser(prog="python -m progvlm.net.kernel_link")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("relay", help="a TCP relay that delays each direction by DELAY_MS")
     r.add_argument("listen")

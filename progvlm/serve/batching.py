@@ -36,10 +36,10 @@ from typing import Any, Callable
 
 import torch
 
-from .bitstream import BitstreamError
-from .cloud_service import CloudModel, RequestError
-from .backends.base import Answer, Grid
-from .split import Frame, Split
+from ..codec.bitstream import BitstreamError
+from .cloud import CloudModel, RequestError
+from ..backends.base import Answer, Grid
+from ..split import Frame, Split
 
 #: the most requests one batch holds (16 answers take ~4-5 × one answer's time on one CPU
 #: thread with the bundled VLM; larger batches add latency for little more throughput)
@@ -271,7 +271,7 @@ class BatchingCloudModel(CloudModel):
                 "layers_announced": frame.layers_announced, "partial": frame.partial}
 
 
-# ---- measurement (python -m progvlm.batching) ---------------------------------------------
+# ---- measurement (python -m progvlm.serve.batching) ---------------------------------------------
 def measure_clients(model: CloudModel, requests: list[tuple[bytes, str]], clients: int,
                     seconds: float = 5.0) -> dict:
     """`clients` threads, each asking model.progressive in a closed loop (the next request
@@ -314,11 +314,11 @@ def _measure_main(argv=None):
 
     import numpy as np
 
-    from .data import training_questions
-    from .scenes import generate_scene, render_scene
-    from .split import load_split
+    from ..toyworld.data import training_questions
+    from ..toyworld.scenes import generate_scene, render_scene
+    from ..split import load_split
 
-    parser = argparse.ArgumentParser(prog="python -m progvlm.batching", description=_measure_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m progvlm.serve.batching", description=_measure_main.__doc__)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2,

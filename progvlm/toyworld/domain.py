@@ -1,6 +1,6 @@
 """Does an image look like one of the bundled VLM's generated scenes?
 
-The bundled VLM (progvlm/models/tiny_vlm.py) only ever saw progvlm/scenes.py's scenes: 1-4 flat
+The bundled VLM (progvlm/toyworld/tiny_vlm.py) only ever saw progvlm/toyworld/scenes.py's scenes: 1-4 flat
 shapes in six palette colours over a background that is ONE colour tint plus grey-level
 variation (lighting blotches, stripe/checker/speckle texture and noise are added equally to R, G
 and B). Given a photograph it still answers, confidently and wrongly. `check_scene_domain` says
@@ -20,7 +20,7 @@ with (almost) no shape pixels (< 0.05 %) is not a scene at all: score 1.0. That 
 photographs, blank frames and noise, whose pixels are all "background" (chroma constant, 0).
 in_domain = score <= THRESHOLD (0.08).
 
-Measured separation (`python -m progvlm.domain` prints it; scenes of the evaluation seed stream,
+Measured separation (`python -m progvlm.toyworld.domain` prints it; scenes of the evaluation seed stream,
 photographs: the images in skimage.data that need no download, each as is and as JPEG q30):
   * off-scene fraction of generated scenes: 0.000..0.048 over 306 scenes (the six
     assets/examples included) x 6 versions (as rendered at 512 px, JPEG q30, resized to 128 px
@@ -58,7 +58,7 @@ Candidates tried that do NOT separate (range over scenes vs over photographs, sa
 Cost: ~0.7 ms for a 128 px image (the model's view: pass that when you have it), ~1.5-2 ms for a
 512 px one (0.6 ms of it the resize), on one x86 core; a 12 MP photograph costs its resize
 (~20 ms, paid anyway to feed the model). NumPy and Pillow only: the edge runtime without PyTorch
-can run it too. No stored statistics: the palette comes from progvlm/scenes.py.
+can run it too. No stored statistics: the palette comes from progvlm/toyworld/scenes.py.
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .images import encode_jpeg, resize_for_model, to_rgb
+from .. import ASSETS
+from ..images import encode_jpeg, resize_for_model, to_rgb
 from .scenes import COLOURS
 
 VIEW_SIZE = 128  # the bundled VLM's input size (assets/tiny_vlm/config.json, image_size)
@@ -143,10 +144,9 @@ def check_scene_domain(image: Image.Image) -> DomainCheck:
 
 def _measure(seeds: int = 300) -> None:
     """Print the class ranges behind THRESHOLD and MIN_SHAPE_FRACTION (run after changing
-    progvlm/scenes.py): generated scenes and their JPEG'd/resized copies vs scikit-image's
+    progvlm/toyworld/scenes.py): generated scenes and their JPEG'd/resized copies vs scikit-image's
     photographs (skipped without scikit-image)."""
     import io
-    from pathlib import Path
 
     from .data import EVAL_STREAM, scene_seed
     from .scenes import generate_scene, render_scene
@@ -159,7 +159,7 @@ def _measure(seeds: int = 300) -> None:
         return [im, jpeg(im), small, big, jpeg(small), jpeg(big)]
 
     scenes = [render_scene(generate_scene(scene_seed(EVAL_STREAM, 7, i))) for i in range(seeds)]
-    examples = Path(__file__).resolve().parents[1] / "assets" / "examples"
+    examples = ASSETS / "examples"
     scenes += [Image.open(p).convert("RGB") for p in sorted(examples.glob("scene_*.png"))]
     s = np.array([scene_fractions(v) for im in scenes for v in variants(im)])
     print(f"scenes ({len(s)}): off-scene {s[:, 0].min():.4f}..{s[:, 0].max():.4f}, "

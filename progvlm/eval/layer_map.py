@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import load_image, to_rgb
+from ..images import load_image, to_rgb
 
 
 def layer_residuals(split, image) -> np.ndarray | None:

@@ -6,7 +6,7 @@ code's cost in bits times λ (the entropy-constrained assignment), the per-stage
 frequencies (the range coder's model) and the MAE's fingerprint. `MAE.compress` (PyTorch host),
 the ONNX edge and the cloud's `MAE.decompress` all go through this class, so their payloads are
 byte-identical for the same latent. Framing (header, checksums) is not done here: it is applied
-once, at the transport (progvlm/bitstream.py, progvlm/split.py).
+once, at the transport (progvlm/codec/bitstream.py, progvlm/split.py).
 """
 from __future__ import annotations
 

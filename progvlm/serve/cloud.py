@@ -24,10 +24,10 @@ a request's line and headers must arrive within http_limits.HEAD_TIMEOUT_S (Head
 
 Concurrency: requests are received concurrently. By default (`CloudModel`) the model runs one
 request at a time under a lock, first come first served: every stage time is one request's.
-With `--batching` (`progvlm.batching.BatchingCloudModel`) concurrent requests run as one batch
+With `--batching` (`progvlm.serve.batching.BatchingCloudModel`) concurrent requests run as one batch
 (MAE decode, prefill and greedy decoding together, after a wait of a few ms at most, and none
 for a lone request); each answer then says its batch size and its `queue` time. Beyond one
-process, `serve-cloud-ray` serves this same app on Ray Serve replicas (progvlm/ray_serve.py).
+process, `serve-cloud-ray` serves this same app on Ray Serve replicas (progvlm/serve/ray_serve.py).
 """
 from __future__ import annotations
 
@@ -46,14 +46,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
-from .bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
-from .frame_cache import CachedFrame, FrameCache, check_frame_id
-from .http_limits import (READ_TIMEOUT_S, BoundedBody, CatchErrors, HeadDeadline, RequireToken,
+from ..codec.bitstream import MAX_HEADER_BYTES, BitstreamError, TruncatedStream, parse_header
+from ..net.frame_cache import CachedFrame, FrameCache, check_frame_id
+from ..net.http_limits import (READ_TIMEOUT_S, BoundedBody, CatchErrors, HeadDeadline, RequireToken,
                           TrustedHost, bearer_ok, bind_names)
-from .images import ImageInputError, load_image
-from .protocol import (FULL_PATH, INFO_PATH, KINDS, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
+from ..images import ImageInputError, load_image
+from ..net.protocol import (FULL_PATH, INFO_PATH, KINDS, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
                        REQUEST_TIMEOUT_S, STREAM_PATH, check_question)
-from .split import Frame, Split
+from ..split import Frame, Split
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -244,8 +244,8 @@ def create_app(split: Split, token: str | None = None,
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
     open the WebSocket; none by default. `allowed_hosts`: names it answers to besides its
     addresses and localhost (http_limits.TrustedHost; bind_names() makes them). `frame_cache`: where conversations keep their frames
-    (progvlm.frame_cache's bounds by default)."""
-    model = model or CloudModel(split)  # or a progvlm.batching.BatchingCloudModel
+    (progvlm.net.frame_cache's bounds by default)."""
+    model = model or CloudModel(split)  # or a progvlm.serve.batching.BatchingCloudModel
     app = FastAPI(title="progvlm cloud backend", version="1")
     app.state.model = model
     app.state.frame_cache = frame_cache if frame_cache is not None else FrameCache()
@@ -325,7 +325,7 @@ def create_app(split: Split, token: str | None = None,
         layer or the end.
 
         Conversations: a request with a `frame_id` leaves the frame's bytes (a stream's
-        complete layers, or the image) in the cloud's bounded cache (progvlm.frame_cache),
+        complete layers, or the image) in the cloud's bounded cache (progvlm.net.frame_cache),
         for this peer only. A request with "resume": true asks for them first, and the cloud
         answers at once with one of
             {"type": "resumed", "frame_id", "layers": j, "received_bytes"}  then, progressive:
@@ -343,7 +343,7 @@ def create_app(split: Split, token: str | None = None,
                 raise RequestError(403, f"a page from origin {origin} may not use this backend "
                                         "(allow it with --allow-origin)")
             app.state.stream_connections += 1
-            # conversations' frames are this peer's alone (progvlm.frame_cache)
+            # conversations' frames are this peer's alone (progvlm.net.frame_cache)
             client = ws.client.host if ws.client else "unknown"
             await _StreamSession(ws, model, limits, app.state.frame_cache, client).run()
         except RequestError as e:
@@ -679,10 +679,10 @@ def serve(host: str, port: int, token: str | None = None, vlm=None, mae=None,
     """Run the service for a VLM spec and an MAE folder (progvlm.split.load_split). One compute
     thread by default: on a host shared with the edge (the demo, the tests, the benchmark)
     more threads only steal the edge's core. `model_class`: CloudModel (default: one request at
-    a time) or progvlm.batching.BatchingCloudModel (concurrent requests as batches)."""
+    a time) or progvlm.serve.batching.BatchingCloudModel (concurrent requests as batches)."""
     import torch
     import uvicorn
-    from .split import load_split
+    from ..split import load_split
     torch.set_num_threads(threads)
     split = load_split(vlm, mae)
     app = create_app(split, token, max_body_bytes, allowed_origins,

@@ -1,0 +1,1 @@
+"""The codec: the bitstream, entropy coding and the coding tables (torch-free)."""

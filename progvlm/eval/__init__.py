@@ -1,0 +1,1 @@
+"""Evaluation: the eval loops, metrics, baselines, the layer map."""

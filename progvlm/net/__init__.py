@@ -1,0 +1,1 @@
+"""The network: link model, transport, protocol, frame cache, HTTP guards."""
