@@ -76,7 +76,7 @@ def test_the_agent_answers_every_mode_with_the_same_vlm(pair, cloud, images):
     records = {m: agent.ask(image, Q, m, k=2, bandwidth_mbps=5, rtt_ms=2) for m in MODES}
     # full-edge: the whole model on the frame; full-cloud: the whole model on the JPEG it sent
     assert records["full-edge"]["answer"] == split.whole(load_image(image), Q).text
-    sent = load_image(agent._jpeg(load_image(image), "camera", JPEG_QUALITY))
+    sent = load_image(agent._jpeg(load_image(image), "camera", JPEG_QUALITY)[0])
     assert records["full-cloud"]["answer"] == split.whole(sent, Q).text
     for r in records.values():
         assert r["vlm_id"] == split.vlm.model_id
