@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from cloud_server import serving
-from progvlm.cli.main import main as cli
+from progvlm import cli
 from progvlm.codec.bitstream import TruncatedStream, parse
 from progvlm.serve.cloud import create_app
 from progvlm.toyworld.examples import load_examples
