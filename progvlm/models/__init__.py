@@ -1,1 +1,2 @@
-"""Model definitions: the bundled tiny VLM (and, in later modules, the MAE)."""
+"""The codec's model: the MAE (mae.py), its quantisers (quantisers.py) and the transformer
+layers it shares with the bundled VLM (layers.py). Nothing here imports the toy world."""

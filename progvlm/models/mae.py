@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import ASSETS
 from ..codec import bitstream, entropy
-from ..toyworld.tiny_vlm import Block
+from .layers import Block
 
 DEFAULT_MAE = ASSETS / "mae"
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.layers import Block, KVCache
 from .questions import BOS, EOS, PAD, SEP, VOCAB, WORD_TO_ID
 from .scenes import COLOURS, GRID, SHAPES, SIZES
 
@@ -49,7 +50,6 @@ class TinyVLMConfig:
         return json.dumps(asdict(self), indent=2)
 
 
-KVCache = list  # one (k, v) pair per layer; k, v: (B, heads, T, head_dim)
 FOCUS_HEADS = 2  # heads of cfg.focus_layer taught where to look (see training_losses)
 RELATION_WORDS = ("left", "right", "above", "below")  # the words that name a spatial relation
 
@@ -66,55 +66,6 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
         ang = c[:, None] * freqs[None]
         parts += [ang.sin(), ang.cos()]
     return torch.cat(parts, 1) * 0.5
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        # training instrumentation: when True, keep heads 0 and 1's attention over `past` keys
-        self.capture = False
-        self.captured = None
-
-    def forward(self, x, causal: bool, past=None, key_mask=None):
-        """x: (B, T, D). past: (k, v) that every query of x also sees (a KV cache, or a
-        shared visual prefix). key_mask (B, P+T), optional: False at keys no query may see
-        (the padding of a batch of prompts of different lengths).
-        Returns the output and this segment's (k, v)."""
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if past is None and key_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal and T > 1))
-        else:
-            pk, pv = past if past is not None else (k[:, :, :0], v[:, :, :0])
-            P = pk.shape[2]
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device)
-            if causal:
-                mask[:, P:] = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :]  # (B, 1, T, P+T)
-            keys = torch.cat([pk, k], 2)
-            out = F.scaled_dot_product_attention(q, keys, torch.cat([pv, v], 2), attn_mask=mask)
-            if self.capture:
-                keys = keys[:, :FOCUS_HEADS]
-                scores = q[:, :FOCUS_HEADS] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5
-                self.captured = scores.masked_fill(~mask, float("-inf")).softmax(-1)[..., :P]
-        return self.proj(out.transpose(1, 2).reshape(B, T, D)), (k, v)
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x, causal: bool, past=None, key_mask=None):
-        a, kv = self.attn(self.ln1(x), causal, past, key_mask)
-        x = x + a
-        return x + self.mlp(self.ln2(x)), kv
 
 
 class VisionEncoder(nn.Module):
@@ -156,7 +107,7 @@ class LanguageModel(nn.Module):
 
     def forward_embeds(self, x, past: KVCache | None = None, key_mask=None):
         """Run embeddings x (B, T, D), positions already added, after `past`; key_mask
-        (B, P+T), optional, hides padding (see Attention).
+        (B, P+T), optional, hides padding (see progvlm.models.layers.Attention).
         Returns final hidden states and the (k, v) of this segment, one pair per layer."""
         new = []
         for i, blk in enumerate(self.blocks):
@@ -353,13 +304,13 @@ class TinyVLM(nn.Module):
             aux_loss = aux_loss + F.cross_entropy(pos_logits.reshape(-1, G), target.reshape(-1)) / 2
         focus_block = self.lm.blocks[min(self.cfg.focus_layer, self.cfg.lm_layers - 1)]
         probe = focus_block.attn
-        probe.capture = focus is not None
+        probe.capture_heads = FOCUS_HEADS if focus is not None else 0
         after_focus = []
         hook = focus_block.register_forward_hook(lambda m, i, o: after_focus.append(o[0]))
         try:
             logits = self.teacher_forced_logits(tokens, text)
         finally:
-            probe.capture = False
+            probe.capture_heads = 0
             hook.remove()
         target = text.view(B * Q, T)[:, 1:]
         mask = answer_mask.view(B * Q, T)[:, 1:]
