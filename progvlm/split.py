@@ -1,12 +1,13 @@
 """The edge–cloud boundary of one (VLM, MAE) pair: the object every entry point builds on.
 
     edge:   Split.edge(image, k)            -> Frame(layers, num_tokens, grid, stage_ms)
-    wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py),
-                                             applied once, by the transport
+    wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py):
+                                             the edge packs, the cloud unpacks
     cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms, confidence)
             Split.decode_batch(frames) / language_batch([(tokens, question, grid), ...])
                                              the same for many requests as one batch
-    whole:  Split.whole(image, question)    -> the unsplit VLM (full-edge, full-cloud)
+    whole:  Split.whole(image, question)    -> the unsplit VLM's answer, the reference the
+                                             split path is checked against
 
 Every answer's `confidence` is the one adaptive refinement stops on: the rule of the MAE
 folder's adaptive.json (Split.adaptive_rule(), progvlm/adaptive.py), so the cloud and the
@@ -152,34 +153,19 @@ class Split:
 
     # ---- cloud -----------------------------------------------------------------------------
     def decode(self, frame: Frame) -> torch.Tensor:
-        try:
-            return self.mae.decompress(frame.layers, frame.num_tokens)
-        except EntropyDecodeError as e:
-            raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
+        """Layers 1..k → visual tokens (decode_batch of one frame)."""
+        return self.decode_batch([frame])[0]
 
-    @torch.no_grad()
     def decode_batch(self, frames: list[Frame]) -> list[torch.Tensor]:
         """decode() of many frames, the MAE decoder run once over all their blocks (each block
-        with its own frame's k): the same tokens as one by one (tests/test_batching.py) for a
-        fraction of the time. The steps are MAE.decompress's, split so the batch can share its
-        decoder pass. Raises BitstreamError for the first frame that cannot be decoded."""
-        if not frames:
-            return []
-        N, L = self.mae.cfg.num_tokens, self.num_layers
-        latents, ks = [], []
-        for frame in frames:
-            if not 1 <= frame.k <= L or frame.num_tokens <= 0 or frame.num_tokens % N:
-                raise bitstream.BitstreamError(f"{frame.k} layers of {frame.num_tokens} tokens "
-                                               f"do not fit this MAE (1..{L} layers, blocks of {N})")
-            try:
-                idx = self.mae.edge_codec().decode_indices(frame.layers, frame.num_tokens)
-            except EntropyDecodeError as e:
-                raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
-            latents.append(self.mae.rvq.lookup(torch.from_numpy(idx)).view(frame.num_tokens // N, N, -1))
-            ks += [frame.k] * (frame.num_tokens // N)
-        tokens = self.mae.decode_latent(torch.cat(latents), torch.tensor(ks))
-        return [block.reshape(-1, tokens.shape[-1])
-                for block in tokens.split([f.num_tokens // N for f in frames])]
+        with its own frame's k): MAE.decompress_batch, the one decoding path. Raises
+        BitstreamError for the first frame that cannot be decoded."""
+        try:
+            return self.mae.decompress_batch([(f.layers, f.num_tokens) for f in frames])
+        except EntropyDecodeError as e:
+            raise bitstream.BitstreamError(f"corrupt layer data: {e}") from None
+        except ValueError as e:  # layers or tokens this MAE does not take (MAE.check_layers)
+            raise bitstream.BitstreamError(str(e)) from None
 
     def cloud(self, frame: Frame, question: str, max_new_tokens: int = 32) -> Answer:
         """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
@@ -221,7 +207,8 @@ class Split:
         return answers
 
     def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:
-        """The unsplit VLM: full-edge on the device, full-cloud on the server."""
+        """The unsplit VLM's answer (backend.answer): the reference that the split path's
+        answers are compared with."""
         return self.vlm.answer(image, question, max_new_tokens)
 
 

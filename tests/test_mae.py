@@ -147,7 +147,7 @@ def _unfolded_layers(mae: MAE, tokens: torch.Tensor, k: int) -> list[bytes]:
     Sequential encoder), the cost |c|² − 2r·c + λ·bits as one expression, fresh stage models."""
     with torch.no_grad():
         latent = mae.encode_latent(tokens).numpy()
-    q, residual, indices = mae.rvq, latent, []
+    q, residual, indices = mae.quantiser, latent, []
     for layer in range(k):
         cb = q.codebooks[layer].numpy()
         bits = (q.rate_lambda[layer] * q.rate_scale * q.typical_dist[layer] * q.code_bits(layer)).numpy()

@@ -107,7 +107,7 @@ def test_the_numpy_coder_reproduces_the_pytorch_assignment_rule(runtimes, tokens
     for a, _ in tokens:
         with torch.inference_mode():
             latent = mae.encode_latent(torch.from_numpy(a))
-            idx = mae.rvq.quantise(latent)[0].numpy()
+            idx = mae.quantiser.quantise(latent)[0].numpy()
         models = mae.stage_models()
         reference = [models[l].encode(idx[l]) for l in range(4)]
         identical += onnx_rt.codec.encode_layers(latent.numpy(), 4) == reference

@@ -3,10 +3,11 @@ code-assignment rule and the range coding live.
 
 What a board needs besides the ONNX encoder (tokens → latent): the residual codebooks, each
 code's cost in bits times λ (the entropy-constrained assignment), the per-stage code
-frequencies (the range coder's model) and the MAE's fingerprint. `MAE.compress` (PyTorch host),
-the ONNX edge and the cloud's `MAE.decompress` all go through this class, so their payloads are
-byte-identical for the same latent. Framing (header, checksums) is not done here: it is applied
-once, at the transport (progvlm/codec/bitstream.py, progvlm/split.py).
+frequencies (the range coder's model) and the MAE's fingerprint, all from the quantiser's
+public `coding_tables()` (progvlm/models/quantisers.py). `MAE.compress` (PyTorch host), the ONNX
+edge and the cloud's `MAE.decompress` all go through this class, so their payloads are
+byte-identical for the same latent. Framing (header, checksums) is not done here: the edge packs
+the payloads once (progvlm/codec/bitstream.py through `Split.pack`).
 """
 from __future__ import annotations
 
@@ -38,13 +39,10 @@ class MAEEncoderTables:
 
     @classmethod
     def from_mae(cls, mae) -> "MAEEncoderTables":
-        """The tables of a PyTorch MAE. The bit costs come from the torch expression of
-        ResidualVQ.assign, evaluated in the same order, so they are the same float32 values."""
-        q = mae.rvq
-        bit_cost = np.stack([(q.rate_lambda[l] * q.rate_scale * q.typical_dist[l]
-                              * q.code_bits(l)).numpy() for l in range(len(q.codebooks))])
-        return cls(q.codebooks.numpy().copy(), bit_cost, q.usage.double().numpy(),
-                   mae.fingerprint(), mae.cfg.num_tokens)
+        """The tables of a PyTorch MAE: its quantiser's coding_tables() (the bit costs are the
+        float32 values the quantiser's own assignment adds), its fingerprint and block size."""
+        return cls(**mae.quantiser.coding_tables(), fingerprint=mae.fingerprint(),
+                   num_tokens=mae.cfg.num_tokens)
 
     def save(self, folder: str | Path):
         folder = Path(folder)
@@ -81,7 +79,7 @@ class MAEEncoderTables:
     def encode_layers(self, latent: np.ndarray, k: int) -> list[bytes]:
         """latent (M, d), M a multiple of the block size N → the payloads of layers 1..k.
         Only the k stages sent are assigned and coded."""
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_layers:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be an integer in 1..{self.num_layers}, got {k!r}")
         d = self.codebooks.shape[2]
         if latent.ndim != 2 or latent.shape[1] != d or latent.shape[0] % self.num_tokens \

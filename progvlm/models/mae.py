@@ -23,14 +23,15 @@ import json
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ASSETS
 from ..codec import bitstream, entropy
+from ..codec.tables import MAEEncoderTables
 from .layers import Block
+from .quantisers import Quantiser, build_quantiser
 
 DEFAULT_MAE = ASSETS / "mae"
 
@@ -49,9 +50,16 @@ class MAEConfig:
     decoder_heads: int = 4
     # λ per stage: how many "typical distortions" one bit is worth in the code assignment
     rate_lambda: list = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
+    quantiser: str = "rvq"  # a name in progvlm.models.quantisers.QUANTISERS
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as config.json and the fingerprint hold it. The quantiser is named only
+        when it is not the default: an MAE saved before quantisers had names keeps its
+        fingerprint, and its config.json (with no name) still loads as ResidualVQ."""
+        d = asdict(self)
+        if d["quantiser"] == MAEConfig.quantiser:
+            del d["quantiser"]
+        return d
 
     @classmethod
     def for_tokens(cls, num_tokens: int, token_dim: int, **overrides) -> "MAEConfig":
@@ -68,99 +76,36 @@ class MAEConfig:
         return cls(**{**sizes, **overrides})
 
 
-class ResidualVQ(nn.Module):
-    """L stages of entropy-constrained VQ with EMA codebooks and usage counts."""
-
-    def __init__(self, cfg: MAEConfig, decay: float = 0.99):
-        super().__init__()
-        L, K, d = cfg.num_layers, cfg.codebook_size, cfg.latent_dim
-        self.decay = decay
-        self.rate_lambda = list(cfg.rate_lambda) + [cfg.rate_lambda[-1]] * (L - len(cfg.rate_lambda))
-        self.register_buffer("codebooks", torch.randn(L, K, d) * 0.1)
-        self.register_buffer("ema_sum", self.codebooks.clone())
-        self.register_buffer("ema_count", torch.ones(L, K))
-        self.register_buffer("usage", torch.ones(L, K))  # code frequencies: the entropy model
-        self.register_buffer("typical_dist", torch.ones(L))
-        self.register_buffer("initialised", torch.zeros(L, dtype=torch.bool))
-        # training ramps the rate term in from 0: with it at full strength from the start, the
-        # most frequent code gets cheaper, hence more frequent, and later stages collapse
-        self.rate_scale = 1.0
-
-    def code_bits(self, layer: int) -> torch.Tensor:
-        p = self.usage[layer] / self.usage[layer].sum()
-        return -torch.log2(p.clamp_min(1e-6))
-
-    def assign(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
-        """residual (M, d) → code indices (M,): argmin distortion + λ·bits."""
-        cb = self.codebooks[layer]
-        dist = (residual.pow(2).sum(1, keepdim=True) - 2 * residual @ cb.T + cb.pow(2).sum(1))
-        lam = self.rate_lambda[layer] * self.rate_scale
-        cost = dist + lam * self.typical_dist[layer] * self.code_bits(layer)
-        return cost.argmin(1)
-
-    @torch.no_grad()
-    def _update(self, layer: int, residual: torch.Tensor, idx: torch.Tensor):
-        K = self.codebooks.shape[1]
-        if not bool(self.initialised[layer]):  # start from data, not noise
-            pick = torch.randperm(len(residual))[:K]
-            self.codebooks[layer, :len(pick)] = residual[pick]
-            self.ema_sum[layer, :len(pick)] = residual[pick]
-            self.typical_dist[layer] = residual.pow(2).sum(1).mean()
-            self.initialised[layer] = True
-            return
-        onehot = F.one_hot(idx, K).type_as(residual)
-        count = onehot.sum(0)
-        self.ema_count[layer].mul_(self.decay).add_(count, alpha=1 - self.decay)
-        self.ema_sum[layer].mul_(self.decay).add_(onehot.T @ residual, alpha=1 - self.decay)
-        self.usage[layer].mul_(self.decay).add_(count + 1e-3, alpha=1 - self.decay)
-        self.codebooks[layer] = self.ema_sum[layer] / self.ema_count[layer].clamp_min(1e-5)[:, None]
-        err = (residual - self.codebooks[layer][idx]).pow(2).sum(1).mean()
-        self.typical_dist[layer].mul_(self.decay).add_(err, alpha=1 - self.decay)
-        dead = self.ema_count[layer] < 1e-2  # restart unused codes on current residuals
-        if bool(dead.any()):
-            n = int(dead.sum())
-            pick = residual[torch.randint(len(residual), (n,))]
-            self.codebooks[layer, dead] = pick
-            self.ema_sum[layer, dead] = pick
-            self.ema_count[layer, dead] = 1.0
-
-    def quantise(self, z: torch.Tensor, update: bool = False):
-        """z (M, d) → indices (L, M), cumulative reconstructions (L, M, d), commit loss."""
-        residual, total = z, torch.zeros_like(z)
-        indices, cumulative, commit = [], [], z.new_zeros(())
-        for layer in range(self.codebooks.shape[0]):
-            r = residual.detach()
-            idx = self.assign(layer, r)
-            if update and self.training:
-                self._update(layer, r, idx)
-            q = self.codebooks[layer][idx]
-            commit = commit + F.mse_loss(residual, q.detach())
-            residual = residual - q.detach()
-            total = total + q
-            indices.append(idx)
-            cumulative.append(total)
-        return torch.stack(indices), torch.stack(cumulative), commit
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (k, M) → Σ of the first k stages' codes (M, d)."""
-        return sum(self.codebooks[l][indices[l]] for l in range(len(indices)))
-
-
 class MAE(nn.Module):
     def __init__(self, cfg: MAEConfig):
         super().__init__()
+        if not 1 <= cfg.num_layers <= bitstream.MAX_LAYERS:
+            raise ValueError(f"an MAE has 1..{bitstream.MAX_LAYERS} layers (what the bitstream "
+                             f"carries), not {cfg.num_layers}")
         self.cfg = cfg
         D, d, W = cfg.token_dim, cfg.latent_dim, cfg.decoder_width
         self.register_buffer("token_mean", torch.zeros(D))
         self.register_buffer("token_std", torch.ones(D))
         self.encoder = nn.Sequential(nn.Linear(D, cfg.encoder_hidden), nn.GELU(),
                                      nn.Linear(cfg.encoder_hidden, d))
-        self.rvq = ResidualVQ(cfg)
+        quantiser = build_quantiser(cfg)
+        self._quantiser_name = quantiser.weights_prefix
+        self.add_module(quantiser.weights_prefix, quantiser)
         self.dec_in = nn.Linear(d, W)
         self.dec_pos = nn.Parameter(torch.zeros(1, cfg.num_tokens, W))
         self.dec_k = nn.Embedding(cfg.num_layers + 1, W)  # the decoder is told k
         self.dec_blocks = nn.ModuleList(Block(W, cfg.decoder_heads) for _ in range(cfg.decoder_layers))
         self.dec_out = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, D))
+
+    @property
+    def quantiser(self) -> Quantiser:
+        """The quantiser module (saved under its weights_prefix: rvq.* for ResidualVQ)."""
+        return self._modules[self._quantiser_name]
+
+    @property
+    def num_layers(self) -> int:
+        """L: the layers this MAE codes (1..bitstream.MAX_LAYERS)."""
+        return self.cfg.num_layers
 
     # ---- the two halves ----------------------------------------------------------------
     def encode_latent(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -183,8 +128,8 @@ class MAE(nn.Module):
         were the identity."""
         B, N, _ = tokens.shape
         z = self.encode_latent(tokens)
-        _, cumulative, commit = self.rvq.quantise(z.reshape(B * N, -1), update=update_codebooks)
-        q_k = cumulative.view(self.cfg.num_layers, B, N, -1)[k - 1, torch.arange(B)]
+        _, cumulative, commit = self.quantiser.quantise(z.reshape(B * N, -1), update=update_codebooks)
+        q_k = cumulative.view(self.num_layers, B, N, -1)[k - 1, torch.arange(B)]
         z_st = z + (q_k - z).detach()
         return self.decode_latent(z_st, k), commit
 
@@ -204,17 +149,12 @@ class MAE(nn.Module):
                              f"not to {backend.model_id}")
 
     def stage_models(self) -> list[entropy.StageModel]:
-        return [entropy.StageModel(self.rvq.usage[l].double().numpy())
-                for l in range(self.cfg.num_layers)]
+        """The range coder's model of each stage, from the quantiser's code frequencies."""
+        return [entropy.StageModel(u) for u in self.quantiser.coding_tables()["usage"]]
 
-    def encode_indices(self, tokens: torch.Tensor) -> np.ndarray:
-        """tokens (N, D) → code indices (L, N). The same assignment rule as training, with the
-        small per-stage steps in NumPy (progvlm/codec/tables.py, which a board runs without
-        PyTorch): on the edge, per-op overhead is most of the cost."""
-        return self.edge_codec().indices(self._latent(tokens))
-
-    def _latent(self, tokens: torch.Tensor) -> np.ndarray:
-        """The edge's latent: the folded encoder, no autograd bookkeeping, no copies."""
+    def _latent(self, tokens: torch.Tensor):
+        """The edge's latent as a NumPy array: the folded encoder, no autograd bookkeeping,
+        no copies."""
         with torch.inference_mode():
             return self.inference_encoder()(tokens.to(torch.float32)).numpy()
 
@@ -226,33 +166,48 @@ class MAE(nn.Module):
 
     def compress(self, tokens: torch.Tensor, k: int | None = None) -> list[bytes]:
         """tokens (M, D), M a multiple of N (one block per image or tile) → the entropy-coded
-        payloads of layers 1..k (default: all L). Framing happens at the transport."""
-        L = self.cfg.num_layers
-        k = L if k is None else k
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= L:
-            raise ValueError(f"k must be an integer in 1..{L}, got {k!r}")
+        payloads of layers 1..k (default: all L), unframed: the caller packs them
+        (progvlm.split.Split.pack, the versioned, checksummed bitstream)."""
         self.check_tokens(tokens)
-        return self.edge_codec().encode_layers(self._latent(tokens), k)
+        return self.edge_codec().encode_layers(self._latent(tokens), self.num_layers if k is None else k)
+
+    def check_layers(self, k: int, num_tokens: int):
+        """ValueError unless k layers of num_tokens tokens are something this MAE decodes."""
+        N = self.cfg.num_tokens
+        if not 1 <= k <= self.num_layers or num_tokens <= 0 or num_tokens % N:
+            raise ValueError(f"{k} layers of {num_tokens} tokens do not fit this MAE "
+                             f"(1..{self.num_layers} layers, blocks of {N})")
 
     @torch.no_grad()
+    def decompress_batch(self, streams: list[tuple[list[bytes], int]]) -> list[torch.Tensor]:
+        """(payloads of layers 1..k, num_tokens) of many streams → their tokens (num_tokens, D),
+        the decoder run once over all their blocks, each block told its own stream's k.
+        Raises ValueError (check_layers) or EntropyDecodeError for the first stream this MAE
+        cannot decode."""
+        N = self.cfg.num_tokens
+        latents, ks = [], []
+        for layers, num_tokens in streams:
+            self.check_layers(len(layers), num_tokens)
+            idx = torch.from_numpy(self.edge_codec().decode_indices(layers, num_tokens))
+            latents.append(self.quantiser.get_output_from_indices(idx).view(num_tokens // N, N, -1))
+            ks += [len(layers)] * (num_tokens // N)
+        if not latents:
+            return []
+        tokens = self.decode_latent(torch.cat(latents), torch.tensor(ks))
+        return [block.reshape(-1, tokens.shape[-1])
+                for block in tokens.split([num_tokens // N for _, num_tokens in streams])]
+
     def decompress(self, layers: list[bytes], num_tokens: int) -> torch.Tensor:
-        """Payloads of layers 1..k → tokens (num_tokens, D), decoded with k.
-        Raises EntropyDecodeError for payloads this MAE cannot decode."""
-        N, L = self.cfg.num_tokens, self.cfg.num_layers
-        if not 1 <= len(layers) <= L:
-            raise ValueError(f"between 1 and {L} layers needed, got {len(layers)}")
-        if num_tokens <= 0 or num_tokens % N:
-            raise ValueError(f"{num_tokens} tokens is not a whole number of {N}-token blocks")
-        idx = torch.from_numpy(self.edge_codec().decode_indices(layers, num_tokens))
-        latent = self.rvq.lookup(idx).view(num_tokens // N, N, -1)
-        return self.decode_latent(latent, len(layers)).reshape(num_tokens, -1)
+        """Payloads of layers 1..k → tokens (num_tokens, D), decoded with k: decompress_batch
+        of one stream."""
+        return self.decompress_batch([(layers, num_tokens)])[0]
 
     # cached per instance (the weights are frozen once trained); invalidate_caches() after loading
-    def edge_codec(self):
-        """The MAE's coding tables in NumPy: the edge's half of compress (assignment, entropy
-        coding, framing), and the range coder's models that decompress uses too."""
+    def edge_codec(self) -> MAEEncoderTables:
+        """The MAE's coding tables in NumPy (from the quantiser's coding_tables()): the edge's
+        half of compress (assignment and entropy coding), and the range coder's models that
+        decompress uses too."""
         if getattr(self, "_cached_codec", None) is None:
-            from ..codec.tables import MAEEncoderTables
             self._cached_codec = MAEEncoderTables.from_mae(self)
         return self._cached_codec
 
@@ -263,13 +218,8 @@ class MAE(nn.Module):
             self._cached_encoder = FoldedEncoder(self)
         return self._cached_encoder
 
-    def _fingerprint(self):
-        if getattr(self, "_cached_fp", None) is None:
-            self._cached_fp = self.fingerprint()
-        return self._cached_fp
-
     def invalidate_caches(self):
-        self._cached_codec = self._cached_fp = self._cached_encoder = None
+        self._cached_codec = self._cached_encoder = None
 
 
 class FoldedEncoder:

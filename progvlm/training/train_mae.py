@@ -126,12 +126,12 @@ def _fit(backend, cfg: MAEConfig, data, stats: tuple[torch.Tensor, torch.Tensor]
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train-mae", unit="step",
                disable=not main)
     for step in bar:
-        # warm-up over 100 steps, then cosine down to 5%; the rate term ramps in over 40%
+        # warm-up over 100 steps, then cosine down to 5%; the quantiser's own schedule
         frac = step / max(1, steps)
         for g in opt.param_groups:
             g["lr"] = (lr * min(1.0, (step + 1) / 100)
                        * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
-        mae.rvq.rate_scale = min(1.0, step / (0.4 * steps))
+        mae.quantiser.set_training_progress(step, steps)
         b = next(batches)
         T, tiles = b["tokens"], b["tiles"]
         k = torch.randint(1, L + 1, (len(tiles),), generator=gen).to(device)
@@ -156,7 +156,7 @@ def _fit(backend, cfg: MAEConfig, data, stats: tuple[torch.Tensor, torch.Tensor]
                                              "vlm_id": key["vlm_id"]})
     accelerator.wait_for_everyone()
     mae = accelerator.unwrap_model(model).cpu().eval()
-    mae.rvq.rate_scale = 1.0
+    mae.quantiser.set_training_progress(steps, steps)  # its state for inference
     mae.invalidate_caches()
     training = dict(training, steps=steps, batch=batch, lr=lr, seed=seed, distill=distill,
                     mixed_precision=accelerator.mixed_precision,
