@@ -8,8 +8,9 @@ A spec is what every entry point takes as `--vlm` (or the PROGVLM_VLM environmen
     ORG/NAME           a Hugging Face Hub id, read from the local Hub cache; downloaded only where
                        downloads are allowed (PROGVLM_ALLOW_DOWNLOAD=1, e.g. a hosted Space)
 
-A new `transformers` family is added in one place: `hf.FAMILIES` (model_type → family) and the
-family's prompt/feature code in hf.py.
+A new `transformers` family is one class in hf_families.py (its prompt expansion, image
+features, tokens per block, input size, tile layouts) plus its `model_type` entry in
+`hf_families.FAMILIES`; `load_vlm` then loads it like any other.
 """
 from __future__ import annotations
 

@@ -55,6 +55,13 @@ def with_confidence(answer: Answer, chosen, runner_up) -> Answer:
     return answer
 
 
+def check_fixed_layout(model_id: str, tokens_per_block: int, num_tokens: int, grid: Grid) -> None:
+    """ValueError unless num_tokens is one block of tokens_per_block with no tile grid."""
+    if grid is not None or num_tokens != tokens_per_block:
+        raise ValueError(f"{model_id} takes {tokens_per_block} visual tokens with no tile grid, "
+                         f"not {num_tokens}" + (f" in a {grid} grid" if grid else ""))
+
+
 class VLMBackend(ABC):
     #: a stable id naming the model (and its weights), e.g. "progvlm-tiny@<sha>"
     model_id: str
@@ -96,9 +103,7 @@ class VLMBackend(ABC):
         tokens laid out as `grid`. The cloud asks this of a stream's header before it decodes
         anything, so a header cannot make it decode tokens the model would refuse. This
         default is a fixed layout: one block of tokens_per_block, no grid."""
-        if grid is not None or num_tokens != self.tokens_per_block:
-            raise ValueError(f"{self.model_id} takes {self.tokens_per_block} visual tokens with no "
-                             f"tile grid, not {num_tokens}" + (f" in a {grid} grid" if grid else ""))
+        check_fixed_layout(self.model_id, self.tokens_per_block, num_tokens, grid)
 
     # ---- what the page and the records show ---------------------------------------------------
     def describe(self) -> dict:

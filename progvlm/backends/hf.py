@@ -1,6 +1,7 @@
 """Hugging Face `transformers` VLMs as a backend, split at the visual tokens.
 
-Supported families (transformers 5.23):
+Supported families (transformers 5.23), one class each in hf_families.py, mapped from the
+config's `model_type` (hf_families.FAMILIES); this backend delegates what differs to them:
 
 * Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`):
   SigLIP-style vision encoder -> pixel-shuffle connector -> `<image>` positions of the LM.
@@ -41,28 +42,7 @@ import torch
 from PIL import Image
 
 from .base import Answer, VLMBackend, top2_probs, with_confidence
-
-#: config.model_type -> family handled by this backend
-# the largest tile grid side the Idefics3 prompt tags name (<row_6_col_6>)
-MAX_TILE_SIDE = 6
-FAMILIES = {"idefics3": "idefics3", "smolvlm": "idefics3", "llava": "llava"}
-
-#: prompts used when the processor carries no chat template (same shape as the official ones)
-FALLBACK_PROMPTS = {
-    "idefics3": "User:<image>{question}<end_of_utterance>\nAssistant:",
-    "llava": "USER: <image>\n{question} ASSISTANT:",
-}
-
-
-def family_of(config) -> str:
-    """The backend family for a model config; a clear ValueError for anything else."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        archs = getattr(config, "architectures", None) or [type(config).__name__]
-        raise ValueError(
-            f"HFVLMBackend supports only the Idefics3/SmolVLM and LLaVA families "
-            f"(model_type in {sorted(FAMILIES)}); got model_type={model_type!r} ({', '.join(archs)})")
-    return FAMILIES[model_type]
+from .hf_families import HFFamily, family_class
 
 
 class HFVLMBackend(VLMBackend):
@@ -76,7 +56,7 @@ class HFVLMBackend(VLMBackend):
 
     def __init__(self, model, processor, model_id: str | None = None,
                  image_splitting: bool | None = False):
-        self.family = family_of(model.config)
+        family = family_class(model.config)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -89,57 +69,30 @@ class HFVLMBackend(VLMBackend):
         self.image_token = processor.image_token
         if self.tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
             raise ValueError(
-                f"{self.family}: processor's image token {self.image_token!r} has id "
+                f"{family.name}: processor's image token {self.image_token!r} has id "
                 f"{self.tokenizer.convert_tokens_to_ids(self.image_token)}, the model expects "
                 f"{self.image_token_id}")
-        # Image kwargs that change pixel_values (and the prompt expansion) go to every call.
-        self.images_kwargs: dict = {}
-        if self.family == "idefics3" and image_splitting is not None:
-            self.images_kwargs["do_image_splitting"] = bool(image_splitting)
-        self._llava_expansion: str | None = None
+        #: the family's prompt layout, image features and tile layouts (hf_families.py)
+        self.model_family: HFFamily = family(self.model, processor, image_splitting)
+
+    @property
+    def family(self) -> str:
+        """The family's name (records, the page): "idefics3" or "llava" here."""
+        return self.model_family.name
 
     @property
     def tokens_per_block(self) -> int:
         """Visual tokens of one image (LLaVA) or one tile (Idefics3/SmolVLM)."""
-        if self.family == "llava":
-            return self._llava_tokens()
-        return int(self.processor.image_seq_len)
+        return self.model_family.tokens_per_block
 
     @property
     def input_size(self) -> int:
-        """The longest side of the frame the processor works from: the whole image (which is
-        tiled when splitting is on), the smallest frame that loses nothing the model sees."""
-        ip = self.processor.image_processor
-        if self.family == "llava":
-            crop = getattr(ip, "crop_size", None) or getattr(ip, "size", {})
-            return int(crop.get("height") or crop.get("shortest_edge"))
-        return int((ip.size if self._splitting else ip.max_image_size)["longest_edge"])
-
-    @property
-    def _splitting(self) -> bool:
-        return bool(self.images_kwargs.get("do_image_splitting", getattr(
-            self.processor.image_processor, "do_image_splitting", False)))
+        """The longest side of the frame the processor works from (the family's)."""
+        return self.model_family.input_size
 
     def check_layout(self, num_tokens: int, grid) -> None:
-        """LLaVA: a fixed layout (the default). Idefics3: one global image, no grid or (0, 0);
-        with splitting, rows × cols tiles (at most the processor's own side of tiles) plus the
-        global image, tokens_per_block tokens each."""
-        if self.family != "idefics3":
-            return super().check_layout(num_tokens, grid)
-        rows, cols = grid if grid is not None else (0, 0)
-        ip = self.processor.image_processor
-        side = -(-int(ip.size["longest_edge"]) // int(ip.max_image_size["longest_edge"]))
-        most = min(side, MAX_TILE_SIDE) if self._splitting else 0
-        if (rows == 0) != (cols == 0) or not (rows <= most and cols <= most):
-            raise ValueError(f"{self.model_id} takes tile grids of at most {most} × {most}, "
-                             f"not {rows} × {cols}")
-        expected = self.tokens_per_block * (rows * cols + 1 if rows else 1)
-        if num_tokens != expected:
-            raise ValueError(f"{self.model_id} takes {expected} visual tokens for a {rows} × {cols} "
-                             f"grid, not {num_tokens}")
-
-    def _llava_tokens(self) -> int:
-        return self._expansion(0, None).count(self.image_token)
+        """The family's layouts (hf_families.py): LLaVA a fixed one, Idefics3 tile grids."""
+        self.model_family.check_layout(self.model_id, num_tokens, grid)
 
     @classmethod
     def load(cls, model_id_or_folder: str | Path, local_files_only: bool = True,
@@ -154,7 +107,7 @@ class HFVLMBackend(VLMBackend):
 
         src = str(model_id_or_folder)
         config = AutoConfig.from_pretrained(src, local_files_only=local_files_only)
-        family_of(config)
+        family_class(config)
         model = AutoModelForImageTextToText.from_pretrained(
             src, dtype=dtype, local_files_only=local_files_only).to(device)
         try:
@@ -187,35 +140,15 @@ class HFVLMBackend(VLMBackend):
             if isinstance(text, list):
                 text = text[0]
         else:
-            text = FALLBACK_PROMPTS[self.family].format(question=question)
+            text = self.model_family.fallback_prompt.format(question=question)
         if text.count(self.image_token) != 1:
             raise ValueError(f"{self.family}: the prompt must hold exactly one "
                              f"{self.image_token!r}, got {text!r}")
         return text
 
-    def _expansion(self, n_tokens: int, grid: tuple[int, int] | None) -> str:
-        """The string the processor substitutes for the image placeholder, for N tokens."""
-        if self.family == "llava":
-            if self._llava_expansion is None:
-                # N is fixed by the image processor's output size: ask the processor once.
-                pixels = self.processor.image_processor(images=[Image.new("RGB", (32, 32))],
-                                                        return_tensors="pt", **self.images_kwargs)
-                self._llava_expansion = self.processor.replace_image_token(pixels, 0)
-            return self._llava_expansion
-        per_image = self.processor.image_seq_len
-        if grid is None:
-            if n_tokens != per_image:
-                raise ValueError(
-                    f"idefics3: {n_tokens} visual tokens = {n_tokens // max(per_image, 1)} images of "
-                    f"{per_image} tokens: the image was split into tiles, so pass grid=(rows, cols) "
-                    "as returned by edge_half_with_grid")
-            grid = (0, 0)
-        rows, cols = grid
-        return self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
-
     def _prompt_ids(self, question: str, n_tokens: int, grid=None) -> dict:
         text = self.prompt(question)
-        text = text.replace(self.image_token, self._expansion(n_tokens, grid), 1)
+        text = text.replace(self.image_token, self.model_family.expansion(n_tokens, grid), 1)
         enc = self.tokenizer([text], return_tensors="pt")
         n_slots = int((enc["input_ids"] == self.image_token_id).sum())
         if n_slots != n_tokens:
@@ -227,35 +160,9 @@ class HFVLMBackend(VLMBackend):
 
     def _processor_inputs(self, image: Image.Image, question: str):
         inputs = self.processor(images=[image.convert("RGB")], text=[self.prompt(question)],
-                                return_tensors="pt", **self.images_kwargs)
+                                return_tensors="pt", **self.model_family.images_kwargs)
         # BatchFeature.to casts floating tensors only (pixel_values), not ids/masks.
         return inputs.to(self.model.device, dtype=self.model.dtype)
-
-    def _image_features(self, inputs) -> torch.Tensor:
-        """Exactly what the forward scatters into the image-token positions, as (N, D)."""
-        if self.family == "idefics3":
-            out = self.model.get_image_features(
-                pixel_values=inputs["pixel_values"],
-                pixel_attention_mask=inputs.get("pixel_attention_mask"), return_dict=True)
-        else:
-            extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
-            out = self.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                return_dict=True, **extra)
-        feats = out.pooler_output
-        if isinstance(feats, (list, tuple)):
-            feats = torch.cat(list(feats), dim=0)
-        return feats.reshape(-1, feats.shape[-1])
-
-    def _grid(self, input_ids: torch.Tensor) -> tuple[int, int]:
-        """Idefics3 tile grid, read off the `<row_r_col_c>` tags the processor put in the prompt."""
-        present = set(input_ids.flatten().tolist())
-        rows = cols = 0
-        for r in range(1, MAX_TILE_SIDE + 1):
-            for c in range(1, MAX_TILE_SIDE + 1):
-                tid = self.tokenizer.convert_tokens_to_ids(f"<row_{r}_col_{c}>")
-                if tid is not None and tid != self.tokenizer.unk_token_id and tid in present:
-                    rows, cols = max(rows, r), max(cols, c)
-        return rows, cols
 
     def preprocess(self, image: Image.Image):
         """The processor's pixels for one image. The prompt does not change pixel_values; it
@@ -265,9 +172,7 @@ class HFVLMBackend(VLMBackend):
     @torch.no_grad()
     def vision(self, model_input) -> tuple[torch.Tensor, tuple[int, int] | None]:
         """Visual tokens plus the Idefics3 tile grid (None for LLaVA) needed by cloud_half."""
-        tokens = self._image_features(model_input)
-        grid = self._grid(model_input["input_ids"]) if self.family == "idefics3" else None
-        return tokens, grid
+        return self.model_family.image_features(model_input), self.model_family.grid(model_input)
 
     @torch.no_grad()
     def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32,
