@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from progvlm import adaptive
-from progvlm.eval.evaluate import calibrate_on_scenes
+from progvlm.eval.calibration import calibrate_on_scenes
 from progvlm.adaptive import AdaptiveRule, Ladder
 from progvlm.backends.base import Answer
 from progvlm.toyworld.data import training_questions

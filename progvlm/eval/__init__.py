@@ -1,1 +1,1 @@
-"""Evaluation: the eval loops, metrics, baselines, the layer map."""
+"""Evaluation: the codec registry, the one ladder over it (scenes or any images), calibration, metrics, the layer map."""

@@ -1,0 +1,74 @@
+"""Calibration runs of the adaptive rule: the ladder with the MAE's rows alone, on the
+training stream (the bundled model) or on any VLM's own images; the chosen rule written to
+adaptive.json (the rule and its threshold live in progvlm/adaptive.py)."""
+from __future__ import annotations
+
+from .. import adaptive
+from ..toyworld.data import TRAIN_STREAM
+from .codecs import Plan, codecs_for
+from .evaluate import SceneSet
+from .ladder import run_ladder
+from .on_images import ImageSet
+
+#: calibration questions come from the training stream (data.TRAIN_STREAM, seed 0) from this
+#: scene on: past the 30,000 scenes the bundled VLM and the 12,000 its MAE were trained on, so
+#: the answers are those of frames the models never saw, as in use
+CALIBRATION_FIRST_SCENE = 50_000
+
+
+def _ladder(split, ground, progress) -> adaptive.Ladder:
+    mae_rows = codecs_for(Plan(split.num_layers), entries=("mae",))
+    return run_ladder(split, ground, mae_rows, progress=progress)[1]
+
+
+def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
+                        start: int = CALIBRATION_FIRST_SCENE, progress=None,
+                        budget: float = adaptive.BYTES_BUDGET) -> tuple[dict, adaptive.Ladder]:
+    """The bundled model (generated scenes with ground truth): `count` questions of the
+    training stream answered at every k, then `calibrate`. Returns (choice, ladder)."""
+    ground = SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
+    ladder = _ladder(split, ground, progress)
+    choice = adaptive.calibrate(ladder, budget)
+    choice["calibrated_on"] = (f"training stream (data.TRAIN_STREAM={TRAIN_STREAM}, seed {seed}), "
+                               f"{len(ladder.answers)} questions from scene {start} on; "
+                               "accuracy against ground truth")
+    return choice, ladder
+
+
+def calibrate_on_images(split, image_paths, questions, progress=None, max_new_tokens: int = 32,
+                        budget: float = adaptive.BYTES_BUDGET) -> tuple[dict, adaptive.Ladder]:
+    """Any VLM, no ground truth: every question about every image answered at every k, then
+    `calibrate` with agreement (the answer from uncompressed tokens) in place of accuracy.
+    Calibrate on images other than those evaluated on. Returns (choice, ladder)."""
+    ground = ImageSet(split, image_paths, questions, max_new_tokens)
+    ladder = _ladder(split, ground, progress)
+    choice = adaptive.calibrate(ladder, budget)
+    choice["calibrated_on"] = (f"{ground.used} images × {len(ground.questions)} questions; "
+                               "agreement with the answer from uncompressed tokens")
+    return choice, ladder
+
+
+def save_calibration(split, choice: dict, ladder: adaptive.Ladder, folder=None):
+    """Write the chosen rule into adaptive.json (default: the split's MAE folder), with what it
+    was chosen on and the figures behind the choice; the split reads it from then on."""
+    folder = folder if folder is not None else split.mae_folder
+    if folder is None:
+        raise ValueError("this MAE was not loaded from a folder: say where adaptive.json goes")
+    rule = adaptive.AdaptiveRule(choice["rule"], choice["threshold"])
+    rel = adaptive.reliability(ladder.confidence(rule.rule), ladder.correct())
+    path = rule.save(folder, calibrated_on=choice["calibrated_on"], vlm_id=split.vlm.model_id,
+                     mae_fingerprint=split.fingerprint.hex(), target=choice["target"],
+                     budget=choice["budget"], goal_met=choice["goal_met"],
+                     chosen=_rounded(choice["chosen"]), fixed_k=_rounded(choice["fixed_k"]),
+                     per_rule=_rounded(choice["per_rule"]), ece=round(rel["ece"], 4))
+    return path
+
+
+def _rounded(value, digits: int = 4):
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
