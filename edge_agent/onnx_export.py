@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from progvlm.codec.tables import MAEEncoderTables
 from progvlm.toyworld.questions import VOCAB
 
 from .onnx_runtime import FORMAT, REQUIRED_FILES
@@ -97,7 +96,7 @@ def export_onnx(out: str | Path, vlm=None, mae=None) -> dict:
         torch.onnx.export(_Language(vlm), (torch.zeros(1, N, D), torch.ones(1, 8, dtype=torch.long)),
                           str(out / "language.onnx"), input_names=["tokens", "ids"],
                           output_names=["logits"], dynamic_axes={"ids": {1: "text_len"}}, **export)
-    MAEEncoderTables.from_mae(mae).save(out)
+    mae.edge_codec().save(out)  # the coding tables compress itself uses
     manifest = {"format": FORMAT, "vlm_id": backend.model_id,
                 "mae_fingerprint": mae.fingerprint().hex(), "image_size": S, "num_tokens": N,
                 "token_dim": D, "num_layers": mae.cfg.num_layers, "max_text_len": cfg.max_text_len,

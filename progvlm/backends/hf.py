@@ -177,20 +177,26 @@ class HFVLMBackend(VLMBackend):
     @torch.no_grad()
     def cloud_half(self, tokens: torch.Tensor, question: str, max_new_tokens: int = 32,
                    grid: tuple[int, int] | None = None) -> Answer:
-        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
-            raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(tokens.shape)}")
-        enc = self._prompt_ids(question, tokens.shape[0], grid)
-        ids = enc["input_ids"]
-        embeds = self.model.get_input_embeddings()(ids)
-        mask = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, tokens.to(embeds.device, embeds.dtype))
+        ids, embeds = self._prompt_embeds(tokens, question, grid)
         # input_ids travel along so logits processors (repetition penalty, ...) see the same
         # history as in answer(); inputs_embeds replaces them in the first forward only.
         probs = _Top2Recorder()
-        out = self.model.generate(input_ids=ids, inputs_embeds=embeds,
-                                  attention_mask=enc["attention_mask"],
+        out = self.model.generate(input_ids=ids[None], inputs_embeds=embeds[None],
+                                  attention_mask=torch.ones_like(ids)[None],
                                   **self._gen(max_new_tokens, probs))
-        return self._decode(out[0, ids.shape[1]:], probs.row(0))
+        return self._decode(out[0, len(ids):], probs.row(0))
+
+    def _prompt_embeds(self, tokens: torch.Tensor, question: str,
+                       grid) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (T,), embeds (T, H)) of the prompt cloud_half builds around `tokens` (N, D):
+        the LM's input embeddings with the tokens written into the image positions by
+        masked_scatter, as the model's forward does."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(tokens.shape)}")
+        ids = self._prompt_ids(question, tokens.shape[0], grid)["input_ids"][0]
+        embeds = self.model.get_input_embeddings()(ids)
+        slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
+        return ids, embeds.masked_scatter(slots, tokens.to(embeds.device, embeds.dtype))
 
     #: cloud_half_batch runs one left-padded batch through generate (not a loop)
     batches_language = True
@@ -207,14 +213,7 @@ class HFVLMBackend(VLMBackend):
         (tests/test_batching.py), a real model's could differ where two tokens nearly tie,
         as with any batched serving (vLLM included)."""
         grids = grids if grids is not None else [None] * len(tokens)
-        rows = []
-        for t, question, grid in zip(tokens, questions, grids):
-            if t.ndim != 2 or t.shape[1] != self.token_dim:
-                raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(t.shape)}")
-            ids = self._prompt_ids(question, t.shape[0], grid)["input_ids"][0]
-            embeds = self.model.get_input_embeddings()(ids)
-            slots = (ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-            rows.append((ids, embeds.masked_scatter(slots, t.to(embeds.device, embeds.dtype))))
+        rows = [self._prompt_embeds(t, q, g) for t, q, g in zip(tokens, questions, grids)]
         if not rows:
             return []
         probs = _Top2Recorder()
@@ -289,23 +288,18 @@ class HFVLMBackend(VLMBackend):
 
         Differentiable with respect to `tokens` (the MAE distils through it); the model's
         weights are used as they are, never updated here."""
-        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
-            raise ValueError(f"expected visual tokens (N, {self.token_dim}), got {tuple(tokens.shape)}")
-        prompt = self._prompt_ids(question, tokens.shape[0], grid)["input_ids"]
-        answer = torch.as_tensor(answer_ids, dtype=prompt.dtype).to(prompt.device).view(1, -1)
-        n_answer = answer.shape[1]
+        prompt, prompt_embeds = self._prompt_embeds(tokens, question, grid)
+        answer = torch.as_tensor(answer_ids, dtype=prompt.dtype).to(prompt.device).view(-1)
+        n_answer = len(answer)
         if n_answer == 0:
             return tokens.new_zeros(0, self.model.config.text_config.vocab_size)
-        ids = torch.cat([prompt, answer], 1)
-        embeds = self.model.get_input_embeddings()(ids)
         # image positions of the prompt only: an answer id equal to the image token stays text
-        slots = torch.cat([prompt == self.image_token_id, torch.zeros_like(answer, dtype=torch.bool)], 1)
-        embeds = embeds.masked_scatter(slots.unsqueeze(-1).expand_as(embeds),
-                                       tokens.to(embeds.device, embeds.dtype))
+        embeds = torch.cat([prompt_embeds, self.model.get_input_embeddings()(answer)])[None]
         # the last n_answer + 1 positions hold prompt_len-1 .. prompt_len+n_answer-1; the very
         # last predicts past the answer, so it is dropped (and the prompt's logits never built)
-        out = self.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
-                         logits_to_keep=n_answer + 1, use_cache=False)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=n_answer + 1,
+                         use_cache=False)
         return out.logits[0, :-1]
 
 

@@ -79,7 +79,8 @@ class MAEEncoderTables:
     def encode_layers(self, latent: np.ndarray, k: int) -> list[bytes]:
         """latent (M, d), M a multiple of the block size N → the payloads of layers 1..k.
         Only the k stages sent are assigned and coded."""
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= self.num_layers:
+        integer = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+        if not integer or not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be an integer in 1..{self.num_layers}, got {k!r}")
         d = self.codebooks.shape[2]
         if latent.ndim != 2 or latent.shape[1] != d or latent.shape[0] % self.num_tokens \

@@ -169,7 +169,8 @@ class MAE(nn.Module):
         payloads of layers 1..k (default: all L), unframed: the caller packs them
         (progvlm.split.Split.pack, the versioned, checksummed bitstream)."""
         self.check_tokens(tokens)
-        return self.edge_codec().encode_layers(self._latent(tokens), self.num_layers if k is None else k)
+        k = self.num_layers if k is None else k
+        return self.edge_codec().encode_layers(self._latent(tokens), k)
 
     def check_layers(self, k: int, num_tokens: int):
         """ValueError unless k layers of num_tokens tokens are something this MAE decodes."""

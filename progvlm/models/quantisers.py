@@ -88,8 +88,9 @@ class ResidualVQ(Quantiser):
         return -torch.log2(p.clamp_min(1e-6))
 
     def bit_cost(self, layer: int) -> torch.Tensor:
-        """(K,): what a code of stage `layer` costs in the assignment, λ·(typical distortion)·bits."""
-        return self.rate_lambda[layer] * self.rate_scale * self.typical_dist[layer] * self.code_bits(layer)
+        """(K,): what a code of stage `layer` costs in the assignment: λ·(typical distortion)·bits."""
+        lam = self.rate_lambda[layer] * self.rate_scale
+        return lam * self.typical_dist[layer] * self.code_bits(layer)
 
     def assign(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """residual (M, d) → code indices (M,): argmin distortion + λ·bits."""
