@@ -99,7 +99,7 @@ def export_onnx(out: str | Path, vlm=None, mae=None) -> dict:
     mae.edge_codec().save(out)  # the coding tables compress itself uses
     manifest = {"format": FORMAT, "vlm_id": backend.model_id,
                 "mae_fingerprint": mae.fingerprint().hex(), "image_size": S, "num_tokens": N,
-                "token_dim": D, "num_layers": mae.cfg.num_layers, "max_text_len": cfg.max_text_len,
+                "token_dim": D, "num_layers": mae.num_layers, "max_text_len": cfg.max_text_len,
                 "vocab": VOCAB, "opset": OPSET, "sha256": {f: sha256(out / f) for f in REQUIRED_FILES}}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return {k: v for k, v in manifest.items() if k != "vocab"}

@@ -78,7 +78,7 @@ class Split:
                              f"{vlm.tokens_per_block}×{vlm.token_dim}")
         self.vlm, self.mae = vlm, mae
         self.fingerprint = mae.fingerprint()
-        self.num_layers = mae.cfg.num_layers
+        self.num_layers = mae.num_layers
         self.mae_folder = Path(mae_folder) if mae_folder is not None else None
         self._adaptive: tuple[AdaptiveRule, str] | None = None
 

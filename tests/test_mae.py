@@ -205,3 +205,12 @@ def test_the_folded_encoder_is_the_standardised_encoder():
     with torch.no_grad():
         assert torch.allclose(mae.inference_encoder()(tokens), mae.encode_latent(tokens),
                               atol=1e-5, rtol=1e-5)
+
+
+def test_an_mae_has_no_more_layers_than_the_bitstream_carries():
+    """The bitstream's layer limit is checked once, where the MAE is built."""
+    from progvlm.codec.bitstream import MAX_LAYERS
+    sizes = {**SMALL_MAE, "num_tokens": 64, "token_dim": 32}
+    assert MAE(MAEConfig(**sizes, num_layers=MAX_LAYERS)).num_layers == MAX_LAYERS
+    with pytest.raises(ValueError, match=f"1..{MAX_LAYERS} layers"):
+        MAE(MAEConfig(**sizes, num_layers=MAX_LAYERS + 1))

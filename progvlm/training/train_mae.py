@@ -71,7 +71,7 @@ def _fit(backend, cfg: MAEConfig, data, stats: tuple[torch.Tensor, torch.Tensor]
     model, opt = accelerator.prepare(mae, opt)  # `model` may wrap `mae` (DDP) on several GPUs
     batches = data.batches(start, batch)
     gen = torch.Generator().manual_seed(seed * 1000 + start)
-    L = cfg.num_layers
+    L = mae.num_layers
     every = max(1, min(250, steps // 10))  # history points: 250 steps apart on long runs
     model.train()
     t0 = time.time() - elapsed
