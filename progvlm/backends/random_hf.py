@@ -208,17 +208,21 @@ def _llava_parts(r: _Recipe):
     return config, LlavaForConditionalGeneration, processor
 
 
+#: _Recipe.family → the builder of its (config, model class, processor)
+_PARTS = {"idefics3": _idefics3_parts, "llava": _llava_parts}
+
+
 def build_config_and_processor(preset: str):
     """(model config, processor) of a preset, without building any weights (cheap)."""
     r = _recipe(preset)
-    config, _model_cls, processor = (_llava_parts if r.family == "llava" else _idefics3_parts)(r)
+    config, _model_cls, processor = _PARTS[r.family](r)
     return config, processor
 
 
 def build_random_vlm(preset: str, seed: int = 0):
     """(model, processor) in memory, random weights from `seed`; the caller's RNG is untouched."""
     r = _recipe(preset)
-    config, model_cls, processor = (_llava_parts if r.family == "llava" else _idefics3_parts)(r)
+    config, model_cls, processor = _PARTS[r.family](r)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()

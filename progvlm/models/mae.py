@@ -1,9 +1,12 @@
 """The Meta AutoEncoder (MAE): visual tokens → L progressive layers → visual tokens.
 
-Layer scheme: entropy-constrained residual vector quantisation (EC-RVQ) of a per-token latent.
+Layer scheme: entropy-constrained residual vector quantisation (EC-RVQ) of a per-token latent,
+by default; the quantiser is a module the MAE is built with (MAEConfig.quantiser, see
+progvlm/models/quantisers.py), and the MAE only calls its public methods.
 
-    edge:  tokens (N×D) ─► per-token MLP ─► z (N×d) ─► RVQ stage 1..L ─► indices (L×N)
-    cloud: Σ_{l≤k} codebook_l[idx_l] (N×d), k ─► transformer decoder told k ─► tokens (N×D)
+    edge:  tokens (N×D) ─► per-token MLP ─► z (N×d) ─► quantiser stage 1..L ─► indices (L×N)
+    cloud: quantiser.get_output_from_indices(idx_1..k) (N×d), k ─► transformer decoder told k
+           ─► tokens (N×D)
 
 Why this scheme (see README "MAE design" for the measurements):
   * residual stages make every prefix meaningful by construction: stage l codes what stages
