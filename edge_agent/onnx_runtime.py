@@ -15,7 +15,8 @@ import onnxruntime as ort
 
 from progvlm.codec.tables import META_FILE, TABLES_FILE, MAEEncoderTables
 from progvlm.images import model_input
-from progvlm.toyworld.questions import BOS, EOS, SEP, VOCAB, WORD_TO_ID, decode_ids, encode_words
+from progvlm.toyworld.questions import (EOS, VOCAB, WORD_TO_ID, check_question_length, decode_ids, encode_words,
+                                       question_ids)
 
 from .runtime import EdgeRuntime
 
@@ -62,12 +63,6 @@ def _check_files(folder: Path, sha256: dict):
             raise ExportError(f"corrupt export: {name} does not match its sha256 in the manifest")
 
 
-def question_ids(question: str) -> list[int]:
-    """<bos> words <sep>: the prompt layout of progvlm.toyworld.tiny_vlm.question_ids (which
-    imports torch, so it is restated here)."""
-    return [WORD_TO_ID[BOS]] + encode_words(question) + [WORD_TO_ID[SEP]]
-
-
 class OnnxRuntime(EdgeRuntime):
     name = "onnxruntime"
 
@@ -107,10 +102,7 @@ class OnnxRuntime(EdgeRuntime):
     def check_question(self, question):
         """The exported language graph reads <bos> question <sep> and the answer in
         max_text_len positions (the manifest's)."""
-        words = len(question_ids(question)) - 2
-        if words + 2 >= self.max_text_len:
-            raise ValueError(f"question too long: {words} words, this model reads at most "
-                             f"{self.max_text_len - 3}")
+        check_question_length(question, self.max_text_len)
 
     def domain_note(self, image):
         """The bundled model's check that a frame looks like its scenes (NumPy and Pillow)."""
@@ -129,7 +121,7 @@ class OnnxRuntime(EdgeRuntime):
         """Greedy decoding as TinyVLM.generate does it, re-running the whole prompt per token
         (no KV cache in the graph: answers are a few words, the prompt under 32 ids)."""
         self.check_question(question)
-        ids = question_ids(question)
+        ids = question_ids(encode_words(question))
         batch = np.asarray(tokens, np.float32)[None]
         answer = []
         for _ in range(min(max_new_tokens, self.max_text_len - len(ids))):

@@ -4,7 +4,8 @@ import torch
 
 from progvlm.backends.tiny import TinyVLMBackend
 from progvlm.toyworld.data import pack_qas, training_questions
-from progvlm.toyworld.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
+from progvlm.toyworld.questions import question_ids
+from progvlm.toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
 from progvlm.toyworld.questions import QUESTION_TYPES, encode_words
 from progvlm.toyworld.scenes import generate_scene, render_scene
 

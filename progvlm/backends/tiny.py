@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from .. import ASSETS
 from ..toyworld.data import pixels_from_uint8
 from ..images import model_input, resize_for_model, to_rgb
-from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig, question_ids
-from ..toyworld.questions import decode_ids, encode_words, WORD_TO_ID, EOS
+from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
+from ..toyworld.questions import EOS, WORD_TO_ID, check_question_length, decode_ids, encode_words, question_ids
 from .base import Answer, VLMBackend, with_confidence
 
 DEFAULT_WEIGHTS = ASSETS / "tiny_vlm"
@@ -145,7 +145,4 @@ class TinyVLMBackend(VLMBackend):
     def check_question(self, question: str):
         """ValueError if `question` is longer than the model reads (TinyVLM.generate's limit:
         <bos> question <sep> and at least one answer token in max_text_len positions)."""
-        words = len(encode_words(question))
-        if words + 2 >= self.cfg.max_text_len:
-            raise ValueError(f"question too long: {words} words, this model reads at most "
-                             f"{self.cfg.max_text_len - 3}")
+        check_question_length(question, self.cfg.max_text_len)

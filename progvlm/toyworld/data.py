@@ -9,7 +9,8 @@ import torch
 from ..images import normalise_frames
 from .questions import QA, WORD_TO_ID, EOS, PAD, encode_words, questions_for, QUESTION_TYPES
 from .scenes import GRID, Scene, cell_index, cell_targets, generate_scene, render_scene
-from .tiny_vlm import FOCUS_HEADS, question_ids
+from .questions import question_ids
+from .tiny_vlm import FOCUS_HEADS
 
 # Separate seed streams, so that evaluation scenes are never the training scenes of equal seed.
 TRAIN_STREAM, EVAL_STREAM = 1, 2

@@ -159,6 +159,20 @@ def encode_words(text: str) -> list[int]:
     return [WORD_TO_ID.get(w, WORD_TO_ID[UNK]) for w in normalise(text)]
 
 
+def question_ids(question_words: list[int]) -> list[int]:
+    """The bundled model's prompt: <bos> words <sep> (NumPy- and torch-free: the board uses it)."""
+    return [WORD_TO_ID[BOS]] + question_words + [WORD_TO_ID[SEP]]
+
+
+def check_question_length(question: str, max_text_len: int) -> None:
+    """ValueError if `question` is longer than the bundled model reads: its prompt and at least
+    one answer token in max_text_len positions (the PyTorch model's and the ONNX export's)."""
+    words = len(encode_words(question))
+    if words + 2 >= max_text_len:
+        raise ValueError(f"question too long: {words} words, this model reads at most "
+                         f"{max_text_len - 3}")
+
+
 def unknown_words(text: str) -> list[str]:
     return [w for w in normalise(text) if w not in WORD_TO_ID]
 

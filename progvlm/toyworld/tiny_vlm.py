@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.layers import Block, KVCache
-from .questions import BOS, EOS, PAD, SEP, VOCAB, WORD_TO_ID
+from .questions import EOS, PAD, VOCAB, WORD_TO_ID
 from .scenes import COLOURS, GRID, SHAPES, SIZES
 
 
@@ -354,5 +354,3 @@ class TinyVLM(nn.Module):
         return loss
 
 
-def question_ids(question_words: list[int]) -> list[int]:
-    return [WORD_TO_ID[BOS]] + question_words + [WORD_TO_ID[SEP]]
