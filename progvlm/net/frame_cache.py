@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 FRAME_TTL_S = 300.0  # a conversation's pause between questions is seconds, not minutes
 MAX_FRAMES_PER_CLIENT = 16
@@ -43,7 +43,6 @@ class CachedFrame:
     kind: str  # "progressive" (complete layers of a stream) or "full" (an image)
     data: bytes
     layers: int = 0  # complete layers in data (progressive)
-    meta: dict = field(default_factory=dict)  # the holder's own (the edge keeps its stream here)
     used: float = 0.0  # time.monotonic() of the last put or get
 
     @property

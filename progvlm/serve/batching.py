@@ -1,12 +1,13 @@
 """A cloud that batches: concurrent requests share one pass of the language model.
 
-`CloudModel` (cloud_service.py) runs one request at a time under a lock, so throughput stays
+`CloudModel` (progvlm.serve.model) runs one request at a time under a lock, so throughput stays
 flat as clients are added and most of a worker's time is spent waiting for the lock.
 `BatchingCloudModel` has the same interface (full, progressive, info, warm_up) and answers
 the same text, but:
 
 * what is cheap or differs per request runs in the request's own thread, under no lock:
-  parsing the bitstream (progressive), decoding the image and the vision half (full);
+  parsing the bitstream (progressive, CloudModel.progressive: once per stream), decoding the
+  image and the vision half (full);
 * the rest runs one batch at a time: whenever the model is free, every request queued (at
   most `max_batch`) runs as one batch (`run_jobs`: the MAE decoder over all their frames at
   once, `Split.decode_batch`, then padded prefill and greedy decoding,
@@ -36,21 +37,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..codec.bitstream import BitstreamError
-from .cloud import CloudModel, RequestError
 from ..backends.base import Answer, Grid
+from ..net.protocol import to_ms
 from ..split import Frame, Split
+from .model import CloudModel, refused_as_400, said
 
 #: the most requests one batch holds (16 answers take ~4-5 × one answer's time on one CPU
 #: thread with the bundled VLM; larger batches add latency for little more throughput)
 MAX_BATCH = 16
 #: the longest a batch waits for more requests, and only while clients are concurrent
 MAX_WAIT_MS = 5.0
-
-
-
-def _ms(t0: float, t1: float) -> float:
-    return round((t1 - t0) * 1e3, 3)
 
 
 @dataclass
@@ -180,7 +176,7 @@ def run_isolated(run_batch: Callable[[list], list], items: list,
         if len(items) == 1:
             return [e]
         return [run_isolated(run_batch, [item], [t])[0] for item, t in zip(items, submitted)]
-    return [Batched(r, _ms(t, started), len(items)) for r, t in zip(results, submitted)]
+    return [Batched(r, to_ms(started - t), len(items)) for r, t in zip(results, submitted)]
 
 
 @dataclass
@@ -201,7 +197,7 @@ def run_jobs(split: Split, jobs: list[Job], max_new_tokens: int = 32) -> list[An
     frames = [job.frame for job in jobs if job.frame is not None]
     t0 = time.perf_counter()
     decoded = iter(split.decode_batch(frames))
-    decode_ms = _ms(t0, time.perf_counter())
+    decode_ms = to_ms(time.perf_counter() - t0)
     requests = [(next(decoded), job.question, job.frame.grid) if job.frame is not None
                 else (job.tokens, job.question, job.grid) for job in jobs]
     answers = split.language_batch(requests, max_new_tokens)
@@ -244,109 +240,15 @@ class BatchingCloudModel(CloudModel):
     def _run(self, stages: dict, job: Job) -> dict:
         """The job through the batcher → {"answer", "confidence", "batch_size"}; its queue
         time and the batch's stage times go into `stages`."""
-        try:
+        with refused_as_400():
             done = self._submit(job)
-        except BitstreamError as e:
-            raise RequestError(400, f"bad bitstream: {e}") from None
-        except ValueError as e:  # e.g. a question longer than the model reads
-            raise RequestError(400, str(e)) from None
         stages["queue_ms"] = done.queue_ms
-        stages.update({k: round(v, 3) for k, v in done.result.stage_ms.items()})
-        return {"answer": done.result.text, "confidence": getattr(done.result, "confidence", None),
-                "batch_size": done.batch_size}
+        return {**said(done.result, stages), "batch_size": done.batch_size}
 
     def full(self, image_bytes: bytes, question: str) -> dict:
         tokens, grid, stages = self._see(image_bytes)  # per request, in its own thread
-        said = self._run(stages, Job(question, tokens=tokens, grid=grid))
-        return {**said, "stage_ms": stages}
+        return {**self._run(stages, Job(question, tokens=tokens, grid=grid)), "stage_ms": stages}
 
-    def progressive(self, data: bytes, question: str) -> dict:
-        try:
-            frame = self.split.unpack(data)
-        except BitstreamError as e:
-            raise RequestError(400, f"bad bitstream: {e}") from None
-        stages: dict = {}
-        said = self._run(stages, Job(question, frame=frame))
-        return {**said, "stage_ms": stages, "layers_used": frame.k,
-                "layers_announced": frame.layers_announced, "partial": frame.partial}
+    def _cloud_half(self, stages: dict, frame: Frame, question: str) -> dict:
+        return self._run(stages, Job(question, frame=frame))
 
-
-# ---- measurement (python -m progvlm.serve.batching) ---------------------------------------------
-def measure_clients(model: CloudModel, requests: list[tuple[bytes, str]], clients: int,
-                    seconds: float = 5.0) -> dict:
-    """`clients` threads, each asking model.progressive in a closed loop (the next request
-    when the last is answered), cycling through `requests` from its own offset, for
-    `seconds`. Returns requests/s, p50 and p90 latency (ms) and the mean batch size."""
-    import statistics
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def client(offset: int):
-        i = offset
-        while time.perf_counter() < stop_at:
-            data, question = requests[i % len(requests)]
-            t0 = time.perf_counter()
-            reply = model.progressive(data, question)
-            with lock:
-                latencies.append((time.perf_counter() - t0) * 1e3)
-                batch_sizes.append(reply.get("batch_size", 1))
-            i += 1
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c * 7,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=10) if len(latencies) > 1 else latencies * 9
-    return {"clients": clients, "requests": len(latencies),
-            "req_per_s": round(len(latencies) / elapsed, 1), "p50_ms": round(q[4], 1),
-            "p90_ms": round(q[8], 1), "mean_batch": round(sum(batch_sizes) / len(batch_sizes), 2)}
-
-
-def _measure_main(argv=None):
-    """Throughput and latency of the lock and of batching, bundled model, one torch thread."""
-    import argparse
-    import json
-
-    import numpy as np
-
-    from ..toyworld.data import training_questions
-    from ..toyworld.scenes import generate_scene, render_scene
-    from ..split import load_split
-
-    parser = argparse.ArgumentParser(prog="python -m progvlm.serve.batching", description=_measure_main.__doc__)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="interleaved rounds (lock, batched, lock, ...); the median is shown")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    split = load_split()
-    rng = np.random.default_rng(0)
-    requests = []
-    for seed in range(24):  # every question type, over many scenes
-        scene = generate_scene(9000 + seed)
-        data = split.pack(split.edge(render_scene(scene)))
-        requests += [(data, qa.question) for qa in training_questions(scene, rng)]
-    models = {"lock": CloudModel(split), "batched": BatchingCloudModel(split)}
-    for model in models.values():
-        model.warm_up()
-        measure_clients(model, requests, 4, 1.0)  # warm the allocator and the batch shapes
-    for clients in args.clients:
-        runs = {name: [] for name in models}
-        for _ in range(args.rounds):  # interleaved: a busy host slows both alike
-            for name, model in models.items():
-                runs[name].append(measure_clients(model, requests, clients, args.seconds))
-        for name, results in runs.items():
-            median = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
-            print(json.dumps({"model": name, **median,
-                              "all_req_per_s": [r["req_per_s"] for r in results]}), flush=True)
-
-
-if __name__ == "__main__":
-    _measure_main()
