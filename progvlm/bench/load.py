@@ -1,9 +1,6 @@
-"""The cloud under load: N clients, each over its own kept-open session, sending progressive
-requests back to back over loopback (no shaping).
-
-Not serve.batching.measure_clients: that one drives a CloudModel in this process (the model's
-batching alone, no HTTP), reports p90 and lets a failed request end its client; this one goes
-through the service's WebSocket, as the edge agent does, counts failures and reports p95."""
+"""The cloud under load, the project's one load-test client: N clients, each over its own
+kept-open session (the service's WebSocket, as the edge agent uses it), sending progressive
+requests back to back over loopback (no shaping); failures counted, p50 and p95 latency."""
 from __future__ import annotations
 
 import threading
