@@ -27,6 +27,8 @@ import anyio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .protocol import close_code
+
 OPEN_PATHS = frozenset({"/healthz", "/openapi.json", "/docs"})  # nothing secret in any of them
 READ_TIMEOUT_S = 10.0  # the longest a client may leave a started body silent
 BODY_TIMEOUT_S = 60.0  # the longest a whole body may take to arrive
@@ -178,7 +180,7 @@ class TrustedHost:
                   f"localhost, or a name it was started with (--allow-host NAME)")
         if scope["type"] == "websocket":  # closed before it is accepted: an HTTP 403
             await receive()  # websocket.connect
-            return await send({"type": "websocket.close", "code": 4403, "reason": detail[:120]})
+            return await send({"type": "websocket.close", "code": close_code(403), "reason": detail[:120]})
         return await _send_error(send, 403, detail)
 
 
