@@ -46,7 +46,7 @@ from websockets.sync.client import connect as ws_connect
 
 from ..codec.bitstream import parse_header
 from . import exchange
-from .exchange import Channel, ChannelClosed, CloudError, Exchange, Session, Stale
+from .exchange import Channel, ChannelClosed, CloudError, Exchange, Schedule, Session, Stale
 from .link import LinkProfile
 from .protocol import INFO_PATH, STREAM_PATH, Start, to_ms
 
@@ -136,7 +136,7 @@ class Transport(ABC):
         return Start.message(question, keep_open=self.keep_open, **fields)
 
     # ---- the exchange loop -------------------------------------------------------------------
-    def _exchange(self, link: LinkProfile, start: str, schedule, what: str,
+    def _exchange(self, link: LinkProfile, start: str, schedule: Schedule, what: str,
                   on_refinement=None) -> Exchange:
         """`schedule` run on a reused channel, or on a new one if there is none or the reused
         one turned out closed; connect is the time until the channel that served was open."""
@@ -152,7 +152,7 @@ class Transport(ABC):
         return self._run(channel, link, start, schedule, Session(
             channel, link, t0, time.perf_counter() - t0, False, self.timeout_s, what, on_refinement))
 
-    def _run(self, channel: Channel, link: LinkProfile, start: str, schedule,
+    def _run(self, channel: Channel, link: LinkProfile, start: str, schedule: Schedule,
              session: Session) -> Exchange:
         """The loop: each round of the schedule sent (the start message with the first), ended,
         and waited for; then the channel kept (its final message in, or coming: the end was

@@ -11,10 +11,10 @@
 
 Every answer carries the cloud-side stage times (ms). Bodies are bounded (413, by
 http_limits.BoundedBody); with a token configured, /v1/* needs `Authorization: Bearer <token>`
-(401, http_limits.RequireToken; the WebSocket checks it with http_limits.bearer_ok); bad input gets a 4xx with the
-reason as a string `detail` (the OpenAPI document says so for every status), anything
-unexpected a 500 with a one-line message (the traceback stays in the log). A client that goes
-away is no error: one debug line.
+(401, http_limits.RequireToken; the WebSocket checks it with http_limits.bearer_ok); bad
+input gets a 4xx with the reason as a string `detail` (the OpenAPI document says so for every
+status), anything unexpected a 500 with a one-line message (the traceback stays in the log). A
+client that goes away is no error: one debug line.
 
 The WebSocket refuses a browser page from an origin not in `allowed_origins` (403; clients that
 send no Origin, like the edge agent, are not browsers). It bounds what one request may cost:
@@ -25,11 +25,10 @@ link-time bound and a minute of compute: protocol.REQUEST_TIMEOUT_S); a kept-ope
 a request's line and headers must arrive within http_limits.HEAD_TIMEOUT_S (HeadDeadline).
 
 Concurrency: requests are received concurrently. By default (`CloudModel`, progvlm.serve.model)
-the model runs one
-request at a time under a lock, first come first served: every stage time is one request's.
-With `--batching` (`progvlm.serve.batching.BatchingCloudModel`) concurrent requests run as one batch
-(MAE decode, prefill and greedy decoding together, after a wait of a few ms at most, and none
-for a lone request); each answer then says its batch size and its `queue` time. Beyond one
+the model runs one request at a time under a lock, first come first served: every stage time
+is one request's. With `--batching` (`progvlm.serve.batching.BatchingCloudModel`) concurrent
+requests run as one batch (MAE decode, prefill and greedy decoding together, after a wait of a
+few ms at most, and none for a lone request); each answer then says its batch size and its `queue` time. Beyond one
 process, `serve-cloud-ray` serves this same app on Ray Serve replicas (progvlm/serve/ray_serve.py).
 """
 from __future__ import annotations

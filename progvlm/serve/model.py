@@ -48,7 +48,6 @@ class CloudModel:
 
     def __init__(self, split: Split):
         self.split = split
-        self.fingerprint = split.fingerprint
         self._lock = threading.Lock()
 
     def warm_up(self):
