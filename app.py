@@ -16,30 +16,33 @@ import sys
 import gradio as gr
 import pandas as pd
 
-from edge_agent.agent import MODES as AGENT_MODES
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
-from progvlm.toyworld.examples import find_example, ground_truth, load_examples
-from progvlm.images import ImageInputError, load_image
+from edge_agent.request import AskRequest
 from progvlm.eval.metrics import SemanticConsistency
+from progvlm.images import ImageInputError, load_image
+from progvlm.toyworld.examples import find_example, ground_truth, load_examples
 from progvlm.toyworld.questions import unknown_words
 
 EXAMPLES = load_examples()
-MODES = list(AGENT_MODES)  # the agent owns the list: a new mode appears here by itself
 BANDWIDTHS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 50, 100]  # Mbps, log-spaced presets
-NUM_LAYERS = 4
 GENERIC_QUESTIONS = ["describe the scene .", "how many objects are there ?"]
-# set by connect(): the agent this page talks to, what it runs, and the VLM/MAE specs
+FIELDS = AskRequest.model_json_schema()["properties"]  # the request's defaults and ranges
+# set by connect(): the agent this page talks to, what it runs (its /v1/info), the VLM/MAE specs
 EDGE = {"client": None, "info": {}, "vlm": None, "mae": None}
+demo = image = None  # the page and its image input, built by connect() for that agent
 consistency = SemanticConsistency()
 
 
 def connect(edge_url: str, vlm: str | None = None, mae: str | None = None, token: str | None = None):
-    """`token`: the agent's access token (default: $PROGVLM_AGENT_TOKEN, if set). Loads what
+    """Talk to the agent at `edge_url` and build the page for what it runs (`build_page`).
+    `token`: the agent's access token (default: $PROGVLM_AGENT_TOKEN, if set). Loads what
     the page itself uses (the sentence-embedding model, the layer map's models) now, so the
     first Run does not wait for them."""
+    global demo, image
     token = token or os.environ.get("PROGVLM_AGENT_TOKEN") or None
     EDGE.update(client=EdgeAgentClient(edge_url, token), vlm=vlm, mae=mae)
     EDGE["info"] = EDGE["client"].info()
+    demo, image = build_page(EDGE["info"])
     consistency("a red circle", "a blue square")
     _layer_split()
 
@@ -138,7 +141,7 @@ def suggested(image):
 
 # ---- the comparison -----------------------------------------------------------------------
 def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, modes: list[str],
-            budget_ms: float, device: str = "host", progress=gr.Progress()):
+            budget_ms: float, device: str | None = None, progress=gr.Progress()):
     """Every chosen mode for one image and question, over the edge agent. Yields the page as
     answers arrive (the progressive card refines layer by layer), then the ladder and map."""
     if image is None:
@@ -158,16 +161,17 @@ def compare(image, question: str, bandwidth_mbps: float, rtt_ms: float, k: int, 
     if bundled and unknown_words(question):
         notes.append(f"Words the bundled model has never seen: {', '.join(unknown_words(question))}. "
                      "It knows only its scene vocabulary (shapes, colours, sizes, counts, positions).")
-    records, cards = {}, {m: card(None, None, None, m) for m in MODES}
+    shown = EDGE["info"]["modes"]  # the page's cards, one per mode of the agent
+    records, cards = {}, {m: card(None, None, None, m) for m in shown}
 
     def page(ladder=None, picture=None):  # the outputs, in the order run.click lists them
-        return (*[cards[m] for m in MODES], breakdown(records), ladder or [], picture,
+        return (*[cards[m] for m in shown], breakdown(records), ladder or [], picture,
                 "\n\n".join(notes), list(records.values()))
     try:
         truth = ground_truth(image, question, EXAMPLES)
         progress(0.05, desc="asking the edge agent (every mode, one request)")
         reference, ladder, done = None, [], 0
-        extra = {"progressive": {"k": int(k)}, "auto": {"budget_ms": float(budget_ms)}}
+        extra = {"progressive": {"k": int(k)}}  # (the page's k is progressive's)
         # one request: the agent sees, encodes and sends the frame once for every mode, and the
         # ladder comes from one progressive stream answered after each layer
         for event in client.compare_stream(image, question, modes, k=int(k), budget_ms=float(budget_ms),
@@ -216,7 +220,7 @@ def chat_turn(record: dict) -> str:
 
 
 def converse(image, question: str, history: list | None, bandwidth_mbps: float, rtt_ms: float,
-             budget_ms: float, device: str = "host"):
+             budget_ms: float, device: str | None = None):
     """Ask about the picked frame again and again (adaptive mode, one conversation): the cloud
     keeps the layers it received, so a follow-up sends only its question, and more layers only
     when the answer is not sure enough."""
@@ -257,68 +261,78 @@ def upload_as_is(preprocess):
     return preprocess_or_pass
 
 
-with gr.Blocks(title="progvlm") as demo:
-    gr.Markdown(
-        "# progvlm: progressive semantic communication for edge–cloud VLMs\n"
-        "A camera device asks a vision–language model about a frame. Compare sending the JPEG "
-        "(**full-cloud**), running everything on the device (**full-edge**), and sending k "
-        "progressive MAE layers of the visual tokens (**progressive**, **auto**). Bytes really "
-        "cross a link paced to your bandwidth and RTT; times are measured on this host, except "
-        "the edge's under the *imx95-emulated* device, which are projected and marked so.")
-    with gr.Row():
-        with gr.Column(scale=2):
-            image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
-            image.preprocess = upload_as_is(image.preprocess)  # compare() says what is wrong
-            gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
-                        label="Example scenes (ground truth known)")
-            question = gr.Textbox(label="Question", value="describe the scene .")
-            questions = gr.Radio(GENERIC_QUESTIONS, label="Suggested questions", value=None)
-        with gr.Column(scale=1):
-            bandwidth = gr.Dropdown(BANDWIDTHS, value=1, label="Uplink bandwidth (Mbps)")
-            rtt = gr.Number(value=20, minimum=0, maximum=2000, label="RTT (ms)")
-            k = gr.Slider(1, NUM_LAYERS, value=2, step=1, label="Progressive layers k")
-            modes = gr.CheckboxGroup(MODES, value=MODES, label="Modes to compare")
-            budget = gr.Number(value=300, minimum=1, label="auto: latency budget (ms)")
-            device = gr.Radio(["host", "imx95-emulated"], value="host", label="Device",
-                              info="imx95-emulated: the edge's times × an assumed Cortex-A55 "
-                                   "factor (projected, marked so)")
-            run = gr.Button("Run", variant="primary")
-    banner = gr.Markdown(elem_id="model-banner")
-    with gr.Row(equal_height=True):
-        cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
-                 for m in MODES]
-    chart = gr.BarPlot(x="mode", y="ms", color="stage", title="Latency breakdown (stacked stages)",
-                       y_title="ms", label="Latency breakdown")
-    with gr.Row():
-        ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
-                              label="Compression ladder (this image and question)", interactive=False)
-        picture = gr.Image(label="What each layer leaves unreconstructed, k = 1 … 4 "
-                                 "(bright: the next layer still has work there)", interactive=False,
-                           elem_id="layer-map")
-    notes = gr.Markdown(elem_id="notes")
-    with gr.Accordion("Raw records from the edge agent", open=False):
-        raw = gr.JSON(label="records")
-    with gr.Group():
-        gr.Markdown("### A conversation about this frame (adaptive)\n"
-                    "Ask follow-up questions: the cloud keeps the layers it has received, so a "
-                    "follow-up sends no image bytes, and more layers only when the answer is not "
-                    "sure enough. Uses the bandwidth, RTT, budget and device set above.")
-        chat = gr.Chatbot(label="Conversation", elem_id="chat", height=320)
+def build_page(info: dict) -> tuple[gr.Blocks, gr.Image]:
+    """The page for the agent described by `info` (its GET /v1/info): a card and a choice per
+    mode it runs, k up to its L, its device profiles; the link's and the budget's defaults and
+    ranges are the request model's (edge_agent/request.py). Returns the page and its image input."""
+    modes, L = info["modes"], info["num_layers"]
+    with gr.Blocks(title="progvlm") as page:
+        gr.Markdown(
+            "# progvlm: progressive semantic communication for edge–cloud VLMs\n"
+            "A camera device asks a vision–language model about a frame. Compare sending the JPEG "
+            "(**full-cloud**), running everything on the device (**full-edge**), and sending k "
+            "progressive MAE layers of the visual tokens (**progressive**, **auto**). Bytes really "
+            "cross a link paced to your bandwidth and RTT; times are measured on this host, except "
+            "the edge's under the *imx95-emulated* device, which are projected and marked so.")
         with gr.Row():
-            follow_up = gr.Textbox(label="Ask about this frame", elem_id="chat-question", scale=4,
-                                   placeholder="e.g. how many objects are there ?")
-            ask = gr.Button("Ask", elem_id="chat-ask", scale=1)
-        last_turn = gr.JSON(visible=False)
+            with gr.Column(scale=2):
+                image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
+                image.preprocess = upload_as_is(image.preprocess)  # compare() says what is wrong
+                gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
+                            label="Example scenes (ground truth known)")
+                question = gr.Textbox(label="Question", value="describe the scene .")
+                questions = gr.Radio(GENERIC_QUESTIONS, label="Suggested questions", value=None)
+            with gr.Column(scale=1):
+                bandwidth = gr.Dropdown(BANDWIDTHS, value=FIELDS["bandwidth_mbps"]["default"],
+                                        label="Uplink bandwidth (Mbps)")
+                rtt = gr.Number(value=FIELDS["rtt_ms"]["default"], minimum=FIELDS["rtt_ms"]["minimum"],
+                                maximum=FIELDS["rtt_ms"]["maximum"], label="RTT (ms)")
+                k = gr.Slider(1, L, value=L, step=1, label="Progressive layers k")  # default: all L
+                mode_choice = gr.CheckboxGroup(modes, value=modes, label="Modes to compare")
+                budget = gr.Number(value=FIELDS["budget_ms"]["default"],
+                                   minimum=FIELDS["budget_ms"]["exclusiveMinimum"],
+                                   label="auto: latency budget (ms)")
+                device = gr.Radio(info["device_profiles"], value=info["device_profile"], label="Device",
+                                  info="imx95-emulated: the edge's times × an assumed Cortex-A55 "
+                                       "factor (projected, marked so)")
+                run = gr.Button("Run", variant="primary")
+        banner = gr.Markdown(elem_id="model-banner")
+        with gr.Row(equal_height=True):
+            cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
+                     for m in modes]
+        chart = gr.BarPlot(x="mode", y="ms", color="stage", title="Latency breakdown (stacked stages)",
+                           y_title="ms", label="Latency breakdown")
+        with gr.Row():
+            ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
+                                  label="Compression ladder (this image and question)", interactive=False)
+            picture = gr.Image(label=f"What each layer leaves unreconstructed, k = 1 … {L} "
+                                     "(bright: the next layer still has work there)", interactive=False,
+                               elem_id="layer-map")
+        notes = gr.Markdown(elem_id="notes")
+        with gr.Accordion("Raw records from the edge agent", open=False):
+            raw = gr.JSON(label="records")
+        with gr.Group():
+            gr.Markdown("### A conversation about this frame (adaptive)\n"
+                        "Ask follow-up questions: the cloud keeps the layers it has received, so a "
+                        "follow-up sends no image bytes, and more layers only when the answer is not "
+                        "sure enough. Uses the bandwidth, RTT, budget and device set above.")
+            chat = gr.Chatbot(label="Conversation", elem_id="chat", height=320)
+            with gr.Row():
+                follow_up = gr.Textbox(label="Ask about this frame", elem_id="chat-question", scale=4,
+                                       placeholder="e.g. how many objects are there ?")
+                ask = gr.Button("Ask", elem_id="chat-ask", scale=1)
+            last_turn = gr.JSON(visible=False)
 
-    demo.load(lambda: model_banner(EDGE["info"]), None, banner, api_name=False)
-    image.change(suggested, image, questions, api_name=False)
-    questions.change(lambda q: q or gr.update(), questions, question, api_name=False)
-    inputs = [image, question, bandwidth, rtt, k, modes, budget, device]
-    run.click(compare, inputs, [*cards, chart, ladder, picture, notes, raw], api_name="compare")
-    image.change(lambda: [], None, chat, api_name=False)  # a new frame, a new conversation
-    chat_inputs = [image, follow_up, chat, bandwidth, rtt, budget, device]
-    ask.click(converse, chat_inputs, [chat, follow_up, last_turn], api_name="converse")
-    follow_up.submit(converse, chat_inputs, [chat, follow_up, last_turn], api_name=False)
+        page.load(lambda: model_banner(EDGE["info"]), None, banner, api_name=False)
+        image.change(suggested, image, questions, api_name=False)
+        questions.change(lambda q: q or gr.update(), questions, question, api_name=False)
+        inputs = [image, question, bandwidth, rtt, k, mode_choice, budget, device]
+        run.click(compare, inputs, [*cards, chart, ladder, picture, notes, raw], api_name="compare")
+        image.change(lambda: [], None, chat, api_name=False)  # a new frame, a new conversation
+        chat_inputs = [image, follow_up, chat, bandwidth, rtt, budget, device]
+        ask.click(converse, chat_inputs, [chat, follow_up, last_turn], api_name="converse")
+        follow_up.submit(converse, chat_inputs, [chat, follow_up, last_turn], api_name=False)
+    return page, image
 
 
 def main():

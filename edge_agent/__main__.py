@@ -11,12 +11,16 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 
-from progvlm.net.http_limits import add_allow_host
 from progvlm.images import ImageInputError
+from progvlm.net.http_limits import add_allow_host
 
-from .agent import MODES
+from .modes import MODES
+from .profiles import PROFILES
+from .request import AskRequest
 
 TOKEN_ENV = "PROGVLM_CLOUD_TOKEN"  # the cloud's token, which this agent sends
 AGENT_TOKEN_ENV = "PROGVLM_AGENT_TOKEN"  # this agent's own, which its clients must send
@@ -53,8 +57,39 @@ def _add_device_options(p):
     p.add_argument("--runtime", choices=("pytorch", "onnx"), default="pytorch",
                    help="pytorch (host) or onnx (ONNX Runtime, no PyTorch needed)")
     p.add_argument("--model-dir", type=Path, default=None, help="ONNX export folder (--runtime onnx)")
-    p.add_argument("--profile", choices=("host", "imx95-emulated"), default="host",
+    p.add_argument("--profile", choices=PROFILES, default=PROFILES[0],
                    help="host: measured times; imx95-emulated: host times × a speed factor (PROJECTED)")
+
+
+# AskRequest's fields that `ask` takes otherwise: the device is --profile, a conversation is
+# --question-more, and the record is printed whole
+NOT_ASK_OPTIONS = ("device_profile", "conversation", "new_conversation", "stream")
+
+
+def _scalar(annotation):
+    """The Python type of a request field's values (its None and validators aside)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+def _add_request_options(p):
+    """One option per AskRequest field (edge_agent/request.py): its type, meaning and default
+    are the model's; an option not given is not sent, so the model's default applies."""
+    for name, field in AskRequest.model_fields.items():
+        if name in NOT_ASK_OPTIONS:
+            continue
+        kind = _scalar(field.annotation)
+        default = "" if field.is_required() or field.default is None else f" (default: {field.default})"
+        options = dict(default=None, help=(field.description or "") + default)
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = list(MODES) if name == "mode" else (field.json_schema_extra or {}).get("enum")
+            options.update(type=kind, choices=choices, required=field.is_required())
+        p.add_argument("--" + name.replace("_", "-"), **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,21 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "loopback for the request. Prints one JSON record: answer, mode, k, "
                          "payload bytes, every stage time and their sum.")
     ask.add_argument("--image", required=True, type=Path)
-    ask.add_argument("--question", required=True)
-    ask.add_argument("--mode", default="progressive", choices=MODES)
-    ask.add_argument("--k", type=int, default=None, help="progressive layers to send (default: all)")
-    ask.add_argument("--bandwidth-mbps", type=float, default=1.0)
-    ask.add_argument("--rtt-ms", type=float, default=20.0)
-    ask.add_argument("--budget-ms", type=float, default=None,
-                     help="auto's and adaptive's latency budget (default 500)")
-    ask.add_argument("--adaptive-threshold", type=float, default=None,
-                     help="adaptive: stop sending layers once the answer's confidence reaches this "
-                          "(0..1; default: the cloud's calibrated threshold)")
+    _add_request_options(ask)
     ask.add_argument("--question-more", action="append", default=[], metavar="QUESTION",
                      help="a follow-up question about the same image (repeatable): the questions "
                           "are a conversation, the frame's bytes sent once; one record per question")
-    ask.add_argument("--cut-after-layer", type=int, default=None,
-                     help="fault injection: the uplink dies after this many layers")
     ask.add_argument("--cloud-url", default=None, help="a running cloud backend (default: start one)")
     _add_device_options(ask)
 
@@ -136,9 +160,13 @@ def cmd_ask(a) -> int:
     token = os.environ.get(TOKEN_ENV) or None
     child = None
     cloud_url = a.cloud_url
+    fields = {name: getattr(a, name) for name in AskRequest.model_fields
+              if name not in NOT_ASK_OPTIONS + ("question",) and getattr(a, name) is not None}
+    conversation = {"conversation": True} if a.question_more else {}
     try:
         runtime = make_runtime(a.runtime, a.model_dir, a.vlm, a.mae)
-        if cloud_url is None and a.mode != "full-edge":
+        mode = MODES[fields.get("mode", AskRequest.model_fields["mode"].default)]
+        if cloud_url is None and mode.needs_cloud:
             # the same models as this device; an ONNX export names the VLM, not its folder;
             # a fresh random token unless one is set
             child = cloud_service(token=token, vlm=a.vlm, mae=a.mae)
@@ -146,10 +174,7 @@ def cmd_ask(a) -> int:
             child.start()
             cloud_url, token = child.url, child.token
         agent = EdgeAgent(runtime, cloud_url, token, get_profile(a.profile))
-        conversation = bool(a.question_more)
-        records = [agent.ask(a.image, question, a.mode, a.k, a.bandwidth_mbps, a.rtt_ms,
-                             a.budget_ms, a.cut_after_layer, client="command line",
-                             conversation=conversation, adaptive_threshold=a.adaptive_threshold)
+        records = [agent.ask(a.image, question, client="command line", **fields, **conversation)
                    for question in [a.question] + a.question_more]
     except (ImageInputError, AskError, CloudError, PairingError, DeadlineError, ValueError,
             RuntimeError) as e:

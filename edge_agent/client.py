@@ -1,4 +1,6 @@
-"""A client of the edge agent's HTTP API (what the demo's UI calls)."""
+"""A client of the edge agent's HTTP API (what the demo's UI calls). Its requests' fields are
+edge_agent/request.py's (AskRequest, CompareRequest); a field not given is not sent, so the
+agent's default applies."""
 from __future__ import annotations
 
 import json
@@ -6,6 +8,8 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+
+from .request import AskRequest, CompareRequest, as_form
 
 
 class EdgeAgentError(RuntimeError):
@@ -20,6 +24,7 @@ class EdgeAgentClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def info(self) -> dict:
+        """GET /v1/info: the agent's models, L (num_layers), modes and device profiles."""
         try:
             r = self._http.get("/v1/info")
         except httpx.HTTPError as e:
@@ -28,46 +33,21 @@ class EdgeAgentClient:
             raise EdgeAgentError(_reason(r))
         return r.json()
 
-    @staticmethod
-    def _form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer, device_profile,
-              stream, conversation=False, adaptive_threshold=None, new_conversation=False) -> dict:
-        form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
-                "rtt_ms": str(rtt_ms), "stream": "true" if stream else "false",
-                "conversation": "true" if conversation else "false",
-                "new_conversation": "true" if new_conversation else "false"}
-        for name, value in (("k", k), ("budget_ms", budget_ms), ("cut_after_layer", cut_after_layer),
-                            ("device_profile", device_profile), ("adaptive_threshold", adaptive_threshold)):
-            if value is not None:
-                form[name] = str(value)
-        return form
-
-    def ask_stream(self, image: str | Path | bytes, question: str, mode: str = "progressive",
-                   k: int | None = None, bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0,
-                   budget_ms: float | None = None, cut_after_layer: int | None = None,
-                   device_profile: str | None = None, conversation: bool = False,
-                   adaptive_threshold: float | None = None,
-                   new_conversation: bool = False) -> Iterator[dict]:
+    def ask_stream(self, image: str | Path | bytes, question: str, **fields) -> Iterator[dict]:
         """Yield the agent's lines: {"type": "refinement", …} as layers are answered, then
-        {"type": "result", "record": …}. Raises EdgeAgentError with the agent's reason.
-        `conversation`: ask about the same image again and again, its bytes sent once
-        (`new_conversation` on the first question: the frame is sent afresh)."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = self._form(question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, cut_after_layer,
-                          device_profile, True, conversation, adaptive_threshold, new_conversation)
-        yield from self._lines("/v1/ask", data, form)
+        {"type": "result", "record": …}. `fields`: AskRequest's (mode, k, bandwidth_mbps, …;
+        `conversation` asks about the same image again and again, its bytes sent once, and
+        `new_conversation` on the first question sends the frame afresh). Raises EdgeAgentError
+        with the agent's reason."""
+        form = as_form(AskRequest, question=question, **fields, stream=True)
+        yield from self._lines("/v1/ask", _bytes(image), form)
 
-    def compare_stream(self, image: str | Path | bytes, question: str, modes, k: int | None = None,
-                       bandwidth_mbps: float = 1.0, rtt_ms: float = 20.0, budget_ms: float | None = None,
-                       device_profile: str | None = None) -> Iterator[dict]:
-        """POST /v1/compare: every mode for one frame in one request. Yields the agent's events
-        (reference, refinement, result, ladder) until done; raises EdgeAgentError with its reason."""
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        form = {"question": question, "modes": ",".join(modes), "bandwidth_mbps": str(bandwidth_mbps),
-                "rtt_ms": str(rtt_ms)}
-        for name, value in (("k", k), ("budget_ms", budget_ms), ("device_profile", device_profile)):
-            if value is not None:
-                form[name] = str(value)
-        yield from self._lines("/v1/compare", data, form, until="done")
+    def compare_stream(self, image: str | Path | bytes, question: str, modes, **fields) -> Iterator[dict]:
+        """POST /v1/compare: every mode for one frame in one request (`fields`: CompareRequest's).
+        Yields the agent's events (reference, refinement, result, ladder) until done; raises
+        EdgeAgentError with its reason."""
+        form = as_form(CompareRequest, question=question, modes=list(modes), **fields)
+        yield from self._lines("/v1/compare", _bytes(image), form, until="done")
 
     def _lines(self, path: str, data: bytes, form: dict, until: str | None = None) -> Iterator[dict]:
         """The NDJSON lines of a streamed POST, up to (not including) a line of type `until`."""
@@ -88,12 +68,16 @@ class EdgeAgentClient:
         except httpx.HTTPError as e:
             raise EdgeAgentError(f"edge agent at {self.url} unreachable: {e}") from None
 
-    def ask(self, image, question: str, **options) -> dict:
+    def ask(self, image, question: str, **fields) -> dict:
         """The agent's record for one request."""
-        for item in self.ask_stream(image, question, **options):
+        for item in self.ask_stream(image, question, **fields):
             if item["type"] == "result":
                 return item["record"]
         raise EdgeAgentError("the agent's stream ended without a result")
+
+
+def _bytes(image: str | Path | bytes) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
 
 
 def _reason(r: httpx.Response) -> str:

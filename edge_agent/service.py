@@ -1,16 +1,15 @@
 """The edge agent as an HTTP service (FastAPI): what the demo's UI calls.
 
     GET  /healthz   open
-    GET  /v1/info   runtime, device profile, model ids, the cloud it talks to and whether it answers
-    POST /v1/ask    multipart: image (file), question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                    cut_after_layer (fault injection), device_profile, stream, frame (full-cloud:
-                    camera or model size), jpeg_quality, link_emulation (false over a real network),
-                    conversation (keep the frame at the cloud; a follow-up about the same pixels
-                    sends no image bytes), adaptive_threshold (adaptive's confidence to stop at)
+    GET  /v1/info   runtime, device profile, model ids, L (num_layers), the modes, the device
+                    profiles, the cloud it talks to and whether it answers (what the page builds from)
+    POST /v1/ask    multipart: image (file) and the fields of edge_agent/request.py's AskRequest
+                    (question, mode, k, bandwidth_mbps, rtt_ms, budget_ms, stream, …: their
+                    defaults, ranges and meaning declared there, and in the OpenAPI document)
                     → one JSON record (edge_agent/agent.py); with stream=true, NDJSON lines:
                     {"type": "refinement", …} per layer as the cloud answers it, then
                     {"type": "result", "record": …} or {"type": "error", "status", "detail"}
-    POST /v1/compare  the same fields with `modes` (comma-separated) instead of mode: every mode
+    POST /v1/compare  CompareRequest's fields: `modes` (comma-separated) instead of mode; every mode
                     for one frame, the device's work done once; NDJSON lines reference,
                     refinement/result per mode, the ladder k = 1..L, then done (the demo's Run)
 
@@ -35,21 +34,40 @@ import logging
 import threading
 import time
 
+from typing import Annotated
+
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from progvlm.net.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
 from progvlm.images import ImageInputError
+from progvlm.net.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
 
-from .agent import MODES, AskError, BusyError, CloudError, DeadlineError, EdgeAgent, PairingError
+from .agent import EdgeAgent
+from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError
+from .request import AskRequest, CompareRequest, reasons
 
 log = logging.getLogger("edge_agent")
 
 MAX_UPLOAD_BYTES = 20 << 20
 FORM_FIELDS_BYTES = 64 << 10  # room for the form's other fields and the multipart framing
 SETTLE_S = 0.5
+
+
+def _image():
+    return File(description="the camera frame: an image file (PNG, JPEG, …) or, with image_format "
+                            "rgb24, its raw pixels")
+
+
+class AskForm(AskRequest):
+    """POST /v1/ask's multipart body: the request's fields (edge_agent/request.py) and the image."""
+    image: Annotated[UploadFile, _image()]
+
+
+class CompareForm(CompareRequest):
+    """POST /v1/compare's multipart body: the request's fields and the image."""
+    image: Annotated[UploadFile, _image()]
 
 
 class ErrorDetail(BaseModel):
@@ -149,11 +167,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
     @app.exception_handler(RequestValidationError)
     async def one_sentence(_, e: RequestValidationError):
         """FastAPI's own 422 lists its errors as objects; this service's errors are one shape."""
-        reasons = []
-        for err in e.errors():
-            field = ".".join(str(part) for part in err["loc"] if part not in ("body", "query"))
-            reasons.append(f"{field}: {err['msg']}" if field else err["msg"])
-        return JSONResponse({"detail": "; ".join(reasons)}, status_code=422)
+        return JSONResponse({"detail": reasons(e.errors())}, status_code=422)
 
     @app.get("/healthz")
     def healthz():
@@ -161,10 +175,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
 
     @app.get("/v1/info", responses=_documented(401, 403))
     async def info():
-        rt = agent.runtime
-        out = {"runtime": rt.name, "device_profile": agent.profile.name,
-               "timing_source": agent.profile.source, **rt.info(),
-               "cloud_url": agent.cloud.base_url if agent.cloud else None}
+        out = agent.info()
         if agent.cloud:
             try:
                 out["cloud"] = await _in_daemon_thread(asyncio.get_running_loop(), agent.cloud.info)
@@ -176,49 +187,33 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
           "content": {"application/json": {"schema": {"type": "object"}},
                       "application/x-ndjson": {"schema": {"type": "string"}}}}
 
-    @app.post("/v1/ask", responses={200: ok, **_documented(400, 401, 403, 408, 409, 413, 422,
-                                                           502, 503, 504)})
-    async def ask(request: Request, image: UploadFile = File(...), question: str = Form(...),
-                  mode: str = Form("progressive"), k: int | None = Form(None),
-                  bandwidth_mbps: float = Form(1.0), rtt_ms: float = Form(20.0),
-                  budget_ms: float | None = Form(None), cut_after_layer: int | None = Form(None),
-                  device_profile: str | None = Form(None), stream: bool = Form(False),
-                  frame: str = Form("camera", description="full-cloud's JPEG: the camera frame or "
-                                    "the frame at the model's input size (camera, model)"),
-                  jpeg_quality: int = Form(90, description="full-cloud's JPEG quality, 1..95"),
-                  link_emulation: bool = Form(True, description="false: a real shaped network "
-                                              "lies between agent and cloud; nothing is paced here"),
-                  image_format: str = Form("file", description="file (PNG, JPEG, …) or rgb24 (a "
-                                           "raw camera frame of width × height)"),
-                  width: int | None = Form(None), height: int | None = Form(None),
-                  conversation: bool = Form(False, description="keep the frame at the cloud and "
-                                            "resume it if held: a follow-up question about the same "
-                                            "pixels sends no image bytes (progressive, auto, adaptive)"),
-                  new_conversation: bool = Form(False, description="with conversation: this is a "
-                                                "conversation's first question, so the frame is sent "
-                                                "afresh whatever the cloud holds of it"),
-                  adaptive_threshold: float | None = Form(None, description="adaptive: stop once "
-                                                          "the answer's confidence reaches this "
-                                                          "(0..1; default: the cloud's)")):
-        data = await image.read(max_upload_bytes + 1)
+    async def upload(form) -> bytes | JSONResponse:
+        data = await form.image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
                                 status_code=413)
-        loop = asyncio.get_running_loop()
+        return data
+
+    async def checked(check, data: bytes, form, request: Request):
+        """`check(data, form, client)` in a daemon thread, within a fresh request's deadline."""
         client = request.client.host if request.client else "unknown"
+        return await _within(_in_daemon_thread(asyncio.get_running_loop(), check, data, form, client),
+                             time.monotonic() + agent.request_timeout_s, agent.request_timeout_s)
+
+    @app.post("/v1/ask", responses={200: ok, **_documented(400, 401, 403, 408, 409, 413, 422,
+                                                           502, 503, 504)})
+    async def ask(request: Request, form: Annotated[AskForm, Form(media_type="multipart/form-data")]):
+        data = await upload(form)
+        if isinstance(data, JSONResponse):
+            return data
         try:  # everything checkable, before any work and before a stream starts
-            checked = await _within(_in_daemon_thread(
-                loop, agent.check, data, question, mode, k, bandwidth_mbps, rtt_ms, budget_ms,
-                cut_after_layer, device_profile, client, frame, jpeg_quality, link_emulation,
-                image_format, width, height, conversation, new_conversation, adaptive_threshold),
-                time.monotonic() + agent.request_timeout_s,
-                agent.request_timeout_s)
-            if not stream:
-                return await _within(_in_daemon_thread(loop, agent.run, checked), checked.deadline,
-                                     agent.request_timeout_s)
+            checked_ask = await checked(agent.checked, data, form, request)
+            if not form.stream:
+                return await _within(_in_daemon_thread(asyncio.get_running_loop(), agent.run, checked_ask),
+                                     checked_ask.deadline, agent.request_timeout_s)
         except Exception as e:  # every failure reaches the caller as a reason, not a trace
             return _error(e)
-        return StreamingResponse(_ndjson(agent, checked), media_type="application/x-ndjson")
+        return StreamingResponse(_ndjson(agent, checked_ask), media_type="application/x-ndjson")
 
     events = {"description": "NDJSON lines: reference, refinement and result per mode, ladder, "
                              "then done (or error)",
@@ -226,34 +221,19 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
 
     @app.post("/v1/compare", responses={200: events, **_documented(400, 401, 403, 408, 409, 413, 422,
                                                                    502, 503, 504)})
-    async def compare(request: Request, image: UploadFile = File(...), question: str = Form(...),
-                      modes: str = Form(",".join(MODES), description="comma-separated, of "
-                                        + ", ".join(MODES)),
-                      k: int | None = Form(None), bandwidth_mbps: float = Form(1.0),
-                      rtt_ms: float = Form(20.0), budget_ms: float | None = Form(None),
-                      device_profile: str | None = Form(None), frame: str = Form("camera"),
-                      jpeg_quality: int = Form(90), link_emulation: bool = Form(True),
-                      image_format: str = Form("file"), width: int | None = Form(None),
-                      height: int | None = Form(None)):
+    async def compare(request: Request,
+                      form: Annotated[CompareForm, Form(media_type="multipart/form-data")]):
         """Every mode for one frame and question in one request, the device's work on the frame
         done once; the compression ladder k = 1..L from one progressive stream's per-layer
         answers (what the demo page asks per Run)."""
-        data = await image.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
-                                status_code=413)
-        loop = asyncio.get_running_loop()
-        client = request.client.host if request.client else "unknown"
-        fields = dict(bandwidth_mbps=bandwidth_mbps, rtt_ms=rtt_ms, device_profile=device_profile,
-                      client=client, frame=frame, jpeg_quality=jpeg_quality, link_emulation=link_emulation,
-                      image_format=image_format, width=width, height=height)
+        data = await upload(form)
+        if isinstance(data, JSONResponse):
+            return data
         try:
-            checked, mode_list = await _within(_in_daemon_thread(
-                loop, agent.check_compare, data, question, modes, k, budget_ms, **fields),
-                time.monotonic() + agent.request_timeout_s, agent.request_timeout_s)
+            checked_ask, modes = await checked(agent.checked_compare, data, form, request)
         except Exception as e:  # noqa: BLE001 - every failure reaches the caller as a reason
             return _error(e)
-        return StreamingResponse(_compare_ndjson(agent, checked, mode_list),
+        return StreamingResponse(_compare_ndjson(agent, checked_ask, modes),
                                  media_type="application/x-ndjson")
 
     return app
