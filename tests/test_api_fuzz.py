@@ -28,7 +28,8 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.transport.serialization import Binary
 
-from edge_agent.agent import MODES, EdgeAgent
+from edge_agent.agent import EdgeAgent
+from edge_agent.modes import MODES
 from edge_agent.runtime import PyTorchRuntime
 from edge_agent.service import create_app as create_edge_app
 from progvlm.codec.bitstream import parse
@@ -92,7 +93,7 @@ def _hooks(schema, real_bodies: dict[str, list[bytes]]):
             return st.one_of(st.just(body), real_for(context).map(Binary))
         if isinstance(body, dict):
             return _or_real(body, {"image": real_for(context), "question": st.just(Q),
-                                   "mode": st.sampled_from(MODES)})
+                                   "mode": st.sampled_from(list(MODES))})
         return st.just(body)
 
     @schema.hook
