@@ -34,6 +34,7 @@ from .backends import MAE_ENV, VLMBackend, load_vlm
 from .backends.base import Answer, Grid
 from .codec.entropy import EntropyDecodeError
 from .models.mae import DEFAULT_MAE, MAE, load_mae
+from .net.protocol import to_ms
 
 
 class SplitError(ValueError):
@@ -61,10 +62,6 @@ class Frame:
         if not 1 <= k <= self.k:
             raise ValueError(f"k must be in 1..{self.k}, got {k}")
         return replace(self, layers=self.layers[:k], layers_announced=None, stage_ms={})
-
-
-def _ms(t0: float, t1: float) -> float:
-    return round((t1 - t0) * 1e3, 3)
 
 
 class Split:
@@ -122,9 +119,9 @@ class Split:
         t2 = time.perf_counter()
         layers = self.mae.compress(tokens, k)
         t3 = time.perf_counter()
-        return Frame(layers, tokens.shape[0], grid, {"edge_preprocess": _ms(t0, t1),
-                                                     "edge_vision": _ms(t1, t2),
-                                                     "mae_encode": _ms(t2, t3)})
+        return Frame(layers, tokens.shape[0], grid, {"edge_preprocess": to_ms(t1 - t0),
+                                                     "edge_vision": to_ms(t2 - t1),
+                                                     "mae_encode": to_ms(t3 - t2)})
 
     # ---- wire ------------------------------------------------------------------------------
     def pack(self, frame: Frame) -> bytes:
@@ -171,7 +168,7 @@ class Split:
         """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
         t0 = time.perf_counter()
         tokens = self.decode(frame)
-        decode_ms = _ms(t0, time.perf_counter())
+        decode_ms = to_ms(time.perf_counter() - t0)
         answer = self.language(tokens, question, frame.grid, max_new_tokens)
         answer.stage_ms = {"mae_decode_ms": decode_ms, **answer.stage_ms}
         return answer
@@ -182,7 +179,7 @@ class Split:
         where it has none, language_ms; confidence under adaptive_rule()."""
         t0 = time.perf_counter()
         answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
-        answer.stage_ms = answer.stage_ms or {"language_ms": _ms(t0, time.perf_counter())}
+        answer.stage_ms = answer.stage_ms or {"language_ms": to_ms(time.perf_counter() - t0)}
         return self._with_confidence(answer)
 
     def language_batch(self, requests: list[tuple[torch.Tensor, str, Grid]],
@@ -200,7 +197,7 @@ class Split:
         tokens, questions, grids = (list(column) for column in zip(*requests))
         t0 = time.perf_counter()
         answers = self.vlm.cloud_half_batch(tokens, questions, max_new_tokens, grids)
-        batch_ms = {"language_ms": _ms(t0, time.perf_counter())}
+        batch_ms = {"language_ms": to_ms(time.perf_counter() - t0)}
         for answer in answers:
             answer.stage_ms = answer.stage_ms or dict(batch_ms)
             self._with_confidence(answer)
