@@ -97,8 +97,14 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
 
-    result = Client(page_url, verbose=False).predict(
-        handle_file(example["path"]), question, 1, 20, 2, MODES, 300, "host", api_name="/compare")
+    # the same inputs through the named API: the page's own defaults (what the browser ran with)
+    api = Client(page_url, verbose=False)
+    defaults = {p["parameter_name"]: p["parameter_default"]
+                for p in api.view_api(print_info=False, return_format="dict")["named_endpoints"]["/compare"]["parameters"]
+                if p["parameter_has_default"]}
+    result = api.predict(handle_file(example["path"]), question, defaults["bandwidth_mbps"],
+                         defaults["rtt_ms"], defaults["k"], MODES, defaults["budget_ms"], defaults["device"],
+                         api_name="/compare")
     records = result[-1]
     assert [r["mode"] for r in records] == MODES
     for record in records:
