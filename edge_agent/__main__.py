@@ -81,13 +81,14 @@ def _add_request_options(p):
     for name, field in AskRequest.model_fields.items():
         if name in NOT_ASK_OPTIONS:
             continue
-        kind = _scalar(field.annotation)
+        kind, extra = _scalar(field.annotation), field.json_schema_extra or {}
+        span = f" ({extra['minimum']:g}..{extra['maximum']:g})" if {"minimum", "maximum"} <= set(extra) else ""
         default = "" if field.is_required() or field.default is None else f" (default: {field.default})"
-        options = dict(default=None, help=(field.description or "") + default)
+        options = dict(default=None, help=(field.description or "") + span + default)
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
-            choices = list(MODES) if name == "mode" else (field.json_schema_extra or {}).get("enum")
+            choices = list(MODES) if name == "mode" else extra.get("enum")
             options.update(type=kind, choices=choices, required=field.is_required())
         p.add_argument("--" + name.replace("_", "-"), **options)
 
@@ -281,14 +282,18 @@ def cmd_profile(a) -> int:
     return 0
 
 
+COMMANDS = {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode,
+            "profile": cmd_profile}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.command is None:
+    command = COMMANDS.get(a.command)
+    if command is None:
         parser.print_help()
         return 2
-    return {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode,
-            "profile": cmd_profile}[a.command](a)
+    return command(a)
 
 
 if __name__ == "__main__":
