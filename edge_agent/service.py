@@ -187,14 +187,15 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
           "content": {"application/json": {"schema": {"type": "object"}},
                       "application/x-ndjson": {"schema": {"type": "string"}}}}
 
-    async def upload(form) -> bytes | JSONResponse:
+    async def read_upload(form) -> bytes | JSONResponse:
+        """The image's bytes, or the 413 for one over the limit."""
         data = await form.image.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             return JSONResponse({"detail": f"image upload over the limit of {max_upload_bytes} bytes"},
                                 status_code=413)
         return data
 
-    async def checked(check, data: bytes, form, request: Request):
+    async def check_within(check, data: bytes, form, request: Request):
         """`check(data, form, client)` in a daemon thread, within a fresh request's deadline."""
         client = request.client.host if request.client else "unknown"
         return await _within(_in_daemon_thread(asyncio.get_running_loop(), check, data, form, client),
@@ -203,11 +204,11 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
     @app.post("/v1/ask", responses={200: ok, **_documented(400, 401, 403, 408, 409, 413, 422,
                                                            502, 503, 504)})
     async def ask(request: Request, form: Annotated[AskForm, Form(media_type="multipart/form-data")]):
-        data = await upload(form)
+        data = await read_upload(form)
         if isinstance(data, JSONResponse):
             return data
         try:  # everything checkable, before any work and before a stream starts
-            checked_ask = await checked(agent.checked, data, form, request)
+            checked_ask = await check_within(agent.checked, data, form, request)
             if not form.stream:
                 return await _within(_in_daemon_thread(asyncio.get_running_loop(), agent.run, checked_ask),
                                      checked_ask.deadline, agent.request_timeout_s)
@@ -226,11 +227,11 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
         """Every mode for one frame and question in one request, the device's work on the frame
         done once; the compression ladder k = 1..L from one progressive stream's per-layer
         answers (what the demo page asks per Run)."""
-        data = await upload(form)
+        data = await read_upload(form)
         if isinstance(data, JSONResponse):
             return data
         try:
-            checked_ask, modes = await checked(agent.checked_compare, data, form, request)
+            checked_ask, modes = await check_within(agent.checked_compare, data, form, request)
         except Exception as e:  # noqa: BLE001 - every failure reaches the caller as a reason
             return _error(e)
         return StreamingResponse(_compare_ndjson(agent, checked_ask, modes),
