@@ -44,3 +44,40 @@ def test_cli_writes_the_stream_and_prints_json(tmp_path, capsys):
     assert record["bytes"] == len(out.read_bytes()) and record["k"] == 3
     assert record["vlm_id"].startswith("progvlm-tiny@")
     assert main(["encode", "--image", str(out), "--out", str(tmp_path / "x")]) == 2  # not an image
+
+
+def test_packing_keeps_what_it_knew(split):
+    """The agent sends the stream it packed without parsing it again: runtime.pack gives the
+    same bytes as the codec's pack, with the header's and each layer's end as parse finds them."""
+    from edge_agent.runtime import PyTorchRuntime
+    runtime = PyTorchRuntime(split)
+    frame = split.edge(load_image(load_examples()[3]["path"]), 3)
+    packed = runtime.pack(frame.layers, frame.num_tokens, frame.grid)
+    stream = parse(packed.data)
+    assert packed.data == split.pack(frame) == runtime.frame_bytes(frame.layers, frame.num_tokens)
+    assert (packed.header_bytes, packed.layer_ends) == (stream.header_bytes, stream.layer_ends())
+    assert sum(packed.layer_bytes) + packed.header_bytes == len(packed.data)
+    assert runtime.read(packed.data) == packed
+    assert runtime.stream_sizes(frame.layers, frame.num_tokens)[-1] == len(packed.data)
+
+
+def test_every_surface_of_a_request_builds_from_one_model():
+    """The HTTP form, the edge CLI and the client's form have the request model's fields, and
+    the OpenAPI document its defaults and the link's own ranges."""
+    from edge_agent.__main__ import NOT_ASK_OPTIONS, build_parser
+    from edge_agent.request import AskRequest, CompareRequest, FrameRequest, as_form
+    from edge_agent.service import AskForm, CompareForm
+    from progvlm.net import link
+    assert set(AskForm.model_fields) - {"image"} == set(AskRequest.model_fields)
+    assert set(CompareForm.model_fields) - {"image"} == set(FrameRequest.model_fields) | {"modes"}
+    ask = next(a for a in build_parser()._actions if a.dest == "command").choices["ask"]
+    assert {a.dest for a in ask._actions} >= set(AskRequest.model_fields) - set(NOT_ASK_OPTIONS)
+    schema = AskRequest.model_json_schema()["properties"]
+    assert (schema["bandwidth_mbps"]["minimum"], schema["bandwidth_mbps"]["maximum"]) == (
+        link.MIN_BANDWIDTH_MBPS, link.MAX_BANDWIDTH_MBPS)
+    assert schema["rtt_ms"]["maximum"] == link.MAX_RTT_MS
+    assert schema["budget_ms"]["default"] == CompareRequest.model_fields["budget_ms"].default
+    assert as_form(AskRequest, question="q", k=None, conversation=True, rtt_ms=5) == {
+        "question": "q", "conversation": "true", "rtt_ms": "5"}
+    with pytest.raises(TypeError, match="no field bandwith"):
+        as_form(AskRequest, question="q", bandwith=1)
