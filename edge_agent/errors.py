@@ -18,3 +18,6 @@ class DeadlineError(RuntimeError):  # (not TimeoutError: asyncio.wait_for raises
 
 class BusyError(DeadlineError):
     """Other requests held the device until this one's deadline."""
+
+
+__all__ = ["AskError", "BusyError", "CloudError", "DeadlineError", "PairingError"]

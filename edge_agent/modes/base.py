@@ -42,10 +42,10 @@ class Mode:
     def check(self, request, num_layers: int):
         """Raise AskError for a field this mode cannot serve as asked."""
         if request.conversation and not self.converses:
-            raise AskError(f"conversation applies to {', '.join(names('converses'))}; mode "
+            raise AskError(f"conversation applies to {', '.join(modes_where('converses'))}; mode "
                            f"{self.name} sends its frame whole every time")
         if request.cut_after_layer is not None and (request.conversation or not self.cuttable):
-            raise AskError(f"cut_after_layer applies to {' and '.join(names('cuttable'))} only, "
+            raise AskError(f"cut_after_layer applies to {' and '.join(modes_where('cuttable'))} only, "
                            "without conversation")
 
     def on_device(self, context: "RunContext"):
@@ -71,7 +71,7 @@ def unregister(name: str):
     MODES.pop(name, None)
 
 
-def names(fact: str) -> list[str]:
+def modes_where(fact: str) -> list[str]:
     """The registered modes for which `fact` (a Mode attribute) holds."""
     return [name for name, mode in MODES.items() if getattr(mode, fact)]
 
