@@ -3,7 +3,10 @@
 `python app.py` starts the cloud backend and the edge agent as child processes on loopback and
 talks to the agent over real HTTP (the agent talks to the cloud through the shaped link);
 `--edge-url` uses a running agent instead. Model, link and service code live in progvlm/ and
-edge_agent/; this file lays out the page and formats what the agent returns.
+edge_agent/; this file lays out the page and formats what the agent returns. The page is built
+for the agent it talks to (`connect` → `build_page`): a card and a choice per mode it runs, k up
+to its L and its device profiles, all from its GET /v1/info; the link's and the budget's
+defaults and ranges are the request model's (edge_agent/request.py).
 """
 from __future__ import annotations
 
