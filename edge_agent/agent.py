@@ -23,8 +23,8 @@ import time
 from progvlm.adaptive import DEFAULT_RULE
 from progvlm.images import load_image, raw_frame
 from progvlm.net.link import LinkProfile
-from progvlm.net.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S
-from progvlm.net.transport import CloudLink, to_ms
+from progvlm.net.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S, to_ms
+from progvlm.net.transport import CloudLink
 
 from . import conversation
 from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from progvlm.net.link import LinkProfile
-from progvlm.net.transport import to_ms
+from progvlm.net.protocol import to_ms
 
 from ..errors import AskError
 
