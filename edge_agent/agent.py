@@ -24,12 +24,12 @@ from progvlm.adaptive import DEFAULT_RULE
 from progvlm.images import load_image, raw_frame
 from progvlm.net.link import LinkProfile
 from progvlm.net.protocol import COMPUTE_ALLOWANCE_S, MAX_LINK_S, to_ms
-from progvlm.net.transport import CloudLink
+from progvlm.net.transport import CloudLink, Transport
 
 from . import conversation
 from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError
 from .estimates import LinkEstimates
-from .modes import LADDER, MODES, REFERENCE, RunContext, frame_sizes, link_time_s
+from .modes import LADDER, MODES, REFERENCE, RunContext, frame_sizes
 from .modes.full_cloud import frame_jpeg
 from .profiles import PROFILES, DeviceProfile, get_profile
 from .request import JPEG_QUALITY, AskRequest, CheckedAsk, CompareRequest, parse
@@ -51,14 +51,17 @@ def check_same_models(edge: dict, cloud: dict, cloud_url: str):
 
 
 class EdgeAgent:
-    def __init__(self, runtime: EdgeRuntime, cloud_url: str | None = None, token: str | None = None,
-                 profile: DeviceProfile | None = None, timeout_s: float = 10.0,
-                 max_link_s: float = MAX_LINK_S, request_timeout_s: float | None = None):
+    def __init__(self, runtime: EdgeRuntime, cloud: str | Transport | None = None,
+                 token: str | None = None, profile: DeviceProfile | None = None,
+                 timeout_s: float = 10.0, max_link_s: float = MAX_LINK_S,
+                 request_timeout_s: float | None = None):
+        """`cloud`: the cloud's URL (a CloudLink to it, with `token` and `timeout_s`), any
+        progvlm.net.transport.Transport, or None (full-edge only)."""
         self.runtime = runtime
         self.max_link_s = max_link_s
         self.request_timeout_s = max_link_s + COMPUTE_ALLOWANCE_S if request_timeout_s is None else request_timeout_s
         self.profile = profile or get_profile("host")
-        self.cloud = CloudLink(cloud_url, token, timeout_s) if cloud_url else None
+        self.cloud = CloudLink(cloud, token, timeout_s) if isinstance(cloud, str) else cloud
         self._cloud_checked = False
         if self.cloud is not None:  # at start: the two halves must be one model
             try:
@@ -285,7 +288,7 @@ class EdgeAgent:
     def check_link_time(self, link: LinkProfile, payload_bytes: int, ask: CheckedAsk | None = None):
         """Refuse a request that would spend longer than max_link_s on the link, or (once
         `ask` is under way) longer than what is left of its deadline."""
-        t = link_time_s(link, payload_bytes)
+        t = link.request_time_s(payload_bytes)
         if t > self.max_link_s:  # first: over the limit is a 422 however long the deadline
             what = (f"the {payload_bytes:,}-byte payload and its reply" if payload_bytes
                     else "the round trip and the reply alone")

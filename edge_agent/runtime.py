@@ -19,30 +19,12 @@ Nothing at module level imports torch: a board without PyTorch imports this file
 """
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from progvlm.codec import bitstream
-
-
-@dataclass(frozen=True)
-class Packed:
-    """A stream in its wire form, with its layers and where its header and each layer end."""
-    data: bytes
-    layers: list[bytes]
-    num_tokens: int
-    grid: tuple[int, int] | None
-    header_bytes: int
-    layer_ends: list[int]  # offsets in `data` where each layer ends (its checksum included)
-
-    @property
-    def layer_bytes(self) -> list[int]:
-        """Each layer's size on the wire (payload and checksum)."""
-        return [b - a for a, b in zip([self.header_bytes] + self.layer_ends, self.layer_ends)]
 
 
 class EdgeRuntime(ABC):
@@ -85,13 +67,10 @@ class EdgeRuntime(ABC):
         return {"vlm_id": self.model_id, "mae_fingerprint": self.mae_fingerprint.hex(),
                 "num_layers": self.num_layers, "tokens_per_block": self.tokens_per_block}
 
-    def pack(self, layers: list[bytes], num_tokens: int, grid=None) -> Packed:
-        """Layers 1..k in the wire form (progvlm/codec/bitstream.py: versioned, checksummed)."""
-        header = bitstream.pack_header(self.mae_fingerprint, num_tokens, self.num_layers,
-                                       [len(p) for p in layers], grid)
-        wire = [bitstream.pack_layer(i, p) for i, p in enumerate(layers)]
-        ends = list(itertools.accumulate(map(len, wire), initial=len(header)))[1:]
-        return Packed(header + b"".join(wire), list(layers), num_tokens, grid, len(header), ends)
+    def pack(self, layers: list[bytes], num_tokens: int, grid=None) -> bitstream.Packed:
+        """Layers 1..k in the wire form (progvlm/codec/bitstream.py: versioned, checksummed),
+        with where each part ends."""
+        return bitstream.pack_stream(self.mae_fingerprint, num_tokens, self.num_layers, layers, grid)
 
     def frame_bytes(self, layers: list[bytes], num_tokens: int, grid=None) -> bytes:
         """The wire form of layers 1..k (`pack`'s bytes)."""
@@ -101,11 +80,9 @@ class EdgeRuntime(ABC):
         """The bytes a request for k = 1..len(layers) layers sends (each stream its own header)."""
         return [len(self.frame_bytes(layers[:k], num_tokens, grid)) for k in range(1, len(layers) + 1)]
 
-    def read(self, data: bytes) -> Packed:
+    def read(self, data: bytes) -> bitstream.Bitstream:
         """A stream this device packed before (a conversation's), read back once."""
-        stream = bitstream.parse(data, expected_fingerprint=self.mae_fingerprint)
-        return Packed(data, stream.layers, stream.num_tokens, stream.grid, stream.header_bytes,
-                      stream.layer_ends())
+        return bitstream.parse(data, expected_fingerprint=self.mae_fingerprint)
 
 
 class PyTorchRuntime(EdgeRuntime):

@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from progvlm.images import ImageInputError
-from progvlm.net.http_limits import READ_TIMEOUT_S, BoundedBody, CatchErrors, RequireToken, TrustedHost
+from progvlm.net.http_limits import READ_TIMEOUT_S, add_guards
 
 from .agent import EdgeAgent
 from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError
@@ -156,13 +156,8 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                   description="The camera device's side of progvlm. Every error is "
                               "`{\"detail\": \"<reason>\"}`.")
     app.state.agent = agent
-    # (add_middleware wraps outside-in from the last added: the Host, then the token and the
-    # Origin are checked before any body byte is read)
-    app.add_middleware(BoundedBody, max_body_bytes=max_upload_bytes + FORM_FIELDS_BYTES,
-                       read_timeout_s=read_timeout_s)
-    app.add_middleware(RequireToken, token=token)
-    app.add_middleware(TrustedHost, names=allowed_hosts)
-    app.add_middleware(CatchErrors, log=log)
+    add_guards(app, token=token, max_body_bytes=max_upload_bytes + FORM_FIELDS_BYTES,
+               read_timeout_s=read_timeout_s, allowed_hosts=allowed_hosts, log=log)
 
     @app.exception_handler(RequestValidationError)
     async def one_sentence(_, e: RequestValidationError):

@@ -127,3 +127,17 @@ def test_a_conversation_resumes_through_it(app, split, frame):
     assert follow.resumed is True and follow.layers_held == 2 and follow.bytes_sent == 0
     assert follow.reply["answer"] == split.cloud(frame.prefix(2), "what shape is purple ?").text
     link.close()
+
+
+def test_the_edge_agent_runs_on_any_transport(app, split):
+    """EdgeAgent depends on the Transport interface only: given this test's loopback instead
+    of a URL, every mode that talks to the cloud answers through it."""
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.runtime import PyTorchRuntime
+    link = Loopback(app)
+    agent = EdgeAgent(PyTorchRuntime(split), link)
+    image = load_examples()[1]["path"]
+    for mode in ("progressive", "full-cloud", "adaptive"):
+        record = agent.ask(image, Q, mode, k=2, rtt_ms=4, bandwidth_mbps=10)
+        assert record["answer"] and record["mode"] == mode, record
+    assert link.opened >= 3 and agent.runtime.info()["vlm_id"] == link.info()["vlm_id"]

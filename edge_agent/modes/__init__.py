@@ -6,7 +6,7 @@ requests, the CLI's choices, GET /v1/info and the page offer it from there.
 """
 from .adaptive import Adaptive
 from .auto import Auto
-from .base import MODES, Mode, RunContext, frame_sizes, link_time_s, register, unregister
+from .base import MODES, Mode, RunContext, frame_sizes, register, unregister
 from .full_cloud import FullCloud
 from .full_edge import FullEdge
 from .progressive import Progressive
@@ -17,5 +17,5 @@ LADDER = register(Progressive())  # a comparison's ladder: one stream of every l
 register(Auto())
 register(Adaptive())
 
-__all__ = ["MODES", "Mode", "RunContext", "REFERENCE", "LADDER", "frame_sizes", "link_time_s",
+__all__ = ["MODES", "Mode", "RunContext", "REFERENCE", "LADDER", "frame_sizes",
            "register", "unregister"]

@@ -3,7 +3,6 @@ not sure of (confidence < threshold), while the budget still fits one (`stop`); 
 why it stopped."""
 from __future__ import annotations
 
-from .base import link_time_s
 from .layered import Layered, steer, whole_stream
 
 RULE = ("after each answer: stop if confidence ≥ threshold; else send the next layer if elapsed + "
@@ -54,7 +53,7 @@ def stop(answer: dict, elapsed_ms: float, threshold: float, layer_bytes: list[in
     if conf is not None and conf >= threshold:
         return step | {"decision": "sure"}, "sure"
     predicted = (elapsed_ms + sum(answer["stage_ms"].values())
-                 + 1e3 * link_time_s(link, layer_bytes[j]))
+                 + 1e3 * link.request_time_s(layer_bytes[j]))
     step["predicted_next_ms"] = round(predicted, 3)
     if predicted > budget_ms:
         return step | {"decision": "budget"}, "budget"

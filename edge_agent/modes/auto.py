@@ -1,7 +1,6 @@
 """auto: progressive with the largest k whose predicted end-to-end time fits the budget."""
 from __future__ import annotations
 
-from .base import link_time_s
 from .layered import Layered, send
 from .progressive import check_cut
 
@@ -29,7 +28,7 @@ def choose_k(edge_ms: float, sizes: list[int], link, budget_ms: float, estimates
     reply, and the client's estimates of the cloud and the overhead (LinkEstimates; the record
     shows them)."""
     unmeasured_ms = estimates["cloud_ms"]["ms"] + estimates["overhead_ms"]["ms"]
-    predicted = {k: round(edge_ms + 1e3 * link_time_s(link, nbytes) + unmeasured_ms, 3)
+    predicted = {k: round(edge_ms + 1e3 * link.request_time_s(nbytes) + unmeasured_ms, 3)
                  for k, nbytes in enumerate(sizes, start=1)}
     fits = [k for k, t in predicted.items() if t <= budget_ms]
     k = max(fits) if fits else 1

@@ -18,19 +18,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from progvlm.net.link import LinkProfile
 from progvlm.net.protocol import to_ms
 
 from ..errors import AskError
-
-# a JSON answer on the downlink: what a request's time on the link counts besides its payload
-REPLY_BYTES_ESTIMATE = 250
-
-
-def link_time_s(link: LinkProfile, payload_bytes: int) -> float:
-    """The least time a request spends on the link: the round trip, its payload and a reply."""
-    return link.link_time_s(payload_bytes + REPLY_BYTES_ESTIMATE)
-
 
 class Mode:
     name: str = ""

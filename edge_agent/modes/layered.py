@@ -22,7 +22,7 @@ class Layers:
     grid: object
     frame_key: str | None = None  # in a conversation: the frame's pixels' hash
     remembered: object = None  # the CachedFrame a conversation remembered for it
-    stream: object = None  # the remembered stream, read once (runtime.Packed)
+    stream: object = None  # the remembered stream, read once (codec.bitstream.Packed)
 
 
 class Layered(Mode):
@@ -41,7 +41,8 @@ class Layered(Mode):
             remembered = conversation.recall(context.agent.frames, key, ask.request.new_conversation)
         if remembered is not None:
             stream = runtime.read(remembered.data)
-            return Layers(stream.layers, stream.num_tokens, stream.grid, key, remembered, stream)
+            return Layers(stream.layers, stream.num_tokens, stream.grid, key, remembered,
+                          stream.packed())
         tokens, grid = context.see()
         return Layers(context.encode(tokens, self.coded(context)), tokens.shape[0], grid, key)
 
@@ -86,7 +87,7 @@ def send(context, seen: Layers, k: int):
 
 
 def whole_stream(context, seen: Layers):
-    """The stream of every layer the device holds for the frame (runtime.Packed)."""
+    """The stream of every layer the device holds for the frame (codec.bitstream.Packed)."""
     return seen.stream or context.runtime.pack(seen.layers, seen.num_tokens, seen.grid)
 
 

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from .. import ASSETS
 from ..toyworld.data import pixels_from_uint8
 from ..images import model_input, resize_for_model, to_rgb
 from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
 from ..toyworld.questions import EOS, WORD_TO_ID, check_question_length, decode_ids, encode_words, question_ids
+from ..models.saved import read_saved
 from .base import Answer, VLMBackend, with_confidence
 
 DEFAULT_WEIGHTS = ASSETS / "tiny_vlm"
@@ -47,14 +46,9 @@ class TinyVLMBackend(VLMBackend):
 
     @classmethod
     def load(cls, folder: str | Path = DEFAULT_WEIGHTS) -> "TinyVLMBackend":
-        folder = Path(folder)
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"no bundled VLM weights at {weights}; train them with "
-                                    "`python -m progvlm train-vlm`")
-        meta = json.loads((folder / "config.json").read_text())
+        meta, state, weights = read_saved(folder, "model.safetensors", "bundled VLM", "train-vlm")
         model = TinyVLM(TinyVLMConfig(**meta["model"]))
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
         # training-only heads (aux_*) may be absent: inference never uses them
         missing = [k for k in missing if not k.startswith("aux_")]
         if missing or unexpected:

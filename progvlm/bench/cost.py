@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from ..eval.timing import best_of, timed
-from ..net.link import LinkProfile
+from ..net.link import REPLY_BYTES, LinkProfile
 from .report import cost_summary_markdown, threads_phrase
 from .settings import (ANSWER_TOKENS, CHEAP_STAGE_REPEATS, COST_BANDWIDTHS, COST_JPEG_QUALITY,
-                       COST_QUESTION, COST_RTT_MS, CROSSOVER_RANGE_MBPS, REPLY_BYTES)
+                       COST_QUESTION, COST_RTT_MS, CROSSOVER_RANGE_MBPS)
 
 
 def vision_macs(vlm, model_input) -> float:

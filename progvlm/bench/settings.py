@@ -16,7 +16,6 @@ HEADLINE_MBPS, HEADLINE_RTT_MS = 1.0, 20.0
 COST_QUESTION = "Describe the image."
 ANSWER_TOKENS = 16  # generated tokens per answer in the end-to-end model (an assumption)
 COST_RTT_MS = 20.0
-REPLY_BYTES = 250  # a JSON answer on the downlink (the agent's own estimate)
 COST_BANDWIDTHS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100)
 COST_JPEG_QUALITY = 90  # full-cloud's JPEG, as the agent sends it
 CROSSOVER_RANGE_MBPS = (0.01, 10_000.0)

@@ -17,6 +17,7 @@ BitstreamError with the reason. Never pickle: this is parsed byte by byte.
 from __future__ import annotations
 
 import binascii
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -68,6 +69,21 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise BitstreamError("corrupt header: a length field is longer than 4 bytes")
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A stream in its wire form and where its header and each layer end: what a sender needs
+    to send it layer by layer, known from packing it (pack_stream) or from parsing it once
+    (Bitstream.packed), never by parsing it again."""
+    data: bytes
+    header_bytes: int
+    layer_ends: list[int]  # offsets in `data` where each layer ends (its checksum included)
+
+    @property
+    def layer_bytes(self) -> list[int]:
+        """Each layer's size on the wire (payload and checksum)."""
+        return [b - a for a, b in zip([self.header_bytes] + self.layer_ends, self.layer_ends)]
+
+
 @dataclass
 class Bitstream:
     fingerprint: bytes
@@ -77,6 +93,12 @@ class Bitstream:
     layers: list[bytes]  # the complete layers present, in order (≤ k)
     header_bytes: int  # the header's size in the wire form
     grid: tuple[int, int] | None = None  # the tile grid (rows, cols), version 2 only
+    data: bytes = b""  # the wire form it was parsed from
+
+    def packed(self) -> Packed:
+        """The complete layers present, in their wire form, with their ends."""
+        ends = self.layer_ends()
+        return Packed(self.data[:ends[-1]], self.header_bytes, ends)
 
     def layer_ends(self) -> list[int]:
         """Offsets in the wire form where each present layer ends (its checksum included)."""
@@ -110,10 +132,19 @@ def pack_layer(index: int, payload: bytes) -> bytes:
     return payload + _CRC.pack(_crc(bytes([index]) + payload))
 
 
+def pack_stream(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[bytes],
+                grid: tuple[int, int] | None = None) -> Packed:
+    """The header and layers 1..k in the wire form, with where each part ends."""
+    header = pack_header(fingerprint, num_tokens, num_layers, [len(p) for p in layers], grid)
+    wire = [pack_layer(i, p) for i, p in enumerate(layers)]
+    ends = list(itertools.accumulate(map(len, wire), initial=len(header)))[1:]
+    return Packed(header + b"".join(wire), len(header), ends)
+
+
 def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[bytes],
          grid: tuple[int, int] | None = None) -> bytes:
-    return pack_header(fingerprint, num_tokens, num_layers, [len(p) for p in layers], grid) + b"".join(
-        pack_layer(i, p) for i, p in enumerate(layers))
+    """pack_stream's bytes."""
+    return pack_stream(fingerprint, num_tokens, num_layers, layers, grid).data
 
 
 @dataclass
@@ -212,4 +243,4 @@ def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
     if len(layers) == k and pos != len(data):
         raise BitstreamError(f"{len(data) - pos} unexpected bytes after the last layer")
     return Bitstream(header.fingerprint, header.num_tokens, header.num_layers, k, layers,
-                     header.header_bytes, header.grid)
+                     header.header_bytes, header.grid, data)

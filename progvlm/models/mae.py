@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from .. import ASSETS
 from ..codec import bitstream, entropy
 from ..codec.tables import MAEEncoderTables
+from .saved import read_saved
 from .layers import Block
 from .quantisers import Quantiser, build_quantiser
 
@@ -253,15 +253,9 @@ class FoldedEncoder:
 
 def load_mae(folder) -> MAE:
     """An MAE saved by train-mae (mae.safetensors + config.json)."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    weights = folder / "mae.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"no MAE weights at {weights}; train them with "
-                                "`python -m progvlm train-mae`")
-    meta = json.loads((folder / "config.json").read_text())
+    meta, state, _ = read_saved(folder, "mae.safetensors", "MAE", "train-mae")
     mae = MAE(MAEConfig(**meta["mae"]))
-    mae.load_state_dict(load_file(str(weights)))
+    mae.load_state_dict(state)
     mae.eval()
     mae.invalidate_caches()
     if mae.fingerprint().hex() != meta["fingerprint"]:

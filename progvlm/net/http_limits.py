@@ -98,6 +98,18 @@ def bind_names(host: str, extra=()) -> frozenset[str]:
     return frozenset(names)
 
 
+def add_guards(app, *, token: str | None, max_body_bytes: int, read_timeout_s: float,
+               allowed_hosts, log) -> None:
+    """The guards both services run, in this order from the outside in (Starlette wraps the
+    last added outermost): an unexpected error kept to a 500 (CatchErrors), the Host
+    (TrustedHost), the token and the Origin (RequireToken), all before any body byte is read,
+    then the body itself (BoundedBody: 413 over the limit, 408 when it stalls)."""
+    app.add_middleware(BoundedBody, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout_s)
+    app.add_middleware(RequireToken, token=token)
+    app.add_middleware(TrustedHost, names=allowed_hosts)
+    app.add_middleware(CatchErrors, log=log)
+
+
 def add_allow_host(parser) -> None:
     """The --allow-host option of every command that serves HTTP (argparse)."""
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -264,7 +276,7 @@ class BoundedBody:
         await self.app(scope, bounded_receive, guarded_send)
 
 
-__all__ = ["BoundedBody", "CatchErrors", "HeadDeadline", "OpenBindError", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
+__all__ = ["BoundedBody", "CatchErrors", "HeadDeadline", "OpenBindError", "add_guards", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
            "check_bind", "host_allowed", "is_loopback"]
 
 

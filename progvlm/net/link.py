@@ -23,6 +23,9 @@ class LinkError(ValueError):
 MIN_BANDWIDTH_MBPS = 0.01  # 10 kbit/s
 MAX_BANDWIDTH_MBPS = 10_000.0  # 10 Gbit/s
 MAX_RTT_MS = 10_000.0  # 10 s; a geostationary satellite hop is ~0.6 s
+# a JSON answer on the downlink: what a request's time on the link counts besides its payload
+# (the edge's link-time bound and auto's and adaptive's predictions, the bench's cost profile)
+REPLY_BYTES = 250
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class LinkProfile:
     def link_time_s(self, nbytes: int) -> float:
         """The least time `nbytes` spend on this link, round trip included."""
         return self.rtt_ms / 1000 + self.serialisation_s(nbytes)
+
+    def request_time_s(self, payload_bytes: int) -> float:
+        """The least time a request spends on this link: the round trip, its payload and a
+        reply (REPLY_BYTES)."""
+        return self.link_time_s(payload_bytes + REPLY_BYTES)
 
     def serialisation_s(self, nbytes: int) -> float:
         return nbytes * 8 / (self.bandwidth_mbps * 1e6)

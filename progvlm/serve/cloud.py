@@ -44,8 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from ..net.frame_cache import FrameCache
-from ..net.http_limits import (READ_TIMEOUT_S, BoundedBody, CatchErrors, HeadDeadline, RequireToken,
-                               TrustedHost, bind_names)
+from ..net.http_limits import READ_TIMEOUT_S, HeadDeadline, add_guards, bind_names
 from ..net.protocol import (FULL_PATH, INFO_PATH, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
                             REQUEST_TIMEOUT_S, STREAM_PATH, Answered, RequestError, check_question,
                             to_ms)
@@ -165,14 +164,9 @@ def create_app(split: Split, token: str | None = None,
     limits = StreamLimits(max_body_bytes, max_stream_messages, idle_timeout_s, session_idle_s,
                           request_timeout_s)
     allowed = frozenset(normal_origin(o) for o in allowed_origins)
-    # a body that stalls or crawls is cut with 408, one over the limit with 413 as it streams
     # (WebSocket messages have their own limits: StreamLimits)
-    app.add_middleware(BoundedBody, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout_s)
-    # (wrapped outside-in from the last added: the Host first, then the token and the Origin, both
-    # before any body byte is read)
-    app.add_middleware(RequireToken, token=token)
-    app.add_middleware(TrustedHost, names=allowed_hosts)
-    app.add_middleware(CatchErrors, log=log)
+    add_guards(app, token=token, max_body_bytes=max_body_bytes, read_timeout_s=read_timeout_s,
+               allowed_hosts=allowed_hosts, log=log)
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
