@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from progvlm.images import ImageInputError
+from progvlm.cli.options import add_vlm_options
 from progvlm.net.http_limits import add_allow_host
 
 from .modes import MODES
@@ -44,16 +45,8 @@ def make_runtime(kind: str, model_dir: Path | None, vlm: str | None = None, mae:
     raise SystemExit(f"error: unknown runtime {kind!r}")
 
 
-def _add_model_options(p):
-    p.add_argument("--vlm", default=None,
-                   help="VLM: 'bundled', a model folder or a Hub id (default: $PROGVLM_VLM or bundled)")
-    p.add_argument("--mae", type=Path, default=None,
-                   help="MAE folder made by train-mae for that VLM (default: $PROGVLM_MAE, or the "
-                        "bundled MAE for the bundled VLM)")
-
-
 def _add_device_options(p):
-    _add_model_options(p)
+    add_vlm_options(p)
     p.add_argument("--runtime", choices=("pytorch", "onnx"), default="pytorch",
                    help="pytorch (host) or onnx (ONNX Runtime, no PyTorch needed)")
     p.add_argument("--model-dir", type=Path, default=None, help="ONNX export folder (--runtime onnx)")
@@ -132,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the board and run `python -m edge_agent serve --runtime onnx "
                             "--model-dir FOLDER` there (no PyTorch needed).")
     export.add_argument("--out", type=Path, required=True)
-    _add_model_options(export)
+    add_vlm_options(export)
 
     prof = sub.add_parser("profile", help="the edge half's stage times from camera frames (JSON)",
                           description="Time the device's stages on raw camera frames (the images' "
@@ -150,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--image", required=True, type=Path)
     enc.add_argument("--k", type=int, default=None, help="layers to send (default: all)")
     enc.add_argument("--out", type=Path, required=True, help="where to write the bitstream")
-    _add_model_options(enc)
+    add_vlm_options(enc)
     return parser
 
 

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
 from progvlm.net.link import MAX_BANDWIDTH_MBPS, MAX_RTT_MS, MIN_BANDWIDTH_MBPS, LinkProfile
 from progvlm.net.protocol import MAX_QUESTION_CHARS, check_question
@@ -47,6 +48,24 @@ Number = Annotated[float, BeforeValidator(_no_bool)]
 Integer = Annotated[int, BeforeValidator(_no_bool)]
 
 
+def one_of(name: str, choices):
+    """A validator: the value is one of `choices`, else the error names the field and them."""
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+    return AfterValidator(check)
+
+
+def within(name: str, low, high, what: str):
+    """A validator: low <= value <= high (None passes), else the error names the range."""
+    def check(value):
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{name} must be {what} in {low}..{high}, got {value!r}")
+        return value
+    return AfterValidator(check)
+
+
 def _range(low, high=None, exclusive_low: bool = False) -> dict:
     """A range as the OpenAPI document shows it (the validators below enforce it)."""
     return {"exclusiveMinimum" if exclusive_low else "minimum": low,
@@ -67,14 +86,17 @@ class FrameRequest(BaseModel):
                               "budget (ms)", json_schema_extra=_range(0, exclusive_low=True))
     device_profile: str | None = Field(None, description="the device whose compute times the record "
                                        f"shows ({', '.join(PROFILES)}); default: the agent's own")
-    frame: str = Field("camera", description="full-cloud's JPEG: the camera frame or the frame at the "
-                       "model's input size", json_schema_extra={"enum": list(FRAMES)})
-    jpeg_quality: Integer = Field(JPEG_QUALITY, description="full-cloud's JPEG quality",
-                                  json_schema_extra=_range(1, MAX_JPEG_QUALITY))
+    frame: Annotated[str, one_of("frame", FRAMES)] = Field(
+        "camera", description="full-cloud's JPEG: the camera frame or the frame at the model's "
+        "input size", json_schema_extra={"enum": list(FRAMES)})
+    jpeg_quality: Annotated[Integer, within("jpeg_quality", 1, MAX_JPEG_QUALITY, "an integer")] = Field(
+        JPEG_QUALITY, description="full-cloud's JPEG quality",
+        json_schema_extra=_range(1, MAX_JPEG_QUALITY))
     link_emulation: bool = Field(True, description="false: a real shaped network lies between agent "
                                  "and cloud; nothing is paced here")
-    image_format: str = Field("file", description="file (PNG, JPEG, …) or rgb24 (a raw camera frame of "
-                              "width × height)", json_schema_extra={"enum": list(IMAGE_FORMATS)})
+    image_format: Annotated[str, one_of("image_format", IMAGE_FORMATS)] = Field(
+        "file", description="file (PNG, JPEG, …) or rgb24 (a raw camera frame of width × height)",
+        json_schema_extra={"enum": list(IMAGE_FORMATS)})
     width: Integer | None = Field(None, description="rgb24: the frame's width in pixels")
     height: Integer | None = Field(None, description="rgb24: the frame's height in pixels")
     _link: LinkProfile | None = PrivateAttr(None)
@@ -103,27 +125,6 @@ class FrameRequest(BaseModel):
             get_profile(name)  # ValueError naming the known profiles
         return name
 
-    @field_validator("frame")
-    @classmethod
-    def _frame(cls, frame):
-        if frame not in FRAMES:
-            raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
-        return frame
-
-    @field_validator("jpeg_quality")
-    @classmethod
-    def _quality(cls, quality):
-        if not 1 <= quality <= MAX_JPEG_QUALITY:
-            raise ValueError(f"jpeg_quality must be an integer in 1..{MAX_JPEG_QUALITY}, got {quality!r}")
-        return quality
-
-    @field_validator("image_format")
-    @classmethod
-    def _image_format(cls, image_format):
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be {' or '.join(IMAGE_FORMATS)}, got {image_format!r}")
-        return image_format
-
     @model_validator(mode="after")
     def _check_link(self):
         # every mode: full-edge sends nothing, but a caller's values are checked alike
@@ -143,9 +144,9 @@ class AskRequest(FrameRequest):
                                "(progressive, auto, adaptive)")
     new_conversation: bool = Field(False, description="with conversation: this is a conversation's first "
                                    "question, so the frame is sent afresh whatever the cloud holds of it")
-    adaptive_threshold: Number | None = Field(None, description="adaptive: stop once the answer's "
-                                              "confidence reaches this (default: the cloud's)",
-                                              json_schema_extra=_range(0, 1))
+    adaptive_threshold: Annotated[Number | None, within("adaptive_threshold", 0, 1, "a number")] = Field(
+        None, description="adaptive: stop once the answer's confidence reaches this (default: "
+        "the cloud's)", json_schema_extra=_range(0, 1))
 
     @field_validator("mode")
     @classmethod
@@ -153,13 +154,6 @@ class AskRequest(FrameRequest):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         return mode
-
-    @field_validator("adaptive_threshold")
-    @classmethod
-    def _threshold(cls, threshold):
-        if threshold is not None and not 0 <= threshold <= 1:
-            raise ValueError(f"adaptive_threshold must be a number in 0..1, got {threshold!r}")
-        return threshold
 
     @model_validator(mode="after")
     def _new_conversation(self):

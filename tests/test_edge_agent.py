@@ -57,7 +57,7 @@ def test_packing_keeps_what_it_knew(split):
     assert packed.data == split.pack(frame) == runtime.frame_bytes(frame.layers, frame.num_tokens)
     assert (packed.header_bytes, packed.layer_ends) == (stream.header_bytes, stream.layer_ends())
     assert sum(packed.layer_bytes) + packed.header_bytes == len(packed.data)
-    assert runtime.read(packed.data) == packed
+    assert runtime.read(packed.data).packed() == packed
     assert runtime.stream_sizes(frame.layers, frame.num_tokens)[-1] == len(packed.data)
 
 

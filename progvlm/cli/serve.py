@@ -12,7 +12,8 @@ def add_serve_cloud(sub):
                        description="The GPU-server side: /healthz, /v1/info, POST /v1/full (image + "
                        "question), POST /v1/progressive and WS /v1/progressive/stream (bitstream + "
                        "question). With PROGVLM_CLOUD_TOKEN set, /v1/* needs 'Authorization: "
-                       "Bearer <token>'. The model runs one request at a time (a lock). The "
+                       "Bearer <token>'. The model runs one request at a time (a lock), or with "
+                       "--batching concurrent requests as batches. The "
                        "WebSocket carries many requests on one kept-open socket (the edge agent's "
                        "session); browser pages may open it only from an --allow-origin.")
     p.add_argument("--host", default="127.0.0.1")
