@@ -1,7 +1,7 @@
 """The bench's requests to a running edge agent, through its public HTTP API only (POST /v1/ask,
-edge_agent/service.py; the agent runs in a child process, so progvlm imports nothing from
-edge_agent): the latency sweep, the conversation runs, and the edge half's floor measured by
-`python -m edge_agent profile`."""
+edge_agent/service.py; the agent runs in a child process, and its request model,
+edge_agent/request.py, builds the forms): the latency sweep, the conversation runs, and the
+edge half's floor measured by `python -m edge_agent profile`."""
 from __future__ import annotations
 
 import functools
@@ -39,12 +39,11 @@ def _raw_frame(path: str) -> tuple[bytes, int, int]:
 def ask_agent(http, image_path, question: str, mode: str, bandwidth_mbps: float, rtt_ms: float,
               **options) -> dict:
     """One request to the edge agent's HTTP API (POST /v1/ask, edge_agent/service.py) → its record."""
-    form = {"question": question, "mode": mode, "bandwidth_mbps": str(bandwidth_mbps),
-            "rtt_ms": str(rtt_ms)}
-    form.update({name: str(v) for name, v in options.items() if v is not None})
+    from edge_agent.request import AskRequest, as_form
     # the camera's raw pixels, as a camera delivers them: no file to decode on the device
     pixels, width, height = _raw_frame(str(image_path))
-    form.update(image_format="rgb24", width=str(width), height=str(height))
+    form = as_form(AskRequest, question=question, mode=mode, bandwidth_mbps=bandwidth_mbps,
+                   rtt_ms=rtt_ms, image_format="rgb24", width=width, height=height, **options)
     r = http.post("/v1/ask", files={"image": ("frame.rgb", pixels)}, data=form)
     if r.status_code != 200:
         raise RuntimeError(f"edge agent refused {mode} at {bandwidth_mbps} Mbps: "
@@ -110,8 +109,8 @@ def conversation(agent_url: str, token: str | None, examples: list[dict], log, *
                     questions = [q["question"] for q in ex["questions"]][:CONVERSATION_TURNS]
                     # each conversation starts afresh (the cloud may hold the frame from another)
                     records = [ask_agent(http, ex["path"], q, mode, HEADLINE_MBPS, HEADLINE_RTT_MS,
-                                         conversation=str(together).lower(),
-                                         new_conversation=str(together and i == 0).lower(),
+                                         conversation=together,
+                                         new_conversation=together and i == 0,
                                          **extra, **link_options)
                                for i, q in enumerate(questions)]
                     sent = [r.get("bytes_sent_this_turn", r["payload_bytes"]) for r in records]

@@ -141,8 +141,8 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
             log(kernel_note)
             # the agent's own pacing and delay off: the kernel and the relay do both
             lat += latency(agent.url, agent.token, images, cells, (HEADLINE_MBPS,), samples, headline_samples,
-                           "kernel", log, devices=("host",), link_emulation="off")
-            talk = conversation(agent.url, agent.token, examples, log, link_emulation="off")
+                           "kernel", log, devices=("host",), link_emulation=False)
+            talk = conversation(agent.url, agent.token, examples, log, link_emulation=False)
     elif link == "both":
         kernel_note = f"kernel link not run: {kernel_why}"
         log(kernel_note)
