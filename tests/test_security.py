@@ -436,6 +436,18 @@ def test_a_stream_request_trickling_for_longer_than_its_limit_is_cut(split, real
     assert time.monotonic() - t0 < 4
 
 
+def _uploaded_at_once(client, image: bytes, n: int) -> list[int]:
+    """The statuses of n full-edge asks of `image` sent at the same time."""
+    codes = []
+    threads = [threading.Thread(target=lambda: codes.append(_post(
+        client, "/v1/ask", image, mode="full-edge").status_code)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return codes
+
+
 def test_concurrent_uploads_are_decoded_a_few_at_a_time(monkeypatch):
     """8 concurrent 6000 × 6000 PNGs (105 KB each, ~260 MB each to decode) took the agent from
     0.6 to 2.6 GB: decoding ran outside the device lock with no limit. Now at most DECODE_SLOTS
@@ -462,14 +474,7 @@ def test_concurrent_uploads_are_decoded_a_few_at_a_time(monkeypatch):
                 now -= 1
     monkeypatch.setattr(agent_module, "load_image", slow_load)
     image = open(load_examples()[0]["path"], "rb").read()
-    codes = []
-    threads = [threading.Thread(target=lambda: codes.append(_post(
-        client, "/v1/ask", image, mode="full-edge").status_code)) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert codes == [200] * 8
+    assert _uploaded_at_once(client, image, 8) == [200] * 8
     assert 1 < max_now <= agent_module.DECODE_SLOTS, max_now
 
 
@@ -478,13 +483,7 @@ def test_concurrent_large_uploads_stay_within_a_memory_bound():
     agent = EdgeAgent(PyTorchRuntime.load())
     client = LocalClient(edge_app(agent))
     big = _png(Image.new("RGB", (6000, 6000), (30, 60, 90)))
-    codes = []
     with PeakRSS() as mem:
-        threads = [threading.Thread(target=lambda: codes.append(_post(
-            client, "/v1/ask", big, mode="full-edge").status_code)) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        codes = _uploaded_at_once(client, big, 8)
     assert codes == [200] * 8
     assert mem.gained < 1200 * MB, f"8 uploads of 6000 × 6000 gained {mem.gained / MB:.0f} MB"
