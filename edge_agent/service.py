@@ -37,12 +37,11 @@ import time
 from typing import Annotated
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from progvlm.images import ImageInputError
-from progvlm.net.http_limits import READ_TIMEOUT_S, add_guards
+from progvlm.net.http_limits import READ_TIMEOUT_S, add_basics, add_guards
 
 from .agent import EdgeAgent
 from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError
@@ -159,14 +158,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
     add_guards(app, token=token, max_body_bytes=max_upload_bytes + FORM_FIELDS_BYTES,
                read_timeout_s=read_timeout_s, allowed_hosts=allowed_hosts, log=log)
 
-    @app.exception_handler(RequestValidationError)
-    async def one_sentence(_, e: RequestValidationError):
-        """FastAPI's own 422 lists its errors as objects; this service's errors are one shape."""
-        return JSONResponse({"detail": reasons(e.errors())}, status_code=422)
-
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
+    add_basics(app, reasons)
 
     @app.get("/v1/info", responses=_documented(401, 403))
     async def info():

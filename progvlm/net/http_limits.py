@@ -110,6 +110,19 @@ def add_guards(app, *, token: str | None, max_body_bytes: int, read_timeout_s: f
     app.add_middleware(CatchErrors, log=log)
 
 
+def add_basics(app, one_sentence) -> None:
+    """What both services answer alike: the open liveness route (GET /healthz) and every
+    validation error as one 422 `{"detail": one_sentence(errors)}` (FastAPI's own lists them
+    as objects; these services' errors have one shape)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    async def invalid(_, e: RequestValidationError):
+        return JSONResponse({"detail": one_sentence(e.errors())}, status_code=422)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_api_route("/healthz", lambda: {"status": "ok"}, methods=["GET"], name="healthz")
+
+
 def add_allow_host(parser) -> None:
     """The --allow-host option of every command that serves HTTP (argparse)."""
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
@@ -276,7 +289,7 @@ class BoundedBody:
         await self.app(scope, bounded_receive, guarded_send)
 
 
-__all__ = ["BoundedBody", "CatchErrors", "HeadDeadline", "OpenBindError", "add_guards", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
+__all__ = ["BoundedBody", "CatchErrors", "HeadDeadline", "OpenBindError", "add_basics", "add_guards", "RequireToken", "TrustedHost", "bearer_ok", "bind_names",
            "check_bind", "host_allowed", "is_loopback"]
 
 

@@ -38,13 +38,12 @@ import time
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import ClientDisconnect
 
 from ..net.frame_cache import FrameCache
-from ..net.http_limits import READ_TIMEOUT_S, HeadDeadline, add_guards, bind_names
+from ..net.http_limits import READ_TIMEOUT_S, HeadDeadline, add_basics, add_guards, bind_names
 from ..net.protocol import (FULL_PATH, INFO_PATH, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
                             REQUEST_TIMEOUT_S, STREAM_PATH, Answered, RequestError, check_question,
                             to_ms)
@@ -172,13 +171,7 @@ def create_app(split: Split, token: str | None = None,
     async def request_error(_, e: RequestError):
         return JSONResponse({"detail": e.detail}, status_code=e.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_, e: RequestValidationError):
-        return JSONResponse({"detail": _validation_detail(e.errors())}, status_code=422)
-
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
+    add_basics(app, _validation_detail)
 
     @app.get(INFO_PATH, responses=_responses(Info, 401, 403, 500))
     def info():
