@@ -21,6 +21,19 @@ def add_eval_vlm(sub):
     p.set_defaults(run=cmd_eval_vlm)
 
 
+def _add_question_source(p, default_count: int, verb: str, file_note: str = ""):
+    """--questions, --images and --max-new-tokens of a ladder run (eval-mae, calibrate-adaptive):
+    generated scenes (how many questions), or any VLM on a folder of images."""
+    p.add_argument("--questions", default=None, metavar="N|FILE",
+                   help=f"generated scenes: how many questions (default {default_count}); with "
+                        f"--images: a file of questions, one per line{file_note} (default: a "
+                        "generic set)")
+    p.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help=f"{verb} on the images in DIR (any VLM; no ground truth needed)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="with --images: the longest answer generated (default %(default)s)")
+
+
 def add_eval_mae(sub):
     p = sub.add_parser("eval-mae", help="bytes, fidelity, accuracy and consistency for every k",
                        description="For each k = 1..L on fresh scenes: payload bytes (mean, max), "
@@ -35,14 +48,7 @@ def add_eval_mae(sub):
                        "Both also give the adaptive row: layers sent until the answer's confidence "
                        "reaches the calibrated threshold (the MAE folder's adaptive.json, see "
                        "calibrate-adaptive), with its calibration (ECE).")
-    p.add_argument("--questions", default=None, metavar="N|FILE",
-                   help="generated scenes: how many questions (default 1000); with --images: a "
-                        "file of questions, one per line, # starts a comment (default: a generic "
-                        "set)")
-    p.add_argument("--images", type=Path, default=None, metavar="DIR",
-                   help="evaluate on the images in DIR (any VLM; no ground truth needed)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="with --images: the longest answer generated (default %(default)s)")
+    _add_question_source(p, 1000, "evaluate", ", # starts a comment")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--reliability-plot", type=Path, default=None, metavar="PNG",
                    help="write the adaptive rule's reliability diagram (confidence bins against "
@@ -63,13 +69,7 @@ def add_calibrate_adaptive(sub):
                        "training stream (ground truth); any VLM with --images DIR, agreement with "
                        "its answers from uncompressed tokens in place of accuracy (use images you "
                        "do not evaluate on).")
-    p.add_argument("--questions", default=None, metavar="N|FILE",
-                   help="generated scenes: how many questions (default 4000); with --images: a "
-                        "file of questions, one per line (default: a generic set)")
-    p.add_argument("--images", type=Path, default=None, metavar="DIR",
-                   help="calibrate on the images in DIR (any VLM; no ground truth needed)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
-                   help="with --images: the longest answer generated (default %(default)s)")
+    _add_question_source(p, 4000, "calibrate")
     p.add_argument("--seed", type=int, default=0, help="training stream seed (generated scenes)")
     p.add_argument("--budget", type=float, default=None,
                    help="bytes allowed, in mean bytes of k = 1 (default: the goal's 1.3)")
