@@ -16,8 +16,8 @@ whose confidence reaches a threshold τ (else it sends all L layers). This modul
 Where there is no ground truth (any VLM on its own images), "correct" means "the same answer
 as from the uncompressed tokens" (agreement), and everything else is unchanged.
 
-The goal (issue 13): the accuracy of k = L at no more than BYTES_BUDGET × the mean bytes of
-k = 1.
+The goal (issue 20; issue 13 asked for 1.3×): the accuracy of k = L, less ACCURACY_SLACK, at no
+more than BYTES_BUDGET × the mean bytes of k = 1.
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ from .adaptive_learned import LEARNED, LearnedScorer
 
 ADAPTIVE_FILE = "adaptive.json"
 #: the goal's byte budget, in mean bytes of k = 1
-BYTES_BUDGET = 1.3
+BYTES_BUDGET = 1.2
+#: how far below k = L's accuracy the goal allows
+ACCURACY_SLACK = 0.002
 
 
 # ---- rules: token probabilities → one confidence in [0, 1] ----------------------------------
@@ -252,7 +254,7 @@ def calibrate(ladder: Ladder, budget: float = BYTES_BUDGET, rules: Sequence[str]
     extra = {LEARNED: learned.to_json()} if chosen["rule"] == LEARNED else {}
     return {"rule": chosen["rule"], "threshold": chosen["threshold"], **extra, "target": target,
             "budget": budget, "questions": len(ladder.answers), "fixed_k": fixed,
-            "chosen": chosen, "goal_met": chosen[target] >= goal,
+            "chosen": chosen, "goal_met": chosen[target] >= goal - ACCURACY_SLACK,
             "per_rule": [{**p, f"{target}_vs_k{ladder.num_layers}": p[target] - goal}
                          for p in sorted(per_rule.values(), key=lambda p: -p[target])]}
 
@@ -334,6 +336,7 @@ def evaluate(ladder: Ladder, rule: AdaptiveRule, consistency=None) -> dict:
             "questions": len(ladder.answers), **row,
             f"k{L}_{target}": goal, "k1_bytes_mean": k1, f"k{L}_bytes_mean": kL,
             "budget": BYTES_BUDGET,
-            "goal_met": bool(row[target] >= goal and row["bytes_ratio_to_k1"] <= BYTES_BUDGET),
+            "accuracy_slack": ACCURACY_SLACK,
+            "goal_met": bool(row[target] >= goal - ACCURACY_SLACK and row["bytes_ratio_to_k1"] <= BYTES_BUDGET),
             "reliability": reliability(confidence, correct),
             "reliability_k1": reliability(confidence[:, 0], correct[:, 0])}
