@@ -100,8 +100,8 @@ class Split:
         rule, source = self.adaptive_rule()
         return rule.threshold, source
 
-    def _with_confidence(self, answer: Answer) -> Answer:
-        answer.confidence = self.adaptive_rule()[0].confidence(answer)
+    def _with_confidence(self, answer: Answer, question: str | None = None) -> Answer:
+        answer.confidence = self.adaptive_rule()[0].confidence(answer, question)
         return answer
 
     def info(self) -> dict:
@@ -180,7 +180,7 @@ class Split:
         t0 = time.perf_counter()
         answer = self.vlm.cloud_half(tokens, question, max_new_tokens, grid=grid)
         answer.stage_ms = answer.stage_ms or {"language_ms": to_ms(time.perf_counter() - t0)}
-        return self._with_confidence(answer)
+        return self._with_confidence(answer, question)
 
     def language_batch(self, requests: list[tuple[torch.Tensor, str, Grid]],
                        max_new_tokens: int = 32) -> list[Answer]:
@@ -198,9 +198,9 @@ class Split:
         t0 = time.perf_counter()
         answers = self.vlm.cloud_half_batch(tokens, questions, max_new_tokens, grids)
         batch_ms = {"language_ms": to_ms(time.perf_counter() - t0)}
-        for answer in answers:
+        for answer, question in zip(answers, questions):
             answer.stage_ms = answer.stage_ms or dict(batch_ms)
-            self._with_confidence(answer)
+            self._with_confidence(answer, question)
         return answers
 
     def whole(self, image: Image.Image, question: str, max_new_tokens: int = 32) -> Answer:

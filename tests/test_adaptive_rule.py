@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from progvlm import adaptive
-from progvlm.eval.calibration import calibrate_on_scenes
+from progvlm.eval.calibration import calibrate_on_scenes, rule_of
 from progvlm.adaptive import AdaptiveRule, Ladder
 from progvlm.backends.base import Answer
 from progvlm.toyworld.data import training_questions
@@ -56,9 +56,10 @@ def test_bundled_token_probabilities_are_the_softmax_of_the_logits(split):
         assert answer.token_probs == pytest.approx(chosen, abs=1e-4)
         assert answer.runner_up_probs == pytest.approx(runner_up, abs=1e-4)
         assert all(p >= r for p, r in zip(answer.token_probs, answer.runner_up_probs))
-        rule = split.adaptive_rule()[0]
-        assert answer.confidence == pytest.approx(
-            adaptive.RULES[rule.rule](chosen, runner_up), abs=1e-4)
+        rule = split.adaptive_rule()[0]  # the shipped one (learned: it reads the question too)
+        by_hand_answer = Answer(answer.text, answer.token_ids, token_probs=chosen,
+                                runner_up_probs=runner_up)
+        assert answer.confidence == pytest.approx(rule.confidence(by_hand_answer, question), abs=1e-4)
 
 
 def test_bundled_batched_confidence_is_the_single_one(split):
@@ -173,9 +174,13 @@ def test_the_bundled_mae_carries_its_calibrated_rule(split):
     meta = json.loads((DEFAULT_MAE / "adaptive.json").read_text())
     assert meta["mae_fingerprint"] == split.fingerprint.hex()
     assert meta["vlm_id"] == split.vlm.model_id
-    # the default (no adaptive.json) is this calibration, rounded: one rule everywhere
-    assert meta["rule"] == adaptive.DEFAULT_RULE.rule
-    assert threshold == pytest.approx(adaptive.DEFAULT_RULE.threshold, abs=1e-3)
+    # issue 20: the learned rule won the calibration; the default (no adaptive.json) is the
+    # best fixed rule of the same calibration, rounded
+    assert meta["rule"] == "learned" and split.adaptive_rule()[0].model is not None
+    fixed = {p["rule"]: p for p in meta["per_rule"]}
+    assert adaptive.DEFAULT_RULE.threshold == pytest.approx(
+        fixed[adaptive.DEFAULT_RULE.rule]["threshold"], abs=1e-3)
+    assert 0.0 <= threshold <= 1.0
 
 
 # ---- policy, calibration, evaluation on a made-up ladder ---------------------------------------
@@ -251,14 +256,14 @@ def test_reliability_bins_and_ece_by_hand(tmp_path):
 @pytest.mark.slow
 def test_calibration_on_a_training_slice_and_evaluation_on_the_eval_stream(split):
     choice, ladder = calibrate_on_scenes(split, count=60)
-    assert choice["rule"] in adaptive.RULES and 0.0 <= choice["threshold"] <= 1.0
+    assert choice["rule"] in [*adaptive.RULES, "learned"] and 0.0 <= choice["threshold"] <= 1.0
     assert "training stream" in choice["calibrated_on"]
     assert choice["chosen"]["bytes_ratio"] <= adaptive.BYTES_BUDGET
     k1, kL = choice["fixed_k"][0], choice["fixed_k"][-1]
     assert choice["chosen"]["accuracy"] >= k1["accuracy"]  # τ = 0 is k = 1: never worse
     from progvlm.eval.evaluate import evaluate_mae
     rep = evaluate_mae(split, seed=3, count=30, jpeg_qualities=(),
-                       adaptive_rule=AdaptiveRule(choice["rule"], choice["threshold"]))
+                       adaptive_rule=rule_of(choice))
     ad = rep["adaptive"]
     assert ad["questions"] == 30
     assert ad["k1_bytes_mean"] <= ad["bytes_mean"] <= ad["k4_bytes_mean"]

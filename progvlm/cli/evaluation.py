@@ -283,7 +283,7 @@ def cmd_calibrate_adaptive(a) -> int:
                  f"at ≤ {budget}× the bytes of k=1) " + ("met" if choice["goal_met"] else "NOT met")
                  + " on the calibration data")
     if a.reliability_plot is not None:
-        rel = adaptive.reliability(ladder.confidence(choice["rule"]), ladder.correct())
+        rel = adaptive.reliability(ladder.confidence(calibration.rule_of(choice)), ladder.correct())
         title = (f"{choice['rule']} confidence vs {target}, k=1..{L}, calibration data "
                  f"(ECE {rel['ece']:.3f})")
         lines.append(f"reliability plot (ECE {rel['ece']:.4f}): "

@@ -3,7 +3,7 @@ training stream (the bundled model) or on any VLM's own images; the chosen rule 
 adaptive.json (the rule and its threshold live in progvlm/adaptive.py)."""
 from __future__ import annotations
 
-from .. import adaptive
+from .. import adaptive, adaptive_learned
 from ..toyworld.data import TRAIN_STREAM
 from .codecs import Plan, codecs_for
 from .evaluate import SceneSet
@@ -21,14 +21,27 @@ def _ladder(split, ground, progress) -> adaptive.Ladder:
     return run_ladder(split, ground, mae_rows, progress=progress)[1]
 
 
+def _choose(ladder: adaptive.Ladder, budget: float, learn: bool) -> dict:
+    """`adaptive.calibrate` over the fixed rules and, with `learn`, the learned rule fitted on
+    the same ladder (target: the answer at k is the answer at L; no ground truth needed)."""
+    learned = None
+    if learn:
+        try:
+            learned = adaptive_learned.fit(ladder.answers, ladder.questions or [None] * len(ladder.answers))
+        except ValueError:  # every answer already final at k = 1 (or none): nothing to learn
+            learned = None
+    return adaptive.calibrate(ladder, budget, learned=learned)
+
+
 def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
                         start: int = CALIBRATION_FIRST_SCENE, progress=None,
-                        budget: float = adaptive.BYTES_BUDGET) -> tuple[dict, adaptive.Ladder]:
+                        budget: float = adaptive.BYTES_BUDGET,
+                        learn: bool = True) -> tuple[dict, adaptive.Ladder]:
     """The bundled model (generated scenes with ground truth): `count` questions of the
     training stream answered at every k, then `calibrate`. Returns (choice, ladder)."""
     ground = SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
     ladder = _ladder(split, ground, progress)
-    choice = adaptive.calibrate(ladder, budget)
+    choice = _choose(ladder, budget, learn)
     choice["calibrated_on"] = (f"training stream (data.TRAIN_STREAM={TRAIN_STREAM}, seed {seed}), "
                                f"{len(ladder.answers)} questions from scene {start} on; "
                                "accuracy against ground truth")
@@ -36,13 +49,14 @@ def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
 
 
 def calibrate_on_images(split, image_paths, questions, progress=None, max_new_tokens: int = 32,
-                        budget: float = adaptive.BYTES_BUDGET) -> tuple[dict, adaptive.Ladder]:
+                        budget: float = adaptive.BYTES_BUDGET,
+                        learn: bool = True) -> tuple[dict, adaptive.Ladder]:
     """Any VLM, no ground truth: every question about every image answered at every k, then
     `calibrate` with agreement (the answer from uncompressed tokens) in place of accuracy.
     Calibrate on images other than those evaluated on. Returns (choice, ladder)."""
     ground = ImageSet(split, image_paths, questions, max_new_tokens)
     ladder = _ladder(split, ground, progress)
-    choice = adaptive.calibrate(ladder, budget)
+    choice = _choose(ladder, budget, learn)
     choice["calibrated_on"] = (f"{ground.used} images × {len(ground.questions)} questions; "
                                "agreement with the answer from uncompressed tokens")
     return choice, ladder
@@ -54,14 +68,24 @@ def save_calibration(split, choice: dict, ladder: adaptive.Ladder, folder=None):
     folder = folder if folder is not None else split.mae_folder
     if folder is None:
         raise ValueError("this MAE was not loaded from a folder: say where adaptive.json goes")
-    rule = adaptive.AdaptiveRule(choice["rule"], choice["threshold"])
-    rel = adaptive.reliability(ladder.confidence(rule.rule), ladder.correct())
+    rule = adaptive.AdaptiveRule(choice["rule"], choice["threshold"], _model(choice))
+    rel = adaptive.reliability(ladder.confidence(rule), ladder.correct())
     path = rule.save(folder, calibrated_on=choice["calibrated_on"], vlm_id=split.vlm.model_id,
                      mae_fingerprint=split.fingerprint.hex(), target=choice["target"],
                      budget=choice["budget"], goal_met=choice["goal_met"],
                      chosen=_rounded(choice["chosen"]), fixed_k=_rounded(choice["fixed_k"]),
                      per_rule=_rounded(choice["per_rule"]), ece=round(rel["ece"], 4))
     return path
+
+
+def _model(choice: dict):
+    learned = choice.get(adaptive_learned.LEARNED)
+    return adaptive_learned.LearnedScorer.from_json(learned) if learned is not None else None
+
+
+def rule_of(choice: dict) -> adaptive.AdaptiveRule:
+    """The rule a calibration chose (the learned one with its weights)."""
+    return adaptive.AdaptiveRule(choice["rule"], choice["threshold"], _model(choice))
 
 
 def _rounded(value, digits: int = 4):

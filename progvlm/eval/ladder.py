@@ -96,7 +96,8 @@ def run_ladder(split, ground, codecs: list[Codec], adaptive_rule=None, progress=
     ladder = adaptive.Ladder(
         answers=[[answers[c.name][j] for c in prefixes] for j in range(n)],
         bytes=np.array([[ctx.sizes[c.name][it.unit] for c in prefixes] for it in ground.items]),
-        reference=list(reference), truth=ground.truth)
+        reference=list(reference), truth=ground.truth,
+        questions=[it.question for it in ground.items])
     rule = adaptive_rule or split.adaptive_rule()[0]
     evaluated = adaptive.evaluate(ladder, rule, sim.many)
     report = {**ground.head(reference), "per_k": per_k, "adaptive": evaluated,
