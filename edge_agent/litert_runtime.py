@@ -19,6 +19,7 @@ FORMAT = "progvlm-edge-litert/1"
 MODELS = ("vision", "mae_encoder")
 REQUIRED_FILES = tuple(f"{m}.tflite" for m in MODELS) + TABLE_FILES
 EXPORT_HINT = "make one with `python -m edge_agent export --runtime litert [--int8] --out FOLDER`"
+XNNPACK = "xnnpack"  # the interpreter's own CPU delegate, applied by default
 DELEGATE_ENV = "PROGVLM_LITERT_DELEGATE"
 DEFAULT_DELEGATE = "/usr/lib/libneutron_delegate.so"  # the i.MX95 BSP's path (NXP eIQ)
 
@@ -59,11 +60,13 @@ def _run(interp, x: np.ndarray) -> np.ndarray:
 
 class LiteRTRuntime(ExportedRuntime):
     name = "litert"
+    has_language = False
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest)
         self.int8 = bool(manifest.get("int8"))
-        self.delegate = delegate_path()
+        # the record's `delegate`: the library loaded, else the interpreter's CPU default
+        self.delegate = delegate_path() or XNNPACK
         self.default_threads = threads or os.cpu_count() or 1
         self.set_threads(self.default_threads)
 
@@ -75,12 +78,13 @@ class LiteRTRuntime(ExportedRuntime):
         return cls(folder, manifest, threads)
 
     def set_threads(self, threads: int):
-        self.interpreters = {m: _interpreter(self.folder / f"{m}.tflite", threads, self.delegate)
+        library = None if self.delegate == XNNPACK else self.delegate
+        self.interpreters = {m: _interpreter(self.folder / f"{m}.tflite", threads, library)
                              for m in MODELS}
 
     def info(self) -> dict:
         return {**super().info(), "runtime": self.name, "int8": self.int8,
-                "delegate": self.delegate or "xnnpack (the interpreter's CPU default)"}
+                "delegate": self.delegate}
 
     def vision(self, pixels):
         return _run(self.interpreters["vision"], pixels)[0], None
@@ -92,5 +96,5 @@ class LiteRTRuntime(ExportedRuntime):
         return self.codec.encode_layers(self.latent(tokens), k)
 
     def language(self, tokens, question, grid=None, max_new_tokens=32):
-        raise NotImplementedError("the LiteRT export holds the edge half only (vision and MAE "
+        raise ValueError("the LiteRT export holds the edge half only (vision and MAE "
                                   "encoder): full-edge mode needs `--runtime onnx` or `pytorch`")
