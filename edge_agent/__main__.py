@@ -292,7 +292,8 @@ def cmd_profile(a) -> int:
     for k in (1, L):
         med[f"mae_share_of_edge_k{k}"] = round(med[f"mae_encode_k{k}_ms"] / (
             med["edge_preprocess_ms"] + med["edge_vision_ms"] + med[f"mae_encode_k{k}_ms"]), 4)
-    print(json.dumps({"runtime": runtime.name, "vlm_id": runtime.model_id, "frames": len(frames),
+    print(json.dumps({"runtime": runtime.name, "int8": bool(getattr(runtime, "int8", False)),
+                      "vlm_id": runtime.model_id, "frames": len(frames),
                       "L": L, "threads": 1, "timing": "host CPU, measured; raw frames, best of "
                       f"{a.repeats} per image, median over images", **med}))
     return 0

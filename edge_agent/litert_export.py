@@ -94,22 +94,43 @@ def export_litert(out: str | Path, vlm=None, mae=None, int8: bool = False,
     return {k: v for k, v in manifest.items() if k != "vocab"}
 
 
+def _macs(op, details) -> int:
+    """Multiply-accumulates of the ops that hold nearly all of them (from tensor shapes)."""
+    out = details.get(op["outputs"][0])
+    if out is None:
+        return 0
+    n = int(np.prod(out["shape"]))
+    if op["op_name"] in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL"):
+        w = details.get(op["inputs"][1])
+        if op["op_name"] == "FULLY_CONNECTED" and w is not None:
+            return n * int(w["shape"][-1])
+        if op["op_name"] == "CONV_2D" and w is not None:
+            return n * int(np.prod(w["shape"][1:]))
+        if op["op_name"] == "DEPTHWISE_CONV_2D" and w is not None:
+            return n * int(np.prod(w["shape"][1:3]))
+        a = details.get(op["inputs"][0])
+        return n * int(a["shape"][-1]) if a is not None else 0
+    return 0
+
+
 def op_coverage(path: str | Path) -> dict:
-    """The ops of a .tflite model by operator and tensor type: how many run on int8 tensors
-    (what an int8 NPU can take) and how many on float32 (what stays on the CPU)."""
+    """The ops of a .tflite model, and their MACs, by whether they run on int8 tensors (what an
+    int8 NPU can take) or on float32 (what stays on the CPU); QUANTIZE/DEQUANTIZE are `other`."""
     from ai_edge_litert.interpreter import Interpreter
     interp = Interpreter(model_path=str(path))
-    ops = interp._get_ops_details()
     details = {t["index"]: t for t in interp.get_tensor_details()}
-    counts = {"int8": 0, "float": 0, "other": 0}
+    ops, macs = {"int8": 0, "float": 0, "other": 0}, {"int8": 0, "float": 0, "other": 0}
     by_op: dict[str, dict] = {}
-    for op in ops:
-        types = {np.dtype(details[i]["dtype"]).name for i in op["inputs"] if i >= 0 and i in details}
+    for op in interp._get_ops_details():
+        types = {np.dtype(details[i]["dtype"]).name for i in op["inputs"] if i in details}
         kind = "float" if "float32" in types else "int8" if types & {"int8", "int32"} else "other"
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
             kind = "other"
-        counts[kind] += 1
+        ops[kind] += 1
+        macs[kind] += _macs(op, details)
         by_op.setdefault(op["op_name"], {"int8": 0, "float": 0, "other": 0})[kind] += 1
-    total = sum(counts.values())
-    return {"ops": total, "int8_fraction": counts["int8"] / total if total else 0.0,
-            "float_fraction": counts["float"] / total if total else 0.0, "by_op": by_op}
+    n_ops, n_macs = sum(ops.values()), sum(macs.values())
+    return {"ops": n_ops, "int8_fraction": ops["int8"] / max(1, n_ops),
+            "float_fraction": ops["float"] / max(1, n_ops), "macs": n_macs,
+            "int8_mac_fraction": macs["int8"] / max(1, n_macs),
+            "float_mac_fraction": macs["float"] / max(1, n_macs), "by_op": by_op}

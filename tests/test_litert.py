@@ -51,7 +51,10 @@ def test_the_int8_export_is_full_integer_and_names_the_same_models(export_dir, r
     assert rt.int8 and rt.info()["delegate"] == XNNPACK
     mae = op_coverage(export_dir / "mae_encoder.tflite")
     assert mae["int8_fraction"] == 1.0  # Gemm → GELU → Gemm, all int8
-    assert op_coverage(export_dir / "vision.tflite")["int8_fraction"] > 0.2
+    vision = op_coverage(export_dir / "vision.tflite")
+    # measured: 30 % of the ops, 97 % of the MACs (LayerNorm, softmax and the attention
+    # matmuls stay float)
+    assert vision["int8_fraction"] > 0.2 and vision["int8_mac_fraction"] > 0.9
 
 
 def test_int8_latents_are_close_to_float32(runtimes):
