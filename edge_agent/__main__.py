@@ -45,6 +45,10 @@ def make_runtime(kind: str, model_dir: Path | None, vlm: str | None = None, mae:
             raise SystemExit(f"error: --runtime {kind} reads its models from --model-dir; --vlm and "
                              "--mae apply to the export (`python -m edge_agent export --vlm … --mae …`)")
         if kind == "litert":
+            import importlib.util
+            if importlib.util.find_spec("ai_edge_litert") is None:
+                raise SystemExit("error: --runtime litert needs the LiteRT interpreter: "
+                                 "pip install \".[edge-litert]\"")
             from .litert_runtime import LiteRTRuntime
             return LiteRTRuntime.load(model_dir)
         from .onnx_runtime import OnnxRuntime

@@ -41,9 +41,20 @@ def calibration_frames(size: int, count: int = CALIBRATION_FRAMES, seed: int = C
             for s in scenes(TRAIN_STREAM, seed, count)]
 
 
+def _converter():
+    """litert-torch, its progress display off (it prints to stdout, where the export's JSON goes)."""
+    try:
+        import litert_torch
+        from litert_torch._config import config
+    except ImportError:
+        raise ValueError("the LiteRT export needs litert-torch: pip install -e \".[litert]\"") from None
+    config.show_progress = False
+    return litert_torch
+
+
 def _convert(module, sample, calibration=None):
     """A float32 LiteRT model of `module`, or (calibration given) a full-integer int8 one."""
-    import litert_torch
+    litert_torch = _converter()
     if calibration is None:
         return litert_torch.convert(module.eval(), (sample,))
     from litert_torch.quantize import pt2e_quantizer, quant_config
