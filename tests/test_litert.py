@@ -108,3 +108,16 @@ def test_the_board_runtime_runs_without_torch(export_dir):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip().splitlines()[-1]) > 12
+
+
+def test_eval_mae_measures_the_int8_edge(export_dir, capsys):
+    import json
+
+    from progvlm.cli.main import main
+    assert main(["eval-mae", "--edge-runtime", "litert", "--model-dir", str(export_dir),
+                 "--questions", "14", "--seed", "12", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["edge_runtime"] == "litert" and report["int8"] is True
+    assert [r["k"] for r in report["per_k"]] == [1, 2, 3, 4]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["consistency"] <= 1 for r in report["per_k"])
+    assert report["op_coverage"]["mae_encoder"]["int8_mac_fraction"] == 1.0
