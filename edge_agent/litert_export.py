@@ -24,7 +24,7 @@ import torch
 from progvlm.toyworld.questions import VOCAB
 
 from .exported import sha256
-from .litert_runtime import FORMAT, REQUIRED_FILES
+from .litert_runtime import FORMAT, MODELS, REQUIRED_FILES
 from .onnx_export import _Encoder, _Vision
 
 CALIBRATION_SEED = 19  # of data.TRAIN_STREAM: the scenes the int8 ranges are observed on
@@ -145,3 +145,9 @@ def op_coverage(path: str | Path) -> dict:
             "float_fraction": ops["float"] / max(1, n_ops), "macs": n_macs,
             "int8_mac_fraction": macs["int8"] / max(1, n_macs),
             "float_mac_fraction": macs["float"] / max(1, n_macs), "by_op": by_op}
+
+
+def export_coverage(folder: str | Path) -> dict:
+    """op_coverage of every model of a LiteRT export, without the per-operator breakdown."""
+    return {m: {k: v for k, v in op_coverage(Path(folder) / f"{m}.tflite").items() if k != "by_op"}
+            for m in MODELS}

@@ -23,9 +23,9 @@ from progvlm.toyworld.scenes import render_scene
 from .runtime import PyTorchRuntime
 
 
-def _answers(split, latents, items, k) -> list[str]:
+def _answers(split, codec, latents, items, k) -> list[str]:
     """The cloud half's answers to every item from the k-layer codes of its scene's latent."""
-    tokens = [split.mae.decompress(split.mae.edge_codec().encode_layers(lat, k), len(lat))
+    tokens = [split.mae.decompress(codec.encode_layers(lat, k), len(lat))
               for lat in latents]
     return [a.text for a in split.vlm.cloud_half_batch([tokens[s] for s, _ in items],
                                                        [qa.question for _, qa in items])]
@@ -54,8 +54,8 @@ def compare(runtime, seed: int, count: int) -> dict:
         b = np.stack([codec.indices(lat, L) for lat in latents])
         per_k = {}
         for k in range(1, L + 1):
-            ref = _answers(split, float_latents, items, k)
-            got = _answers(split, latents, items, k)
+            ref = _answers(split, codec, float_latents, items, k)
+            got = _answers(split, codec, latents, items, k)
             per_k[k] = {"accuracy": accuracy_report(items, got)["overall"],
                         "accuracy_float32_edge": accuracy_report(items, ref)["overall"],
                         "consistency": float(np.mean([x == y for x, y in zip(got, ref)])),
@@ -88,9 +88,8 @@ def main(argv=None) -> int:
     runtime = make_runtime(a.runtime, a.model_dir)
     out = compare(runtime, a.seed, a.questions)
     if a.ops and a.runtime == "litert":
-        from .litert_export import op_coverage
-        out["op_coverage"] = {m: {k: v for k, v in op_coverage(a.model_dir / f"{m}.tflite").items()
-                                  if k != "by_op"} for m in ("vision", "mae_encoder")}
+        from .litert_export import export_coverage
+        out["op_coverage"] = export_coverage(a.model_dir)
     print(json.dumps(out, indent=1))
     return 0
 

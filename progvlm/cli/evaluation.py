@@ -216,9 +216,8 @@ def cmd_eval_mae(a) -> int:
         return 2
     split, rep = job
     if edge is not None and edge.name == "litert":
-        from edge_agent.litert_export import op_coverage
-        rep["op_coverage"] = {m: {k: v for k, v in op_coverage(a.model_dir / f"{m}.tflite").items()
-                                  if k != "by_op"} for m in ("vision", "mae_encoder")}
+        from edge_agent.litert_export import export_coverage
+        rep["op_coverage"] = export_coverage(a.model_dir)
     rep["seconds"] = round(time.time() - t0, 1)
     if a.images is not None:
         lines = [f"VLM {rep['vlm_id']}, MAE {rep['mae_fingerprint']}, L={rep['L']}: {rep['images']} "
