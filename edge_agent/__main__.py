@@ -30,26 +30,39 @@ AGENT_TOKEN_ENV = "PROGVLM_AGENT_TOKEN"  # this agent's own, which its clients m
 SHUTDOWN_GRACE_S = 1.0
 
 
+EXPORTED_RUNTIMES = ("onnx", "litert")  # read from an export folder (--model-dir), no PyTorch
+
+
 def make_runtime(kind: str, model_dir: Path | None, vlm: str | None = None, mae: Path | None = None):
     if kind == "pytorch":
         from .runtime import PyTorchRuntime
         return PyTorchRuntime.load(vlm, mae)
-    if kind == "onnx":
-        from .onnx_runtime import OnnxRuntime
+    if kind in EXPORTED_RUNTIMES:
         if model_dir is None:
-            raise SystemExit("error: --runtime onnx needs --model-dir (made by `python -m edge_agent export`)")
+            raise SystemExit(f"error: --runtime {kind} needs --model-dir (made by "
+                             f"`python -m edge_agent export --runtime {kind}`)")
         if vlm is not None or mae is not None:
-            raise SystemExit("error: --runtime onnx reads its models from --model-dir; --vlm and "
+            raise SystemExit(f"error: --runtime {kind} reads its models from --model-dir; --vlm and "
                              "--mae apply to the export (`python -m edge_agent export --vlm … --mae …`)")
+        if kind == "litert":
+            import importlib.util
+            if importlib.util.find_spec("ai_edge_litert") is None:
+                raise SystemExit("error: --runtime litert needs the LiteRT interpreter: "
+                                 "pip install \".[edge-litert]\"")
+            from .litert_runtime import LiteRTRuntime
+            return LiteRTRuntime.load(model_dir)
+        from .onnx_runtime import OnnxRuntime
         return OnnxRuntime.load(model_dir)
     raise SystemExit(f"error: unknown runtime {kind!r}")
 
 
 def _add_device_options(p):
     add_vlm_options(p)
-    p.add_argument("--runtime", choices=("pytorch", "onnx"), default="pytorch",
-                   help="pytorch (host) or onnx (ONNX Runtime, no PyTorch needed)")
-    p.add_argument("--model-dir", type=Path, default=None, help="ONNX export folder (--runtime onnx)")
+    p.add_argument("--runtime", choices=("pytorch",) + EXPORTED_RUNTIMES, default="pytorch",
+                   help="pytorch (host), onnx (ONNX Runtime) or litert (LiteRT: the edge half only, "
+                        "progressive modes); onnx and litert need no PyTorch")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="export folder (--runtime onnx or litert)")
     p.add_argument("--profile", choices=PROFILES, default=PROFILES[0],
                    help="host: measured times; imx95-emulated: host times × a speed factor (PROJECTED)")
 
@@ -125,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "the board and run `python -m edge_agent serve --runtime onnx "
                             "--model-dir FOLDER` there (no PyTorch needed).")
     export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--runtime", choices=EXPORTED_RUNTIMES, default="onnx",
+                        help="onnx (default) or litert: vision.tflite and mae_encoder.tflite, "
+                             "converted by litert-torch (needs PyTorch and `pip install "
+                             "progvlm[litert]` on the host that exports)")
+    export.add_argument("--int8", action="store_true",
+                        help="litert: full-integer int8, calibrated on frames of the bundled scenes")
     add_vlm_options(export)
 
     prof = sub.add_parser("profile", help="the edge half's stage times from camera frames (JSON)",
@@ -203,9 +222,17 @@ def cmd_serve(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from .onnx_export import export_onnx
+    if a.int8 and a.runtime != "litert":
+        print("error: --int8 applies to --runtime litert", file=sys.stderr)
+        return 2
     try:
-        print(json.dumps(export_onnx(a.out, a.vlm, a.mae), indent=1))
+        if a.runtime == "litert":
+            from .litert_export import export_litert
+            manifest = export_litert(a.out, a.vlm, a.mae, int8=a.int8)
+        else:
+            from .onnx_export import export_onnx
+            manifest = export_onnx(a.out, a.vlm, a.mae)
+        print(json.dumps(manifest, indent=1))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -269,7 +296,8 @@ def cmd_profile(a) -> int:
     for k in (1, L):
         med[f"mae_share_of_edge_k{k}"] = round(med[f"mae_encode_k{k}_ms"] / (
             med["edge_preprocess_ms"] + med["edge_vision_ms"] + med[f"mae_encode_k{k}_ms"]), 4)
-    print(json.dumps({"runtime": runtime.name, "vlm_id": runtime.model_id, "frames": len(frames),
+    print(json.dumps({"runtime": runtime.name, "int8": bool(getattr(runtime, "int8", False)),
+                      "vlm_id": runtime.model_id, "frames": len(frames),
                       "L": L, "threads": 1, "timing": "host CPU, measured; raw frames, best of "
                       f"{a.repeats} per image, median over images", **med}))
     return 0

@@ -100,7 +100,8 @@ class EdgeAgent:
         self.runtime.domain_note(blank)
         tokens, grid = self.runtime.vision(self.runtime.preprocess(blank))
         self.runtime.mae_encode(tokens, self.runtime.num_layers)
-        self.runtime.language(tokens, "describe the scene .", grid, max_new_tokens=2)
+        if self.runtime.has_language:
+            self.runtime.language(tokens, "describe the scene .", grid, max_new_tokens=2)
 
     def info(self) -> dict:
         """What GET /v1/info says of this agent: its runtime and models, L (num_layers), its
@@ -176,6 +177,7 @@ class EdgeAgent:
         carries those stages' measured times and says they were shared."""
         mode, link, profile = ask.mode, ask.link, ask.profile
         record = {"mode": mode.name, "question": ask.request.question, "runtime": self.runtime.name,
+                  **({"delegate": self.runtime.delegate} if self.runtime.delegate else {}),
                   "vlm_id": self.runtime.model_id,
                   "device_profile": profile.name, "timing_source": profile.source,
                   "link": {"bandwidth_mbps": link.bandwidth_mbps, "rtt_ms": link.rtt_ms,

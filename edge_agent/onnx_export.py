@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from progvlm.toyworld.questions import VOCAB
 
+from .exported import sha256
 from .onnx_runtime import FORMAT, REQUIRED_FILES
 
 OPSET = 17  # ONNX Runtime ≥ 1.12 runs it; the graphs use only standard ops
@@ -57,10 +57,6 @@ class _Encoder(nn.Module):
 
     def forward(self, tokens):
         return self.encoder(tokens)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_onnx(out: str | Path, vlm=None, mae=None) -> dict:

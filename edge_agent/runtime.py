@@ -34,6 +34,8 @@ class EdgeRuntime(ABC):
     num_layers: int  # L
     tokens_per_block: int  # N of one image or tile
     image_size: int  # the side of the frame the model sees (full-cloud's JPEG)
+    has_language = True  # False: the edge half only (no full-edge mode)
+    delegate: str | None = None  # the accelerator delegate that ran, where the runtime has one
 
     @abstractmethod
     def set_threads(self, threads: int):

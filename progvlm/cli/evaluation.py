@@ -54,8 +54,26 @@ def add_eval_mae(sub):
                    help="write the adaptive rule's reliability diagram (confidence bins against "
                         "accuracy, or agreement with --images) to this file")
     add_vlm_options(p)
+    p.add_argument("--edge-runtime", choices=("pytorch", "onnx", "litert"), default="pytorch",
+                   help="the edge that codes the MAE's layers (generated scenes): onnx or litert "
+                        "reads --model-dir (`python -m edge_agent export`); per k, accuracy and "
+                        "consistency are then against the float32 PyTorch edge's uncompressed answers")
+    p.add_argument("--model-dir", type=Path, default=None, help="the export (--edge-runtime onnx/litert)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_eval_mae)
+
+
+def _exported_edge(a):
+    """eval-mae's --edge-runtime: None for PyTorch, else the export loaded (one thread)."""
+    if a.edge_runtime == "pytorch":
+        return None
+    if a.model_dir is None or a.images is not None:
+        raise SystemExit(f"error: --edge-runtime {a.edge_runtime} needs --model-dir, on generated "
+                         "scenes (not --images)")
+    from edge_agent.__main__ import make_runtime
+    edge = make_runtime(a.edge_runtime, a.model_dir)
+    edge.set_threads(1)
+    return edge
 
 
 def add_calibrate_adaptive(sub):
@@ -188,14 +206,18 @@ def cmd_eval_mae(a) -> int:
     from ..eval.evaluate import evaluate_mae
     from ..eval.on_images import evaluate_mae_on_images
     t0 = time.time()
+    edge = _exported_edge(a)
     job = _ladder_job(
         a, "eval-mae", 1000,
         lambda split, paths, questions, progress: evaluate_mae_on_images(
             split, paths, questions, progress=progress, max_new_tokens=a.max_new_tokens),
-        lambda split, count, progress: evaluate_mae(split, a.seed, count, progress=progress))
+        lambda split, count, progress: evaluate_mae(split, a.seed, count, progress=progress, edge=edge))
     if job is None:
         return 2
     split, rep = job
+    if edge is not None and edge.name == "litert":
+        from edge_agent.litert_export import export_coverage
+        rep["op_coverage"] = export_coverage(a.model_dir)
     rep["seconds"] = round(time.time() - t0, 1)
     if a.images is not None:
         lines = [f"VLM {rep['vlm_id']}, MAE {rep['mae_fingerprint']}, L={rep['L']}: {rep['images']} "

@@ -34,11 +34,13 @@ class Plan:
 
 class Unit:
     """One frame under evaluation: its index in the run, the camera image, the uncompressed
-    visual tokens and their tile layout (None: fixed)."""
+    visual tokens and their tile layout (None: fixed); `layers`: the L layer payloads when
+    another edge coded them (eval-mae --edge-runtime), else the MAE codes `tokens` here."""
 
-    def __init__(self, index: int, image: Image.Image, tokens: torch.Tensor, grid=None):
+    def __init__(self, index: int, image: Image.Image, tokens: torch.Tensor, grid=None,
+                 layers: list[bytes] | None = None):
         self.index, self.image, self.tokens, self.grid = index, image, tokens, grid
-        self._layers = None
+        self._layers = layers
 
     def layers(self, split) -> list[bytes]:
         """The MAE's L layer payloads of these tokens, coded once for every prefix."""

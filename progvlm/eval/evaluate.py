@@ -63,8 +63,12 @@ class SceneSet:
     unit, total, chunk = "scene", None, 32
 
     def __init__(self, split, seed: int, count: int, stream: int = EVAL_STREAM, start: int = 0,
-                 timing: bool = True):
+                 timing: bool = True, edge=None):
+        """`edge`: an exported edge (edge_agent's EdgeRuntime, e.g. LiteRT int8) that codes the
+        MAE's layers from its own vision and encoder; "uncompressed" and the baselines stay the
+        float32 PyTorch edge's, so each k's consistency is against the float32 edge."""
         self.split, self.seed, self.stream, self.start, self.timing = split, seed, stream, start, timing
+        self.edge = edge
         self.scenes, self._qa = eval_questions(seed, count, stream, start)
         self.items = [Item(s, qa.question, qa.answer) for s, qa in self._qa]
         self.truth = [qa.answer for _, qa in self._qa]
@@ -73,7 +77,13 @@ class SceneSet:
         for s0 in range(0, len(self.scenes), self.chunk):
             ids = range(s0, min(len(self.scenes), s0 + self.chunk))
             frames = [render_scene(self.scenes[s]) for s in ids]
-            yield [Unit(s, f, t) for s, f, t in zip(ids, frames, self.split.vlm.edge_half_batch(frames))]
+            layers = [self._edge_layers(f) for f in frames] if self.edge else [None] * len(frames)
+            yield [Unit(s, f, t, layers=c) for s, f, t, c in
+                   zip(ids, frames, self.split.vlm.edge_half_batch(frames), layers)]
+
+    def _edge_layers(self, frame) -> list[bytes]:
+        tokens, _ = self.edge.vision(self.edge.preprocess(frame))
+        return self.edge.mae_encode(tokens, self.edge.num_layers)
 
     def see(self, images):
         return [(t, None) for t in self.split.vlm.edge_half_batch(images)]
@@ -90,7 +100,10 @@ class SceneSet:
         return {"questions": len(self.items), "scenes": len(self.scenes), "seed": self.seed,
                 "stream": self.stream, "first_scene": self.start,
                 "mae_fingerprint": self.split.fingerprint.hex(), "L": self.split.num_layers,
-                "uncompressed": {"accuracy": unc["overall"], "accuracy_per_type": unc["per_type"]}}
+                "uncompressed": {"accuracy": unc["overall"], "accuracy_per_type": unc["per_type"]},
+                "edge_runtime": self.edge.name if self.edge else "pytorch",
+                **({"int8": bool(getattr(self.edge, "int8", False)), "delegate": self.edge.delegate}
+                   if self.edge else {})}
 
     def tail(self) -> dict:
         return ({"timing": edge_vs_mae_timing(self.split.vlm, self.split.mae, self.scenes[0])}
@@ -98,15 +111,15 @@ class SceneSet:
 
 
 def evaluate_mae(split, seed: int, count: int, progress=None, jpeg_qualities=(10, 50, 90),
-                 camera_jpeg_qualities=(), adaptive_rule=None, codecs=None) -> dict:
+                 camera_jpeg_qualities=(), adaptive_rule=None, codecs=None, edge=None) -> dict:
     """Per k: wire bytes (mean, max, per layer), token cosine, accuracy and consistency; every
     baseline of the codec registry (codecs.codecs_for) on the same scenes: `jpeg_q{q}` at the
     model's input size, `jpeg_camera_q{q}` at camera size (the device sends what it captured;
     the cloud resizes), raw fp16 tokens, pooling at about each k's bytes. `codecs`: these rows
     instead. "adaptive": the adaptive policy under `adaptive_rule` (default: the split's
-    calibrated one) beside fixed k (progvlm.adaptive.evaluate)."""
+    calibrated one) beside fixed k (progvlm.adaptive.evaluate). `edge`: SceneSet's."""
     plan = Plan(split.num_layers, tuple(jpeg_qualities), tuple(camera_jpeg_qualities), pooling=True)
-    return run_ladder(split, SceneSet(split, seed, count), codecs or codecs_for(plan),
+    return run_ladder(split, SceneSet(split, seed, count, edge=edge), codecs or codecs_for(plan),
                       adaptive_rule, progress)[0]
 
 
