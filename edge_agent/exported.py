@@ -68,6 +68,18 @@ class ExportedRuntime(EdgeRuntime):
     (progvlm/codec/tables.py: code assignment and range coding in NumPy), and the bundled
     model's preprocessing, question check and domain check."""
 
+    format: str  # the manifest's format this runtime reads
+    required_files: tuple[str, ...]  # the files an export folder must hold
+    export_hint: str  # how to make one
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None):
+        """The runtime of an export folder, its manifest and every file's sha256 checked."""
+        folder = Path(folder)
+        manifest = read_manifest(folder, cls.format, cls.required_files, cls.export_hint)
+        check_files(folder, manifest["sha256"])
+        return cls(folder, manifest, threads)
+
     def __init__(self, folder: Path, manifest: dict):
         self.folder, self.manifest = folder, manifest
         self.model_id = manifest["vlm_id"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exported import TABLE_FILES, ExportedRuntime, check_files, read_manifest
+from .exported import TABLE_FILES, ExportedRuntime
 
 FORMAT = "progvlm-edge-litert/1"
 MODELS = ("vision", "mae_encoder")
@@ -62,6 +62,8 @@ class LiteRTRuntime(ExportedRuntime):
     name = "litert"
     has_language = False
 
+    format, required_files, export_hint = FORMAT, REQUIRED_FILES, EXPORT_HINT
+
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest)
         self.int8 = bool(manifest.get("int8"))
@@ -69,13 +71,6 @@ class LiteRTRuntime(ExportedRuntime):
         self.delegate = delegate_path() or XNNPACK
         self.default_threads = threads or os.cpu_count() or 1
         self.set_threads(self.default_threads)
-
-    @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> "LiteRTRuntime":
-        folder = Path(folder)
-        manifest = read_manifest(folder, FORMAT, REQUIRED_FILES, EXPORT_HINT)
-        check_files(folder, manifest["sha256"])
-        return cls(folder, manifest, threads)
 
     def set_threads(self, threads: int):
         library = None if self.delegate == XNNPACK else self.delegate

@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 from progvlm.toyworld.questions import EOS, WORD_TO_ID, decode_ids, encode_words, question_ids
 
-from .exported import TABLE_FILES, ExportedRuntime, ExportError, check_files, read_manifest  # noqa: F401
+from .exported import TABLE_FILES, ExportedRuntime, ExportError  # noqa: F401 - ExportError: the board's import
 
 FORMAT = "progvlm-edge-onnx/1"
 MODELS = ("vision", "mae_encoder", "language")
@@ -23,17 +23,12 @@ EXPORT_HINT = "make one with `python -m edge_agent export --out FOLDER`"
 class OnnxRuntime(ExportedRuntime):
     name = "onnxruntime"
 
+    format, required_files, export_hint = FORMAT, REQUIRED_FILES, EXPORT_HINT
+
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         super().__init__(folder, manifest)
         self.default_threads = threads or 0  # 0: ONNX Runtime's own choice
         self.set_threads(self.default_threads)
-
-    @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None) -> "OnnxRuntime":
-        folder = Path(folder)
-        manifest = read_manifest(folder, FORMAT, REQUIRED_FILES, EXPORT_HINT)
-        check_files(folder, manifest["sha256"])
-        return cls(folder, manifest, threads)
 
     def set_threads(self, threads: int):
         options = ort.SessionOptions()
