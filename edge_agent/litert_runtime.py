@@ -87,9 +87,6 @@ class LiteRTRuntime(ExportedRuntime):
     def latent(self, tokens) -> np.ndarray:
         return _run(self.interpreters["mae_encoder"], tokens)
 
-    def mae_encode(self, tokens, k):
-        return self.codec.encode_layers(self.latent(tokens), k)
-
     def language(self, tokens, question, grid=None, max_new_tokens=32):
         raise ValueError("the LiteRT export holds the edge half only (vision and MAE "
                                   "encoder): full-edge mode needs `--runtime onnx` or `pytorch`")

@@ -40,9 +40,8 @@ class OnnxRuntime(ExportedRuntime):
     def vision(self, pixels):
         return self.sessions["vision"].run(None, {"pixels": np.asarray(pixels, np.float32)})[0][0], None
 
-    def mae_encode(self, tokens, k):
-        latent = self.sessions["mae_encoder"].run(None, {"tokens": np.asarray(tokens, np.float32)})[0]
-        return self.codec.encode_layers(latent, k)
+    def latent(self, tokens):
+        return self.sessions["mae_encoder"].run(None, {"tokens": np.asarray(tokens, np.float32)})[0]
 
     def language(self, tokens, question, grid=None, max_new_tokens=32):
         """Greedy decoding as TinyVLM.generate does it, re-running the whole prompt per token

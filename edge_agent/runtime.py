@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from progvlm.codec import bitstream
+from progvlm.codec.tables import MAEEncoderTables
 
 
 class EdgeRuntime(ABC):
@@ -49,9 +50,16 @@ class EdgeRuntime(ABC):
     def vision(self, model_input):
         """Model input → (visual tokens (N, D), grid or None)."""
 
+    codec: "MAEEncoderTables"  # the MAE's coding tables (NumPy): assignment and range coding
+
     @abstractmethod
+    def latent(self, tokens) -> np.ndarray:
+        """Visual tokens (M, D) → the MAE encoder's latent (M, d), what the layers code (a
+        stream's frames are coded from it against the cloud's reference: edge_agent/watch.py)."""
+
     def mae_encode(self, tokens, k: int) -> list[bytes]:
         """Visual tokens → payloads of layers 1..k."""
+        return self.codec.encode_layers(self.latent(tokens), k)
 
     @abstractmethod
     def language(self, tokens, question: str, grid=None, max_new_tokens: int = 32) -> str:
@@ -123,6 +131,13 @@ class PyTorchRuntime(EdgeRuntime):
 
     def vision(self, model_input):
         return self.split.vlm.vision(model_input)
+
+    @property
+    def codec(self) -> MAEEncoderTables:
+        return self.split.mae.edge_codec()
+
+    def latent(self, tokens):
+        return self.split.mae._latent(_tensor(tokens))
 
     def mae_encode(self, tokens, k):
         return self.split.mae.compress(_tensor(tokens), k)

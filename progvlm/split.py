@@ -164,6 +164,15 @@ class Split:
         except ValueError as e:  # layers or tokens this MAE does not take (MAE.check_layers)
             raise bitstream.BitstreamError(str(e)) from None
 
+    def decode_latent(self, latent, k: int) -> torch.Tensor:
+        """A latent summed from codes (M, d), M a multiple of the block (a stream's reference:
+        progvlm.codec.temporal) → visual tokens (M, D), the decoder told k."""
+        N = self.mae.cfg.num_tokens
+        latent = torch.as_tensor(latent, dtype=torch.float32)
+        with torch.inference_mode():
+            tokens = self.mae.decode_latent(latent.view(-1, N, latent.shape[-1]), k)
+        return tokens.reshape(-1, tokens.shape[-1])
+
     def cloud(self, frame: Frame, question: str, max_new_tokens: int = 32) -> Answer:
         """Layers 1..k + question → answer; stage_ms has mae_decode_ms and the LM's stages."""
         t0 = time.perf_counter()

@@ -69,6 +69,10 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise BitstreamError("corrupt header: a length field is longer than 4 bytes")
 
 
+# the varints of the header, for other framings of the codec (progvlm/codec/temporal.py)
+write_varint, read_varint = _varint, _read_varint
+
+
 @dataclass(frozen=True)
 class Packed:
     """A stream in its wire form and where its header and each layer end: what a sender needs

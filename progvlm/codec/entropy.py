@@ -49,3 +49,32 @@ class StageModel:
                 raise
             raise EntropyDecodeError(f"range decoder failed: {e}") from None
         return np.asarray(out, dtype=np.int64)
+
+
+def encode_sequence(parts: list[tuple[np.ndarray, StageModel]]) -> bytes:
+    """Several symbol arrays, each under its own model, as ONE range-coded message (no length
+    between them: the decoder knows each part's count), in StageModel.encode's byte form."""
+    coder = RangeEncoder()
+    for symbols, model in parts:
+        symbols = np.asarray(symbols, dtype=np.int32)
+        if symbols.size and (symbols.min() < 0 or symbols.max() >= model.num_symbols):
+            raise ValueError(f"symbols must lie in 0..{model.num_symbols - 1}")
+        if symbols.size:
+            coder.encode(symbols, model._model)
+    return coder.get_compressed().astype(">u4").tobytes().rstrip(b"\x00")
+
+
+def decode_sequence(data: bytes, parts: list[tuple[StageModel, int]]) -> list[np.ndarray]:
+    """encode_sequence's inverse: (model, count) per part → the symbol arrays."""
+    data = bytes(data) + b"\x00" * (-len(data) % 4)
+    decoder = RangeDecoder(np.frombuffer(data, dtype=">u4").astype(np.uint32))
+    out = []
+    try:
+        for model, count in parts:
+            out.append(np.asarray(decoder.decode(model._model, count), dtype=np.int64)
+                       if count else np.zeros(0, np.int64))
+    except BaseException as e:  # the Rust side reports corrupt input as various errors
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise EntropyDecodeError(f"range decoder failed: {e}") from None
+    return out

@@ -226,3 +226,66 @@ class Missing(Message):
     frame_id: str
     detail: str = ("this cloud holds no such frame for this client (never sent, expired, evicted, "
                    "or the cloud restarted): send it from its start")
+
+
+# ---- streams of frames (a camera that watches: progvlm.serve.watch) ------------------------------
+# WS WATCH_PATH   edge → cloud: WatchStart (text), then one binary message per frame (a key or
+#                 delta frame of progvlm.codec.temporal, a JPEG, or an H.264 packet), END to finish
+#                 cloud → edge: Watching once, then per frame a FrameAck (events: only the
+#                 standing questions whose answer changed) or a Resync; Error and close for
+#                 anything refused
+WATCH_PATH = "/v1/watch"
+FRAME_CODECS = ("layers", "jpeg", "h264")  # how a stream's frames travel
+MAX_STANDING_QUESTIONS = 8
+WATCH_IDLE_S = 30.0  # a stream with no frame for this long is closed (4408)
+MAX_STREAMS_PER_CLIENT = 4  # watch sockets open at once per client address
+WATCHING, FRAME, RESYNC = "watching", "frame", "resync"
+
+
+class WatchStart(BaseModel):
+    """A stream's first message: its standing questions, answered on every frame, and how its
+    frames travel."""
+    questions: list[Annotated[str, BeforeValidator(lambda q: check_question(q, "questions"))]]
+    codec: Literal[FRAME_CODECS] = "layers"
+
+    @model_validator(mode="after")
+    def _some_questions(self):
+        if not 1 <= len(self.questions) <= MAX_STANDING_QUESTIONS:
+            raise ValueError(f"a stream has 1..{MAX_STANDING_QUESTIONS} standing questions, "
+                             f"got {len(self.questions)}")
+        return self
+
+
+class Watching(Message):
+    """The stream is open: the cloud holds no reference yet (the first frame must be a key)."""
+    type: Literal[WATCHING] = WATCHING
+    questions: int
+
+
+class Event(BaseModel):
+    """A standing question whose answer changed on this frame (previous None: the first answer)."""
+    question: str
+    answer: str
+    previous: str | None
+    confidence: float | None = None
+
+
+class FrameAck(Message):
+    """Frame `index` (0-based, frames decoded on this stream) is decoded and held: the next delta
+    is coded against it. `kind`: key/delta (layers), jpeg or h264."""
+    type: Literal[FRAME] = FRAME
+    index: int
+    kind: str
+    layers: int | None
+    received_bytes: int
+    events: list[Event]
+    stage_ms: dict[str, float]
+    t_ms: float  # since the stream's first frame arrived, as the cloud saw it
+
+
+class Resync(Message):
+    """The frame could not be decoded against what the cloud holds (no reference: a new or
+    restarted cloud, another shape): nothing of it was used; send it again as a key frame."""
+    type: Literal[RESYNC] = RESYNC
+    index: int
+    detail: str

@@ -8,6 +8,9 @@
     WS   /v1/progressive/stream    a session: requests in sequence on one socket, progressive
                                    (answered again after every layer as it arrives) or full, in
                                    progvlm.net.protocol's messages (progvlm.serve.stream)
+    WS   /v1/watch                 a camera's stream of frames (key/delta layers, JPEG or H.264),
+                                   its standing questions answered per frame, changed answers
+                                   pushed as events (progvlm.serve.watch)
 
 Every answer carries the cloud-side stage times (ms). Bodies are bounded (413, by
 http_limits.BoundedBody); with a token configured, /v1/* needs `Authorization: Bearer <token>`
@@ -45,12 +48,13 @@ from starlette.requests import ClientDisconnect
 from ..net.frame_cache import FrameCache
 from ..net.http_limits import READ_TIMEOUT_S, HeadDeadline, add_basics, add_guards, bind_names
 from ..net.protocol import (FULL_PATH, INFO_PATH, MAX_QUESTION_CHARS, PROGRESSIVE_PATH,
-                            REQUEST_TIMEOUT_S, STREAM_PATH, Answered, RequestError, check_question,
-                            to_ms)
+                            REQUEST_TIMEOUT_S, STREAM_PATH, WATCH_IDLE_S, WATCH_PATH, Answered,
+                            RequestError, check_question, to_ms)
 from ..split import Split
 from .model import CloudModel
 from .stream import (IDLE_TIMEOUT_S, MAX_STREAM_MESSAGES, SESSION_IDLE_S, StreamLimits,
                      normal_origin, serve_stream)
+from .watch import StreamCount, WatchCompute, serve_watch
 
 __all__ = ["CloudModel", "RequestError", "create_app", "serve"]
 
@@ -149,7 +153,8 @@ def create_app(split: Split, token: str | None = None,
                idle_timeout_s: float = IDLE_TIMEOUT_S, session_idle_s: float = SESSION_IDLE_S,
                max_stream_messages: int = MAX_STREAM_MESSAGES, model=None,
                read_timeout_s: float = READ_TIMEOUT_S, frame_cache: FrameCache | None = None,
-               allowed_hosts=frozenset(), request_timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
+               allowed_hosts=frozenset(), request_timeout_s: float = REQUEST_TIMEOUT_S,
+               watch_idle_s: float = WATCH_IDLE_S) -> FastAPI:
     """The service. `allowed_origins`: browser origins (scheme://host[:port]) whose pages may
     open the WebSocket; none by default. `allowed_hosts`: names it answers to besides its
     addresses and localhost (http_limits.TrustedHost; bind_names() makes them). `frame_cache`:
@@ -204,6 +209,13 @@ def create_app(split: Split, token: str | None = None,
     @app.websocket(STREAM_PATH)
     async def stream(ws: WebSocket):
         await serve_stream(ws, app.state, limits, token, allowed)
+
+    app.state.watch_compute = WatchCompute(model)
+    app.state.watch_streams = StreamCount()
+
+    @app.websocket(WATCH_PATH)
+    async def watch(ws: WebSocket):
+        await serve_watch(ws, app.state, token, allowed, max_body_bytes, watch_idle_s)
 
     return app
 

@@ -50,6 +50,10 @@ class CloudModel:
         self.split = split
         self._lock = threading.Lock()
 
+    def exclusive(self):
+        """The lock one computation holds (a watched stream's frame takes it too)."""
+        return self._lock
+
     def warm_up(self):
         """One blank frame through every path: first calls pay for lazy initialisation."""
         from PIL import Image

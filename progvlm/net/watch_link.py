@@ -1,0 +1,97 @@
+"""The edge's end of a watched stream (protocol.WATCH_PATH): one WebSocket per stream, a frame
+out, its acknowledgement back, in order.
+
+Each frame's time is split into stages that add up to its wall time, as for a request
+(progvlm.net.transport): uplink (RTT/2 and the frame's bytes at the bandwidth, on the emulated
+link; the real send on a real one), the cloud's own stages (from its FrameAck), downlink (the
+ack's bytes at the bandwidth and RTT/2) and overhead (the rest). Opening the stream pays the
+handshake's round trips once (connect).
+
+A socket that closes mid-stream (a cut link, a restarted cloud) raises CloudError; the caller
+opens a new stream, which holds no reference, so its first frame is a key frame.
+"""
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import urlsplit
+
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.sync.client import connect as ws_connect
+
+from .exchange import CloudError
+from .link import LinkProfile, paced_chunks
+from .protocol import END, ERROR, FRAME, RESYNC, WATCH_PATH, WATCHING, WatchStart, to_ms
+from .transport import HANDSHAKE_RTTS, _ws_url
+
+
+class WatchLink:
+    """An open stream to the cloud: `send(frame)` → (the cloud's reply, stage times)."""
+
+    def __init__(self, base_url: str, questions: list[str], link: LinkProfile, codec: str = "layers",
+                 token: str | None = None, timeout_s: float = 30.0):
+        self.base_url, self.link, self.timeout_s = base_url.rstrip("/"), link, timeout_s
+        url = _ws_url(self.base_url) + WATCH_PATH
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        t0 = time.perf_counter()
+        if link.emulated:
+            time.sleep(HANDSHAKE_RTTS[urlsplit(url).scheme] * link.rtt_ms / 1000)
+        try:
+            self.ws = ws_connect(url, additional_headers=headers, compression=None,
+                                 open_timeout=timeout_s, max_size=1 << 20).__enter__()
+        except InvalidStatus as e:
+            raise CloudError(f"cloud refused the stream: {e}") from None
+        except (OSError, WebSocketException, TimeoutError) as e:
+            raise CloudError(f"cloud backend at {self.base_url} unreachable: "
+                             f"{type(e).__name__}: {e}") from None
+        self.ws.send(WatchStart.model_construct(questions=questions, codec=codec).model_dump_json())
+        self._expect(WATCHING)
+        self.connect_ms = to_ms(time.perf_counter() - t0)
+
+    def _expect(self, *types: str) -> dict:
+        try:
+            msg = json.loads(self.ws.recv(timeout=self.timeout_s))
+        except TimeoutError:
+            raise CloudError(f"no answer from the cloud within {self.timeout_s:g} s") from None
+        except ConnectionClosed as e:
+            raise CloudError(f"the cloud closed the stream ({e.rcvd.code if e.rcvd else 'no code'}"
+                             f"{': ' + e.rcvd.reason if e.rcvd and e.rcvd.reason else ''})") from None
+        if msg.get("type") == ERROR:
+            raise CloudError(f"cloud refused the stream ({msg['status']}): {msg['detail']}",
+                             msg["status"])
+        if msg.get("type") not in types:
+            raise CloudError(f"unexpected message from the cloud: {str(msg)[:120]}")
+        return msg
+
+    def send(self, data: bytes) -> tuple[dict, dict[str, float]]:
+        """One frame through the shaped link → (the FrameAck or Resync, stage_ms with uplink,
+        the cloud's stages, downlink and overhead adding up to its wall time)."""
+        t0 = time.perf_counter()
+        self.link.propagate()
+        for _ in paced_chunks(data, self.link):
+            pass  # the frame leaves as one message once the link has carried its bytes
+        try:
+            self.ws.send(data)
+        except ConnectionClosed:
+            pass  # the reason, if any, is in the next read
+        uplink = time.perf_counter() - t0
+        reply = self._expect(FRAME, RESYNC)
+        t_reply = time.perf_counter()
+        nbytes = len(json.dumps(reply))
+        down_s = self.link.rtt_ms / 2000 + self.link.serialisation_s(nbytes)
+        if self.link.emulated:
+            time.sleep(down_s)
+        wall = time.perf_counter() - t0
+        cloud = {name: v for name, v in reply.get("stage_ms", {}).items()}
+        stages = {"uplink": to_ms(uplink), **cloud, "downlink": to_ms(down_s)}
+        waited = to_ms(t_reply - t0 - uplink)
+        stages["overhead"] = round(max(0.0, waited - sum(cloud.values())), 3)
+        stages["wall"] = to_ms(wall)
+        return reply, stages
+
+    def close(self):
+        try:
+            self.ws.send(json.dumps(END))
+            self.ws.close()
+        except (ConnectionClosed, OSError):
+            pass

@@ -1,0 +1,233 @@
+"""The cloud's side of a camera that watches (protocol.WATCH_PATH): a stream of frames, each
+answered for every standing question, only changed answers sent back.
+
+    edge → cloud   WatchStart {"questions": [...], "codec": "layers"|"jpeg"|"h264"} (text), then
+                   one binary message per frame, {"end": true} to finish
+    cloud → edge   Watching once; per frame a FrameAck {"index", "kind", "layers",
+                   "received_bytes", "events", "stage_ms", "t_ms"} or, for a delta frame the
+                   cloud cannot decode against what it holds, a Resync {"index", "detail"} (the
+                   edge sends the frame again as a key frame); Error and close for anything else
+
+One upload of the tokens serves every question: the frame is decoded once (MAE decode, or the
+vision half for JPEG/H.264 frames) and the language half answers all standing questions as one
+batch (Split.language_batch). What the stream holds is bounded: one reference (the codes of
+the last frame, progvlm.codec.temporal.Reference) or one H.264 decoder, the questions' last
+answers, and at most MAX_STREAMS_PER_CLIENT streams per client address; a stream idle for
+WATCH_IDLE_S is closed (4408).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from fastapi import WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+
+from ..codec import temporal
+from ..codec.bitstream import MAX_HEADER_BYTES, BitstreamError, parse_header
+from ..images import ImageInputError, load_image
+from ..net.http_limits import bearer_ok
+from ..net.protocol import (MAX_CONTROL_CHARS, MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event,
+                            FrameAck, RequestError, Resync, WatchStart, Watching, check_end,
+                            control_json, to_ms)
+from ..split import Split
+from .stream import _close_with_error, normal_origin
+
+log = logging.getLogger("progvlm.cloud")
+
+
+@dataclass
+class WatchedStream:
+    """What the cloud holds of one stream."""
+    questions: list[str]
+    codec: str
+    reference: temporal.Reference | None = None
+    decoder: object = None  # the H.264 decoder (codec "h264")
+    answers: list[str | None] = field(default_factory=list)
+    index: int = 0  # frames decoded so far
+    t_first: float | None = None
+
+    def __post_init__(self):
+        self.answers = [None] * len(self.questions)
+
+
+class WatchCompute:
+    """One frame of a stream → its events, under the cloud model's lock (one computation at a
+    time with every other request)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.split: Split = model.split
+        self.tables = self.split.mae.edge_codec()
+
+    def _tokens(self, stream: WatchedStream, data: bytes, stages: dict):
+        """The frame → (visual tokens, grid, kind, layers). Raises temporal.NoReference for a
+        delta the stream cannot take, RequestError for bad data."""
+        t0 = time.perf_counter()
+        if stream.codec == "layers":
+            if not temporal.is_delta(data):
+                try:
+                    self.split.check_header(parse_header(data[:MAX_HEADER_BYTES], self.split.fingerprint))
+                except BitstreamError as e:
+                    raise RequestError(400, f"bad key frame: {e}") from None
+            try:
+                reference, k, kind = temporal.apply(data, self.tables, stream.reference,
+                                                    self.split.fingerprint)
+            except temporal.NoReference:
+                raise
+            except BitstreamError as e:
+                raise RequestError(400, f"bad frame: {e}") from None
+            tokens = self.split.decode_latent(reference.latent(self.tables, k), k)
+            stages["mae_decode_ms"] = to_ms(time.perf_counter() - t0)
+            stream.reference = reference
+            return tokens, reference.grid, kind, k
+        if stream.codec == "h264":
+            from ..video.h264 import H264Decoder
+            from ..video.reader import VideoError
+            if stream.decoder is None:
+                stream.decoder = H264Decoder()
+            try:
+                image = stream.decoder.decode(data)
+            except VideoError as e:
+                raise RequestError(400, f"bad H.264 packet: {e}") from None
+            if image is None:
+                raise RequestError(400, "the H.264 packet decoded to no picture")
+        else:
+            try:
+                image = load_image(data)
+            except ImageInputError as e:
+                raise RequestError(400, f"bad image: {e}") from None
+        t1 = time.perf_counter()
+        stages["image_decode_ms"] = to_ms(t1 - t0)
+        tokens, grid = self.split.vlm.edge_half_with_grid(image)
+        stages["vision_ms"] = to_ms(time.perf_counter() - t1)
+        return tokens, grid, stream.codec, None
+
+    def frame(self, stream: WatchedStream, data: bytes, arrived: float) -> FrameAck | Resync:
+        stages: dict = {}
+        with self.model.exclusive():
+            try:
+                tokens, grid, kind, layers = self._tokens(stream, data, stages)
+            except temporal.NoReference as e:
+                return Resync(index=stream.index, detail=str(e))
+            t0 = time.perf_counter()
+            try:
+                answers = self.split.language_batch([(tokens, q, grid) for q in stream.questions])
+            except ValueError as e:
+                raise RequestError(400, str(e)) from None
+            stages["language_ms"] = to_ms(time.perf_counter() - t0)
+        events = []
+        for i, answer in enumerate(answers):
+            if answer.text != stream.answers[i]:
+                events.append(Event(question=stream.questions[i], answer=answer.text,
+                                    previous=stream.answers[i], confidence=answer.confidence))
+                stream.answers[i] = answer.text
+        stream.t_first = stream.t_first or arrived
+        ack = FrameAck(index=stream.index, kind=kind, layers=layers, received_bytes=len(data),
+                       events=events, stage_ms=stages, t_ms=to_ms(arrived - stream.t_first))
+        stream.index += 1
+        return ack
+
+
+class StreamCount:
+    """Watch sockets open per client address, at most MAX_STREAMS_PER_CLIENT each."""
+
+    def __init__(self, limit: int = MAX_STREAMS_PER_CLIENT):
+        self.limit, self._open, self._lock = limit, Counter(), threading.Lock()
+
+    def enter(self, client: str):
+        with self._lock:
+            if self._open[client] >= self.limit:
+                raise RequestError(429, f"this client has {self._open[client]} streams open, at "
+                                        f"most {self.limit}: close one first")
+            self._open[client] += 1
+
+    def leave(self, client: str):
+        with self._lock:
+            self._open[client] -= 1
+            if self._open[client] <= 0:
+                del self._open[client]
+
+    def open_streams(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+
+def parse_watch_start(text: str | None) -> WatchStart:
+    if text is None or len(text) > MAX_CONTROL_CHARS:
+        raise RequestError(400, 'expected a JSON start message {"questions": [...]} first')
+    try:
+        start = control_json(text)
+    except ValueError as e:
+        raise RequestError(400, f"the start message is not JSON: {e}") from None
+    if not isinstance(start, dict):
+        raise RequestError(422, 'the start message must be a JSON object {"questions": [...]}')
+    try:
+        return WatchStart.model_validate(start)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RequestError(422, str(err["ctx"]["error"]) if "error" in err.get("ctx", {})
+                           else f"{'.'.join(map(str, err['loc'])) or 'start'}: {err['msg']}") from None
+
+
+async def serve_watch(ws: WebSocket, state, token: str | None, allowed_origins: frozenset[str],
+                      max_frame_bytes: int, idle_s: float = WATCH_IDLE_S):
+    """One watch socket: its token and Origin checked, its start, then its frames in order."""
+    await ws.accept()
+    client = ws.client.host if ws.client else "unknown"
+    counted = False
+    try:
+        if not bearer_ok(ws.headers.get("authorization"), token):
+            raise RequestError(401, "missing or wrong access token")
+        origin = ws.headers.get("origin")
+        if origin is not None and normal_origin(origin) not in allowed_origins:
+            raise RequestError(403, f"a page from origin {origin} may not use this backend "
+                                    "(allow it with --allow-origin)")
+        state.watch_streams.enter(client)
+        counted = True
+        await _watch(ws, state.watch_compute, max_frame_bytes, idle_s)
+    except RequestError as e:
+        await _close_with_error(ws, e.status, e.detail)
+    except WebSocketDisconnect:
+        log.debug("client went away from its stream")
+    except Exception as e:
+        log.exception("unexpected error in a watched stream")
+        await _close_with_error(ws, 500, f"internal error: {type(e).__name__}: {e}")
+    finally:
+        if counted:
+            state.watch_streams.leave(client)
+
+
+async def _receive(ws: WebSocket, timeout: float, what: str) -> dict:
+    try:
+        message = await asyncio.wait_for(ws.receive(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"no {what} for {timeout:g} s: the stream is closed") from None
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message
+
+
+async def _watch(ws: WebSocket, compute: WatchCompute, max_frame_bytes: int, idle_s: float):
+    start = parse_watch_start((await _receive(ws, idle_s, "start message")).get("text"))
+    stream = WatchedStream(start.questions, start.codec)
+    await ws.send_json(Watching(questions=len(start.questions)).model_dump())
+    while True:
+        message = await _receive(ws, idle_s, "frame")
+        arrived = time.perf_counter()
+        data = message.get("bytes")
+        if data is None:
+            check_end(message.get("text"))
+            await ws.close()
+            return
+        if not data:
+            raise RequestError(400, "an empty frame")
+        if len(data) > max_frame_bytes:
+            raise RequestError(413, f"a frame of {len(data):,} bytes, at most {max_frame_bytes:,}")
+        reply = await run_in_threadpool(compute.frame, stream, data, arrived)
+        await ws.send_json(reply.model_dump())
