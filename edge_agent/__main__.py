@@ -19,6 +19,7 @@ from progvlm.images import ImageInputError
 from progvlm.cli.options import add_vlm_options
 from progvlm.net.http_limits import add_allow_host
 
+from .watch_cli import add_watch_parser, cmd_watch
 from .modes import MODES
 from .profiles import PROFILES
 from .request import AskRequest
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--k", type=int, default=None, help="layers to send (default: all)")
     enc.add_argument("--out", type=Path, required=True, help="where to write the bitstream")
     add_vlm_options(enc)
+    add_watch_parser(sub, _add_device_options)
     return parser
 
 
@@ -304,7 +306,7 @@ def cmd_profile(a) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode,
-            "profile": cmd_profile}
+            "profile": cmd_profile, "watch": cmd_watch}
 
 
 def main(argv=None) -> int:

@@ -68,7 +68,7 @@ class EdgeAgent:
                 self._check_cloud()
             except CloudError:
                 pass  # down for now: full-edge still answers; checked again before cloud use
-        self._device = threading.Lock()  # one camera, one frame at a time
+        self.device_lock = self._device = threading.Lock()  # one camera, one frame at a time
         # uploads decoded at once: a file of a few KB can decode to the pixel cap's ~120 MB
         # (and more while Pillow works), so concurrent uploads must not multiply it unbounded
         self._decoding = threading.BoundedSemaphore(DECODE_SLOTS)

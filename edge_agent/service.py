@@ -12,6 +12,8 @@
     POST /v1/compare  CompareRequest's fields: `modes` (comma-separated) instead of mode; every mode
                     for one frame, the device's work done once; NDJSON lines reference,
                     refinement/result per mode, the ladder k = 1..L, then done (the demo's Run)
+    POST /v1/watch, /v1/watch/sessions…  a clip or a live camera through the device to the
+                    cloud's stream, standing questions' events per frame (edge_agent/watch_service.py)
 
 With a token configured, /v1/* needs `Authorization: Bearer <token>`; a request a browser sends
 from another origin is refused (progvlm.net.http_limits). Every error is `{"detail": "<reason>"}`:
@@ -46,6 +48,7 @@ from progvlm.net.http_limits import READ_TIMEOUT_S, add_basics, add_guards
 from .agent import EdgeAgent
 from .errors import AskError, BusyError, CloudError, DeadlineError, PairingError
 from .request import AskRequest, CompareRequest, reasons
+from .watch_service import add_watch_routes
 
 log = logging.getLogger("edge_agent")
 
@@ -224,6 +227,8 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
         return StreamingResponse(_compare_ndjson(agent, checked_ask, modes),
                                  media_type="application/x-ndjson")
 
+    add_watch_routes(app, agent, lambda fn, *args: _in_daemon_thread(asyncio.get_running_loop(), fn, *args),
+                     _error, _ndjson_lines)
     return app
 
 

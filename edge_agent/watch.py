@@ -1,7 +1,7 @@
 """The device's side of a camera that watches: frames in, each coded and sent on one stream to the
 cloud, the standing questions' events back.
 
-    Watcher(runtime, cloud_url, questions, link, method, k).frame(image) -> one record per frame
+    Watcher(runtime, cloud_url, WatchSettings(questions, method, k, …)).frame(image) -> a record
 
 Methods (WATCH_METHODS), what crosses the link per frame:
     temporal   layers 1..k coded against what the cloud holds (progvlm.codec.temporal: a key
@@ -23,15 +23,18 @@ from __future__ import annotations
 import time
 
 from PIL import Image
-from dataclasses import dataclass
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Literal
 
 from progvlm.codec.temporal import DELTA_KIND, TemporalCoder
 from progvlm.images import encode_jpeg, fit_jpeg, raw_frame
 from progvlm.net.exchange import CloudError
 from progvlm.net.link import LinkProfile
-from progvlm.net.protocol import RESYNC, to_ms
+from progvlm.codec.bitstream import MAX_LAYERS
+from progvlm.net.protocol import MAX_STANDING_QUESTIONS, RESYNC, check_question, to_ms
 from progvlm.net.watch_link import WatchLink
 
+from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
 
 WATCH_METHODS = {"temporal": "layers", "intra": "layers", "jpeg": "jpeg", "h264": "h264"}
@@ -40,36 +43,52 @@ JPEG_QUALITY = 85
 DEFAULT_FPS = 5.0
 
 
-@dataclass
-class WatchSettings:
-    """One stream's settings: its standing questions, how frames travel and the link."""
-    questions: list[str]
-    method: str = "temporal"
-    k: int = 1
-    bandwidth_mbps: float = 1.0
-    rtt_ms: float = 20.0
-    fps: float = DEFAULT_FPS
-    key_every: int = KEY_EVERY
-    h264_kbps: float | None = None  # h264: the encoder's bitrate (default: the link's)
+class WatchSettings(BaseModel):
+    """One stream's settings, declared once: the agent's /v1/watch form, the CLI and the page
+    build from these fields, their defaults and ranges."""
+    model_config = ConfigDict(extra="forbid")
+    questions: list[str] = Field(description="the standing questions, answered on every frame")
+    method: Literal[tuple(WATCH_METHODS)] = Field("temporal", description="how frames travel: "
+                                                  + ", ".join(WATCH_METHODS))
+    k: int = Field(1, ge=1, le=MAX_LAYERS, description="layers per frame (temporal, intra)")
+    bandwidth_mbps: float = Field(1.0, description="the link's bandwidth (0.01–10000 Mbps)")
+    rtt_ms: float = Field(20.0, description="the link's round-trip time (0–10000 ms)")
+    fps: float = Field(DEFAULT_FPS, gt=0, le=60, description="frames per second of a clip (its "
+                       "time stamps, and the H.264 encoder's rate)")
+    key_every: int = Field(KEY_EVERY, ge=0, le=10_000, description="temporal: a key frame at least "
+                           "every this many frames (0: only when needed)")
+    h264_kbps: float | None = Field(None, gt=0, le=100_000, description="h264: the encoder's "
+                                    "bitrate (default: the link's bandwidth)")
+
+    @field_validator("questions")
+    @classmethod
+    def _questions(cls, questions):
+        if not 1 <= len(questions) <= MAX_STANDING_QUESTIONS:
+            raise ValueError(f"a stream has 1..{MAX_STANDING_QUESTIONS} standing questions, got "
+                             f"{len(questions)}")
+        return [check_question(q, "questions") for q in questions]
+
+    @model_validator(mode="after")
+    def _link(self):
+        LinkProfile.checked(self.bandwidth_mbps, self.rtt_ms)  # LinkError (a ValueError) names the range
+        return self
 
     def check(self, num_layers: int):
-        if self.method not in WATCH_METHODS:
-            raise ValueError(f"method must be one of {', '.join(WATCH_METHODS)}, got {self.method!r}")
-        if not isinstance(self.k, int) or not 1 <= self.k <= num_layers:
-            raise ValueError(f"k must be an integer in 1..{num_layers}, got {self.k!r}")
-        if not 0 < self.fps <= 60:
-            raise ValueError(f"fps must be in (0, 60], got {self.fps!r}")
-        if self.key_every < 0:
-            raise ValueError(f"key_every must be ≥ 0, got {self.key_every}")
-        LinkProfile.checked(self.bandwidth_mbps, self.rtt_ms)
+        """ValueError unless k fits this device's MAE."""
+        if self.k > num_layers:
+            raise ValueError(f"k must be in 1..{num_layers} (this MAE's L), got {self.k}")
 
 
 class Watcher:
     """One stream from this device to the cloud. `link`: the shaped link (emulated by default)."""
 
     def __init__(self, runtime: EdgeRuntime, cloud_url: str, settings: WatchSettings,
-                 token: str | None = None, link: LinkProfile | None = None, timeout_s: float = 30.0):
+                 token: str | None = None, link: LinkProfile | None = None, timeout_s: float = 30.0,
+                 profile: DeviceProfile | None = None):
+        """`profile`: the device profile whose compute factor scales the edge's stages (host:
+        measured as is; imx95-emulated: PROJECTED, and the record lists them)."""
         settings.check(runtime.num_layers)
+        self.profile = profile or get_profile("host")
         self.runtime, self.settings = runtime, settings
         self.cloud_url, self.token, self.timeout_s = cloud_url, token, timeout_s
         self.link = link or LinkProfile.checked(settings.bandwidth_mbps, settings.rtt_ms)
@@ -175,11 +194,42 @@ class Watcher:
     def _record(self, reply, kind, reason, sent, coded, stages, link_stages, t0, resync) -> dict:
         link_stages = dict(link_stages)
         link_stages.pop("wall", None)
-        stage_ms = {**stages, **link_stages}
         wall = to_ms(time.perf_counter() - t0)
+        stage_ms = {**stages, **link_stages}
         stage_ms["agent"] = round(max(0.0, wall - sum(stage_ms.values())), 3)
+        projected = list(stages) if self.profile.projected else []  # the device's compute
+        for name in projected:
+            stage_ms[name] = round(stage_ms[name] * self.profile.compute_factor, 3)
         return {"index": self.index, "cloud_index": reply["index"], "method": self.settings.method,
                 "kind": kind, "key_reason": reason or None, "bytes": sent,
                 "tokens_changed": None if coded is None else coded.changed,
                 "layers": reply.get("layers"), "events": reply["events"], "resync": resync,
-                "stage_ms": stage_ms, "total_ms": wall}
+                "stage_ms": stage_ms, "projected_stages": projected,
+                "total_ms": round(sum(stage_ms.values()), 3), "wall_ms": wall}
+
+
+def summarise(records: list[dict], settings: WatchSettings) -> dict:
+    """A played stream in a few numbers: frames, bytes (all, key and delta frames), the mean of
+    each stage, the frame rate the stream sustained (frames / their measured wall time), and every
+    event with its frame index and clip time (index / fps)."""
+    if not records:
+        return {"frames": 0, "events": []}
+    n = len(records)
+    by_kind: dict[str, list[int]] = {}
+    for r in records:
+        by_kind.setdefault(r["kind"], []).append(r["bytes"])
+    stages: dict[str, float] = {}
+    for r in records:
+        for name, ms in r["stage_ms"].items():
+            stages[name] = stages.get(name, 0.0) + ms / n
+    wall_s = sum(r["wall_ms"] for r in records) / 1e3
+    return {"frames": n, "method": settings.method, "k": settings.k,
+            "bytes_total": sum(r["bytes"] for r in records),
+            "bytes_per_frame": round(sum(r["bytes"] for r in records) / n, 2),
+            "bytes_per_frame_by_kind": {k: round(sum(v) / len(v), 2) for k, v in by_kind.items()},
+            "frames_by_kind": {k: len(v) for k, v in by_kind.items()},
+            "resyncs": sum(1 for r in records if r["resync"]),
+            "stage_ms_mean": {k: round(v, 3) for k, v in stages.items()},
+            "sustained_fps": round(n / wall_s, 2) if wall_s else None,
+            "events": [{"index": r["index"], "t_s": round(r["index"] / settings.fps, 3), **e}
+                       for r in records for e in r["events"]]}

@@ -218,7 +218,7 @@ class CloudLink(Transport):
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 10.0,
                  keep_open: bool = True):
         """keep_open=False opens (and pays for) a new socket for every request."""
-        self.base_url = base_url.rstrip("/")
+        self.base_url, self.token = base_url.rstrip("/"), token
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s = timeout_s
         self.keep_open = keep_open
