@@ -49,3 +49,12 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
         assert (tmp_path / name).stat().st_size > 100, name
     latency = (tmp_path / "latency.csv").read_text()
     assert "imx95-emulated (projected)" in latency and "full-cloud" in latency
+    video = {(r["method"], r["link"]): r for r in headline["video"]["rows"]}
+    links = {link for _, link in video} - {"none"}
+    assert {m for m, _ in video} == {"temporal", "intra", "jpeg", "h264", "full-edge"}
+    for link in links:  # temporal sends a fraction of intra's bytes, and far less than video codecs
+        assert video[("temporal", link)]["bytes_per_later_frame"] < 0.5 * video[("intra", link)]["bytes_per_later_frame"]
+        assert video[("temporal", link)]["bytes_per_frame"] * 100 < video[("h264", link)]["bytes_per_frame"]
+        assert video[("temporal", link)]["sustained_fps"] > video[("jpeg", link)]["sustained_fps"]
+        assert video[("temporal", link)]["events_missed"] == 0
+    assert "## Video" in (tmp_path / "summary.md").read_text() and (tmp_path / "video.csv").exists()

@@ -32,6 +32,7 @@ from .load import cloud_load, load_test
 from .report import plot_breakdown, plot_latency, plot_rate_accuracy, summary_markdown, write_csv
 from .settings import (BANDWIDTHS, CONSISTENCY_TARGET, HEADLINE_MBPS, HEADLINE_RTT_MS,
                        JPEG_QUALITIES, QUICK_BANDWIDTHS, QUICK_JPEG_QUALITIES)
+from .video import video_markdown, video_section
 
 
 # ---- 5. the information floor -----------------------------------------------------------------
@@ -147,6 +148,8 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
         kernel_note = f"kernel link not run: {kernel_why}"
         log(kernel_note)
     floor = edge_floor(images, log)
+    video = video_section(split, kernel_ok and link in ("kernel", "both"), quick, log)
+    write_csv(out / "video.csv", [{k: v for k, v in r.items() if k != "stage_ms_mean"} for r in video["rows"]])
     write_csv(out / "latency.csv", [{k: v for k, v in r.items() if k != "stages"} for r in lat])
     write_csv(out / "breakdown_1mbps.csv", [{"mode": r["mode"], "device": r["device"], "link": r["link"],
                                               **r["stages"]} for r in lat if r["bandwidth_mbps"] == HEADLINE_MBPS])
@@ -187,6 +190,7 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
                      "k_L_accuracy": rep["adaptive"][f"k{L}_accuracy"]},
         "conversation": conversation_summary(talk) if talk else [],
         "load": load,
+        "video": video,
     }
     if emulated:
         prog_imx = at(f"progressive k={k_star}", "imx95-emulated (projected)", "emulated")
@@ -201,7 +205,8 @@ def run_bench(out: Path, seed: int = 0, quick: bool = False, link: str = "both",
     (out / "results.json").write_text(json.dumps({"headline": headline, "rate_accuracy": rows,
                                                   "mae_report": rep, "latency": lat, "load": load},
                                                  indent=1, default=float))
-    (out / "summary.md").write_text(summary_markdown(headline, rows, lat, load, rep))
+    (out / "summary.md").write_text(summary_markdown(headline, rows, lat, load, rep) + "\n"
+                                    + video_markdown(video))
     return headline
 
 
