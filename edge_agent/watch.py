@@ -6,6 +6,9 @@ cloud, the standing questions' events back.
 Methods (WATCH_METHODS), what crosses the link per frame:
     temporal   layers 1..k coded against what the cloud holds (progvlm.codec.temporal: a key
                frame first, on a period, on a scene change and on a resync; else a delta)
+    adaptive   temporal, starting at the layers the last frame needed (one fewer after a frame
+               that was sure at once), one more layer of the same frame while the cloud's least
+               sure answer is under its adaptive threshold (an extra round trip per layer)
     intra      layers 1..k of every frame from scratch (a key frame each time: today's coding)
     jpeg       the camera frame as JPEG; the cloud runs the whole VLM
     h264       the frame through an H.264 encoder at a bitrate (progvlm.video.h264); the cloud
@@ -37,7 +40,8 @@ from progvlm.net.watch_link import WatchLink
 from .profiles import DeviceProfile, get_profile
 from .runtime import EdgeRuntime
 
-WATCH_METHODS = {"temporal": "layers", "intra": "layers", "jpeg": "jpeg", "h264": "h264"}
+WATCH_METHODS = {"temporal": "layers", "adaptive": "layers", "intra": "layers", "jpeg": "jpeg",
+                 "h264": "h264"}
 KEY_EVERY = 64  # temporal: a key frame at least this often (frames), whatever else happens
 JPEG_QUALITY = 85
 DEFAULT_FPS = 5.0
@@ -50,7 +54,8 @@ class WatchSettings(BaseModel):
     questions: list[str] = Field(description="the standing questions, answered on every frame")
     method: Literal[tuple(WATCH_METHODS)] = Field("temporal", description="how frames travel: "
                                                   + ", ".join(WATCH_METHODS))
-    k: int = Field(1, ge=1, le=MAX_LAYERS, description="layers per frame (temporal, intra)")
+    k: int = Field(1, ge=1, le=MAX_LAYERS, description="layers per frame (temporal, intra; "
+                   "adaptive chooses its own)")
     bandwidth_mbps: float = Field(1.0, description="the link's bandwidth (0.01–10000 Mbps)")
     rtt_ms: float = Field(20.0, description="the link's round-trip time (0–10000 ms)")
     fps: float = Field(DEFAULT_FPS, gt=0, le=60, description="frames per second of a clip (its "
@@ -95,6 +100,8 @@ class Watcher:
         self.codec = WATCH_METHODS[settings.method]
         self.coder = TemporalCoder(runtime.codec, settings.key_every)
         self.reference = None  # what the cloud acknowledged holding
+        self.answers: dict[str, str] = {}  # each standing question's latest answer
+        self.k_next = 1  # adaptive: the layers the next frame starts with
         self.since_key = 0
         self.index = 0
         self._h264 = None
@@ -127,83 +134,109 @@ class Watcher:
             self._h264 = H264Stream(w, h, self.settings.fps, int(kbps * 1000))
         return self._h264.encode(image)
 
-    def _payload(self, image, stages: dict, latent_grid=None, force_key: str | None = None):
-        """The frame's bytes and how they were coded (kind, reason, tokens changed)."""
-        if self.codec == "jpeg":
+    def _payload(self, image, stages: dict, k: int, latent_grid=None, force_key: str | None = None):
+        """The frame's bytes and how they were coded: (data, kind, key reason, Coded or None,
+        (latent, grid) or None)."""
+        if self.codec in ("jpeg", "h264"):
             t0 = time.perf_counter()
-            data = encode_jpeg(fit_jpeg(image), JPEG_QUALITY)
+            data = (encode_jpeg(fit_jpeg(image), JPEG_QUALITY) if self.codec == "jpeg"
+                    else self._h264_packet(image))
             stages["serialize"] = to_ms(time.perf_counter() - t0)
-            return data, "jpeg", "", None, None
-        if self.codec == "h264":
-            t0 = time.perf_counter()
-            data = self._h264_packet(image)
-            stages["serialize"] = to_ms(time.perf_counter() - t0)
-            return data, "h264", "", None, None
+            return data, self.codec, "", None, None
         latent, grid = latent_grid or self._tokens(image, stages)
         t0 = time.perf_counter()
         if force_key or self.settings.method == "intra":
-            coded = self.coder.key(latent, self.settings.k, grid, force_key or "intra")
+            coded = self.coder.key(latent, k, grid, force_key or "intra")
         else:
-            coded = self.coder.code(latent, self.settings.k, self.reference, grid, self.since_key)
-        stages["temporal_code" if self.settings.method == "temporal" else "serialize"] = \
-            to_ms(time.perf_counter() - t0)
+            coded = self.coder.code(latent, k, self.reference, grid, self.since_key)
+        stage = "serialize" if self.settings.method == "intra" else "temporal_code"
+        stages[stage] = stages.get(stage, 0.0) + to_ms(time.perf_counter() - t0)
         return coded.data, coded.kind, coded.reason, coded, (latent, grid)
 
-    # ---- one frame -----------------------------------------------------------------------------
-    def frame(self, image) -> dict:
-        """One camera frame (a PIL image, or an H×W×3 uint8 array) → its record: index, kind (key/delta/jpeg/h264), bytes
-        sent, stage_ms (adding up to wall), the events the cloud pushed, and resync (why a key
-        frame was forced: the cloud held no reference, or the stream was reopened)."""
-        t0 = time.perf_counter()
-        image = image.convert("RGB") if isinstance(image, Image.Image) else raw_frame(image)
-        stages: dict = {}
-        data, kind, reason, coded, latent_grid = self._payload(image, stages)
-        resync, sent = None, len(data)
-        try:
-            reply, link_stages = self.stream.send(data)
-        except CloudError as e:
-            if getattr(e, "status", None) is not None:  # a refusal, not a lost stream
-                raise
-            self.stream = self._open()  # the cloud restarted or the link was cut: a new stream
-            self.reference, resync = None, f"stream reopened ({e})"
-            reply, link_stages = self._resend(image, stages, latent_grid)
-            data, kind, reason, coded = reply.pop("_sent")
-            sent += len(data)
-        if reply["type"] == RESYNC:
-            resync = reply["detail"]
-            reply, link_stages2 = self._resend(image, stages, latent_grid)
-            link_stages = {k: round(link_stages.get(k, 0) + v, 3) for k, v in link_stages2.items()}
-            data, kind, reason, coded = reply.pop("_sent")
+    def _exchange(self, image, stages: dict, k: int, latent_grid=None) -> dict:
+        """The frame at k layers sent and acknowledged: a lost stream is reopened and a refused
+        delta resent as a key frame, both said in `resync`. The cloud's reference is this
+        frame's once acknowledged."""
+        data, kind, reason, coded, latent_grid = self._payload(image, stages, k, latent_grid)
+        resync, sent, link = None, len(data), {}
+        for attempt in (1, 2):
+            try:
+                reply, link_stages = self.stream.send(data)
+            except CloudError as e:
+                if getattr(e, "status", None) is not None or attempt == 2:  # a refusal, or down
+                    raise
+                self.stream = self._open()  # the cloud restarted or the link was cut: a new stream
+                self.reference, resync = None, f"stream reopened ({e})"
+            else:
+                link = {n: round(link.get(n, 0.0) + v, 3) for n, v in link_stages.items()}
+                if reply["type"] != RESYNC:
+                    break
+                if attempt == 2:
+                    raise CloudError(f"the cloud refused a key frame: {reply['detail']}")
+                resync = reply["detail"]
+            data, kind, reason, coded, _ = self._payload(image, stages, k, latent_grid, "resync")
             sent += len(data)
         if coded is not None:  # the cloud holds this frame now
             self.reference = coded.reference
             self.since_key = self.since_key + 1 if coded.kind == DELTA_KIND else 0
-        record = self._record(reply, kind, reason, sent, coded, stages, link_stages, t0, resync)
+        return {"reply": reply, "link": link, "bytes": sent, "kind": kind, "reason": reason,
+                "coded": coded, "resync": resync, "latent_grid": latent_grid}
+
+    # ---- one frame -----------------------------------------------------------------------------
+    def frame(self, image) -> dict:
+        """One camera frame (a PIL image, or an H×W×3 uint8 array) → its record: index, kind
+        (key/delta/jpeg/h264), bytes sent, layers, stage_ms (adding up to its total), the
+        standing questions' answers that changed (events), and resync (why a key frame was
+        forced: the cloud held no reference, or the stream was reopened). Adaptive sends more
+        layers of the same frame while the cloud is unsure of an answer."""
+        t0 = time.perf_counter()
+        image = image.convert("RGB") if isinstance(image, Image.Image) else raw_frame(image)
+        stages: dict = {}
+        adaptive = self.settings.method == "adaptive"
+        k = self.k_next if adaptive else self.settings.k
+        steps = [self._exchange(image, stages, k)]
+        threshold = self.stream.adaptive_threshold
+        while adaptive and k < self.runtime.num_layers and threshold is not None \
+                and (steps[-1]["reply"].get("confidence_min") or 0.0) < threshold:
+            k += 1
+            steps.append(self._exchange(image, stages, k, steps[-1]["latent_grid"]))
+        if adaptive:  # sure at once: try one layer fewer on the next frame
+            self.k_next = max(1, k - 1) if len(steps) == 1 else k
+        record = self._record(steps, stages, t0)
         self.index += 1
         return record
 
-    def _resend(self, image, stages, latent_grid):
-        """The frame again as a key frame (layers) or as it was (jpeg/h264) on the stream."""
-        data, kind, reason, coded, _ = self._payload(image, stages, latent_grid, force_key="resync")
-        reply, link_stages = self.stream.send(data)
-        if reply["type"] == RESYNC:
-            raise CloudError(f"the cloud refused a key frame: {reply['detail']}")
-        reply["_sent"] = (data, kind, reason, coded)
-        return reply, link_stages
+    def _events(self, steps: list[dict]) -> list[dict]:
+        """The answers that changed over this frame: what the cloud pushed, netted over the
+        refinements of one frame (an answer that changed and changed back is no event)."""
+        before, latest = dict(self.answers), {}
+        for step in steps:
+            for e in step["reply"]["events"]:
+                latest[e["question"]] = e
+                self.answers[e["question"]] = e["answer"]
+        return [{**e, "previous": before.get(q)} for q, e in latest.items() if e["answer"] != before.get(q)]
 
-    def _record(self, reply, kind, reason, sent, coded, stages, link_stages, t0, resync) -> dict:
-        link_stages = dict(link_stages)
-        link_stages.pop("wall", None)
+    def _record(self, steps: list[dict], stages: dict, t0: float) -> dict:
+        link_stages: dict[str, float] = {}
+        for step in steps:
+            for name, ms in step["link"].items():
+                if name != "wall":
+                    link_stages[name] = round(link_stages.get(name, 0.0) + ms, 3)
         wall = to_ms(time.perf_counter() - t0)
         stage_ms = {**stages, **link_stages}
         stage_ms["agent"] = round(max(0.0, wall - sum(stage_ms.values())), 3)
         projected = list(stages) if self.profile.projected else []  # the device's compute
         for name in projected:
             stage_ms[name] = round(stage_ms[name] * self.profile.compute_factor, 3)
-        return {"index": self.index, "cloud_index": reply["index"], "method": self.settings.method,
-                "kind": kind, "key_reason": reason or None, "bytes": sent,
-                "tokens_changed": None if coded is None else coded.changed,
-                "layers": reply.get("layers"), "events": reply["events"], "resync": resync,
+        first, last = steps[0], steps[-1]
+        return {"index": self.index, "cloud_index": last["reply"]["index"],
+                "method": self.settings.method, "kind": first["kind"],
+                "key_reason": first["reason"] or None, "bytes": sum(s["bytes"] for s in steps),
+                "tokens_changed": None if first["coded"] is None else first["coded"].changed,
+                "layers": last["reply"].get("layers"), "sends": len(steps),
+                "confidence_min": last["reply"].get("confidence_min"),
+                "events": self._events(steps),
+                "resync": "; ".join(s["resync"] for s in steps if s["resync"]) or None,
                 "stage_ms": stage_ms, "projected_stages": projected,
                 "total_ms": round(sum(stage_ms.values()), 3), "wall_ms": wall}
 

@@ -257,9 +257,12 @@ class WatchStart(BaseModel):
 
 
 class Watching(Message):
-    """The stream is open: the cloud holds no reference yet (the first frame must be a key)."""
+    """The stream is open: the cloud holds no reference yet (the first frame must be a key).
+    `adaptive_threshold`: the confidence at which an answer is sure enough (the split's
+    calibrated rule), for an edge that refines unsure frames with more layers."""
     type: Literal[WATCHING] = WATCHING
     questions: int
+    adaptive_threshold: float | None = None
 
 
 class Event(BaseModel):
@@ -279,6 +282,7 @@ class FrameAck(Message):
     layers: int | None
     received_bytes: int
     events: list[Event]
+    confidence_min: float | None  # the least sure of the standing questions' answers
     stage_ms: dict[str, float]
     t_ms: float  # since the stream's first frame arrived, as the cloud saw it
 

@@ -45,7 +45,7 @@ class WatchLink:
             raise CloudError(f"cloud backend at {self.base_url} unreachable: "
                              f"{type(e).__name__}: {e}") from None
         self.ws.send(WatchStart.model_construct(questions=questions, codec=codec).model_dump_json())
-        self._expect(WATCHING)
+        self.adaptive_threshold = self._expect(WATCHING).get("adaptive_threshold")
         self.connect_ms = to_ms(time.perf_counter() - t0)
 
     def _expect(self, *types: str) -> dict:

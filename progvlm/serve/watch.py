@@ -128,8 +128,10 @@ class WatchCompute:
                                     previous=stream.answers[i], confidence=answer.confidence))
                 stream.answers[i] = answer.text
         stream.t_first = stream.t_first or arrived
+        sure = [a.confidence for a in answers if a.confidence is not None]
         ack = FrameAck(index=stream.index, kind=kind, layers=layers, received_bytes=len(data),
-                       events=events, stage_ms=stages, t_ms=to_ms(arrived - stream.t_first))
+                       events=events, confidence_min=min(sure) if sure else None, stage_ms=stages,
+                       t_ms=to_ms(arrived - stream.t_first))
         stream.index += 1
         return ack
 
@@ -216,7 +218,8 @@ async def _receive(ws: WebSocket, timeout: float, what: str) -> dict:
 async def _watch(ws: WebSocket, compute: WatchCompute, max_frame_bytes: int, idle_s: float):
     start = parse_watch_start((await _receive(ws, idle_s, "start message")).get("text"))
     stream = WatchedStream(start.questions, start.codec)
-    await ws.send_json(Watching(questions=len(start.questions)).model_dump())
+    await ws.send_json(Watching(questions=len(start.questions),
+                                adaptive_threshold=compute.split.adaptive_threshold()[0]).model_dump())
     while True:
         message = await _receive(ws, idle_s, "frame")
         arrived = time.perf_counter()
