@@ -306,7 +306,7 @@ def cmd_profile(a) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "serve": cmd_serve, "export": cmd_export, "encode": cmd_encode,
-            "profile": cmd_profile, "watch": cmd_watch}
+            "profile": cmd_profile, "watch": lambda a: cmd_watch(a, make_runtime, TOKEN_ENV)}
 
 
 def main(argv=None) -> int:

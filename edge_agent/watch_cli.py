@@ -85,13 +85,13 @@ def score_events(events: list[dict], true_changes: dict[str, list[int]]) -> dict
             "delay_frames_median": delays[len(delays) // 2] if delays else None}
 
 
-def cmd_watch(a) -> int:
+def cmd_watch(a, make_runtime, token_env: str) -> int:
+    """`make_runtime(kind, model_dir, vlm, mae)` and the cloud token's variable: the edge CLI's."""
     from progvlm.net.exchange import CloudError
     from progvlm.serve.children import cloud_service
-    from .__main__ import TOKEN_ENV, make_runtime
     fields = {name: getattr(a, name) for name in WatchSettings.model_fields
               if name not in SKIP and getattr(a, name, None) is not None}
-    token, child, cloud_url = os.environ.get(TOKEN_ENV) or None, None, a.cloud_url
+    token, child, cloud_url = os.environ.get(token_env) or None, None, a.cloud_url
     try:
         frames, fps, clip = _frames(a)
         settings = WatchSettings(questions=a.question, **({"fps": fps} if fps else {}), **fields)

@@ -314,6 +314,9 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
         "bench_seconds": round(time.perf_counter() - t_start, 1),
         "torch": torch.__version__,
     }
+    from .video import video_cost
+    result["video"] = video_cost(split, image_paths, log=log)
+    result["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     (out / "summary.md").write_text(cost_summary_markdown(result))
     return result

@@ -244,4 +244,15 @@ def cost_summary_markdown(r: dict) -> str:
               f"question {a['question']!r}. Timing: vision and the LM once per image (after one "
               f"warm-up image), stages of a few ms (MAE, JPEG) the best of {CHEAP_STAGE_REPEATS} runs; "
               f"medians over the images. Bench time {r['bench_seconds']:.0f} s."]
+    if "video" in r:
+        v = r["video"]
+        lines += ["", f"## Video: a pan-and-zoom clip over the images ({v['frames']} frames, "
+                  f"{v['frames_per_image']} per image; bytes after each image's first frame)", "",
+                  "| k | intra bytes/frame | temporal bytes/frame | temporal / intra |", "|---|---|---|---|"]
+        lines += [f"| {name[1:]} | {e['bytes_per_frame_intra']} | {e['bytes_per_frame_temporal']} | "
+                  f"{e['bytes_ratio']:.3f} |" for name, e in v.items() if name.startswith("k")]
+        lines += ["", f"Edge per frame (vision and MAE encoder, median, this host): "
+                  f"{v['edge_ms_median']['vision_and_mae_encode']} ms, temporal coding "
+                  f"{v['edge_ms_median']['temporal_code']} ms; cloud MAE decode "
+                  f"{v['cloud_ms_median']['mae_decode']} ms."]
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
 """The bench's video section: a clip with events played through the edge's Watcher to a cloud
-at 1 Mbps, RTT 20 ms, by each method (temporal and intra progressive, JPEG per frame, H.264),
+at 1 Mbps, RTT 20 ms, by each method (temporal, temporal adaptive and intra progressive, JPEG per frame, H.264),
 on the emulated link and on the kernel's (netns, veth, tc: progvlm/net/kernel_link.py) where
 the machine allows it; full-edge (the whole VLM on the device, nothing sent) for reference.
 
@@ -16,7 +16,7 @@ import time
 
 from .settings import HEADLINE_MBPS, HEADLINE_RTT_MS
 
-METHODS = ("temporal", "intra", "jpeg", "h264")
+METHODS = ("temporal", "adaptive", "intra", "jpeg", "h264")
 CLIP = "busy table"  # an example clip with events (assets/examples/clips.json)
 
 
@@ -124,3 +124,48 @@ def video_markdown(section: dict) -> str:
                      f"{r.get('bytes_per_later_frame', '–')} | {r['sustained_fps']} | "
                      f"{r.get('frame_ms_median', '–')} | {r.get('event_delay_ms_median', '–')} | {ev} |")
     return "\n".join(lines) + "\n"
+
+
+def video_cost(split, image_paths, frames_per_image: int = 6, log=print) -> dict:
+    """Any VLM's video costs (no ground truth: bytes and time only): a pan-and-zoom clip over
+    the images (progvlm.video.pan_zoom), each frame coded intra and temporally at k = 1 and
+    k = L; bytes per frame after each photo's first, and the edge's and the cloud's time per
+    frame (medians, this host)."""
+    from ..codec.temporal import TemporalCoder
+    from ..images import load_image
+    from ..video.pan_zoom import pan_zoom
+    photos = [load_image(p) for p in image_paths]
+    clip = pan_zoom(photos, frames_per_image)
+    tables = split.mae.edge_codec()
+    L = split.num_layers
+    out = {"frames": len(clip), "frames_per_image": frames_per_image, "images": len(photos)}
+    edge_ms, code_ms, decode_ms = [], [], []
+    latents = []
+    for image in clip:
+        t0 = time.perf_counter()
+        tokens, grid = split.vlm.vision(split.vlm.preprocess(image))
+        latents.append((split.mae._latent(tokens), grid))
+        edge_ms.append((time.perf_counter() - t0) * 1e3)
+    for k in (1, L):
+        coder, ref, intra, temporal = TemporalCoder(tables), None, [], []
+        for t, (latent, grid) in enumerate(latents):
+            t0 = time.perf_counter()
+            coded = coder.code(latent, k, ref, grid)
+            code_ms.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            split.decode_latent(coded.reference.latent(tables, k), k)
+            decode_ms.append((time.perf_counter() - t0) * 1e3)
+            if t % frames_per_image:  # not a photo's first frame
+                intra.append(len(coder.key(latent, k, grid).data))
+                temporal.append(len(coded.data))
+            ref = coded.reference
+        out[f"k{k}"] = {"bytes_per_frame_intra": round(statistics.mean(intra), 1),
+                        "bytes_per_frame_temporal": round(statistics.mean(temporal), 1),
+                        "bytes_ratio": round(sum(temporal) / sum(intra), 4),
+                        "delta_frames": sum(1 for b in temporal if b)}
+        log(f"video k={k}: intra {out[f'k{k}']['bytes_per_frame_intra']} B/frame, temporal "
+            f"{out[f'k{k}']['bytes_per_frame_temporal']} B/frame")
+    out["edge_ms_median"] = {"vision_and_mae_encode": round(statistics.median(edge_ms), 1),
+                             "temporal_code": round(statistics.median(code_ms), 2)}
+    out["cloud_ms_median"] = {"mae_decode": round(statistics.median(decode_ms), 2)}
+    return out

@@ -74,6 +74,36 @@ def _cell(v: float) -> int:
     return min(GRID - 1, int(v * GRID / CAMERA_SIZE))
 
 
+def inside(o: SceneObject) -> bool:
+    """Whether the object lies inside the frame with generate_scene's margin (its centre where
+    generate_scene may sample it for its radius)."""
+    lo, hi = o.radius + _EDGE_MARGIN, CAMERA_SIZE - o.radius - _EDGE_MARGIN
+    return lo <= o.x <= hi and lo <= o.y <= hi
+
+
+def fits(o: SceneObject, others) -> bool:
+    """Whether `o` may stand beside `others` under the layout rules (the spacing part):
+    centres at least MIN_AXIS_GAP apart in x and in y, in distinct grid columns and rows, and
+    no overlap (with a margin). The one place these rules live: generate_scene places each new
+    object with it, and the clips (toyworld.clips) check each move or new object with it."""
+    return all(
+        abs(o.x - p.x) >= MIN_AXIS_GAP and abs(o.y - p.y) >= MIN_AXIS_GAP
+        and np.hypot(o.x - p.x, o.y - p.y) >= (o.radius + p.radius) * 1.15 + 6
+        and _cell(o.x) != _cell(p.x) and _cell(o.y) != _cell(p.y)
+        for p in others)
+
+
+def layout_ok(objects) -> bool:
+    """Whether a whole layout obeys every rule of generate_scene: 1..MAX_OBJECTS objects,
+    distinct (colour, shape) pairs, each inside the frame, and every pair spaced by `fits`."""
+    objects = list(objects)
+    if not 1 <= len(objects) <= MAX_OBJECTS:
+        return False
+    if len({(o.colour, o.shape) for o in objects}) != len(objects):
+        return False
+    return all(inside(o) and fits(o, objects[:i]) for i, o in enumerate(objects))
+
+
 def generate_scene(seed: int) -> Scene:
     """The scene of this seed (layout and background parameters; no pixels)."""
     rng = np.random.default_rng(seed)
@@ -92,13 +122,9 @@ def generate_scene(seed: int) -> Scene:
             r = float(rng.uniform(*RADIUS_RANGE[size]))
             lo, hi = r + _EDGE_MARGIN, CAMERA_SIZE - r - _EDGE_MARGIN
             x, y = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
-            ok = all(
-                abs(x - o.x) >= MIN_AXIS_GAP and abs(y - o.y) >= MIN_AXIS_GAP
-                and np.hypot(x - o.x, y - o.y) >= (r + o.radius) * 1.15 + 6
-                and _cell(x) != _cell(o.x) and _cell(y) != _cell(o.y)
-                for o in objs)
-            if ok:
-                objs.append(SceneObject(shape, colour, size, x, y, r))
+            candidate = SceneObject(shape, colour, size, x, y, r)
+            if fits(candidate, objs):
+                objs.append(candidate)
                 pairs.add((colour, shape))
         if len(objs) == n:
             break
@@ -129,8 +155,14 @@ def _shape_polygon(o: SceneObject) -> list[tuple[float, float]] | None:
     return None  # circle
 
 
-def render_scene(scene: Scene, size: int = CAMERA_SIZE) -> Image.Image:
-    """The camera frame of a scene, as an RGB image of size×size pixels."""
+def render_scene(scene: Scene, size: int = CAMERA_SIZE, noise_seed: int | None = None) -> Image.Image:
+    """The camera frame of a scene, as an RGB image of size×size pixels.
+
+    The content (background texture, lighting blobs, each object's colour jitter) comes from
+    the scene's pixel_seed. The sensor noise does too, unless `noise_seed` is given: then the
+    noise alone comes from that seed, so the frames of a clip (toyworld.clips) share the
+    scene's content but never repeat pixels. noise_seed=None renders exactly what it always
+    did (the bundled model's training data and the examples depend on it)."""
     bg = scene.background
     rng = np.random.default_rng(bg["pixel_seed"])
     s = CAMERA_SIZE
@@ -166,7 +198,8 @@ def render_scene(scene: Scene, size: int = CAMERA_SIZE) -> Image.Image:
         else:
             draw.polygon(poly, fill=fill, outline=edge, width=3)
     arr = np.asarray(frame, np.float32)
-    arr += bg["noise_sigma"] * rng.standard_normal((s, s, 3), dtype=np.float32)
+    noise_rng = rng if noise_seed is None else np.random.default_rng(noise_seed)
+    arr += bg["noise_sigma"] * noise_rng.standard_normal((s, s, 3), dtype=np.float32)
     frame = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
     return frame if size == CAMERA_SIZE else resize_for_model(frame, size)
 
