@@ -122,10 +122,11 @@ def control_json(text: str):
         raise ValueError("nested too deeply") from None
 
 
-def parse_start(text: str | None) -> Start:
-    """A request's first message (None: it was binary) → Start; RequestError saying why not."""
+def start_object(text: str | None, shape: str) -> dict:
+    """A first message's JSON object (None: it was binary); RequestError saying why not.
+    `shape`: how the object looks, for the message (e.g. '{"question": …}')."""
     if text is None:
-        raise RequestError(400, 'expected a JSON start message {"question": …} first, got binary data')
+        raise RequestError(400, f"expected a JSON start message {shape} first, got binary data")
     if len(text) > MAX_CONTROL_CHARS:
         raise RequestError(413, f"start message of {len(text)} characters, at most {MAX_CONTROL_CHARS}")
     try:
@@ -133,7 +134,13 @@ def parse_start(text: str | None) -> Start:
     except ValueError as e:
         raise RequestError(400, f"the start message is not JSON: {e}") from None
     if not isinstance(start, dict):
-        raise RequestError(422, 'the start message must be a JSON object {"question": …}')
+        raise RequestError(422, f"the start message must be a JSON object {shape}")
+    return start
+
+
+def parse_start(text: str | None) -> Start:
+    """A request's first message (None: it was binary) → Start; RequestError saying why not."""
+    start = start_object(text, '{"question": …}')
     try:
         return Start.model_validate(start)
     except ValidationError as e:
@@ -293,3 +300,14 @@ class Resync(Message):
     type: Literal[RESYNC] = RESYNC
     index: int
     detail: str
+
+
+def parse_watch_start(text: str | None) -> WatchStart:
+    """A stream's first message → WatchStart; RequestError saying why not."""
+    start = start_object(text, '{"questions": [...]}')
+    try:
+        return WatchStart.model_validate(start)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RequestError(422, str(err["ctx"]["error"]) if "error" in err.get("ctx", {})
+                           else f"{'.'.join(map(str, err['loc'])) or 'start'}: {err['msg']}") from None

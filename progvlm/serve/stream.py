@@ -79,12 +79,7 @@ async def serve_stream(ws: WebSocket, state, limits: StreamLimits, token: str | 
     with the model, the frame cache and the count of sockets accepted)."""
     await ws.accept()
     try:
-        if not bearer_ok(ws.headers.get("authorization"), token):
-            raise RequestError(401, "missing or wrong access token")
-        origin = ws.headers.get("origin")
-        if origin is not None and normal_origin(origin) not in allowed_origins:
-            raise RequestError(403, f"a page from origin {origin} may not use this backend "
-                                    "(allow it with --allow-origin)")
+        check_socket(ws, token, allowed_origins)
         state.stream_connections += 1
         # conversations' frames are this peer's alone (progvlm.net.frame_cache)
         client = ws.client.host if ws.client else "unknown"
@@ -96,6 +91,17 @@ async def serve_stream(ws: WebSocket, state, limits: StreamLimits, token: str | 
     except Exception as e:
         log.exception("unexpected error in the stream")
         await _close_with_error(ws, 500, f"internal error: {type(e).__name__}: {e}")
+
+
+def check_socket(ws: WebSocket, token: str | None, allowed_origins: frozenset[str]):
+    """RequestError unless the socket carries the token (when one is set) and comes from no
+    browser page, or from an allowed origin's."""
+    if not bearer_ok(ws.headers.get("authorization"), token):
+        raise RequestError(401, "missing or wrong access token")
+    origin = ws.headers.get("origin")
+    if origin is not None and normal_origin(origin) not in allowed_origins:
+        raise RequestError(403, f"a page from origin {origin} may not use this backend "
+                                "(allow it with --allow-origin)")
 
 
 async def _close_with_error(ws: WebSocket, status: int, detail: str):

@@ -26,17 +26,14 @@ from dataclasses import dataclass, field
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 
 from ..codec import temporal
 from ..codec.bitstream import MAX_HEADER_BYTES, BitstreamError, parse_header
 from ..images import ImageInputError, load_image
-from ..net.http_limits import bearer_ok
-from ..net.protocol import (MAX_CONTROL_CHARS, MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event,
-                            FrameAck, RequestError, Resync, WatchStart, Watching, check_end,
-                            control_json, to_ms)
+from ..net.protocol import (MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event, FrameAck, RequestError,
+                            Resync, Watching, check_end, parse_watch_start, to_ms)
 from ..split import Split
-from .stream import _close_with_error, normal_origin
+from .stream import _close_with_error, check_socket
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -160,23 +157,6 @@ class StreamCount:
             return sum(self._open.values())
 
 
-def parse_watch_start(text: str | None) -> WatchStart:
-    if text is None or len(text) > MAX_CONTROL_CHARS:
-        raise RequestError(400, 'expected a JSON start message {"questions": [...]} first')
-    try:
-        start = control_json(text)
-    except ValueError as e:
-        raise RequestError(400, f"the start message is not JSON: {e}") from None
-    if not isinstance(start, dict):
-        raise RequestError(422, 'the start message must be a JSON object {"questions": [...]}')
-    try:
-        return WatchStart.model_validate(start)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise RequestError(422, str(err["ctx"]["error"]) if "error" in err.get("ctx", {})
-                           else f"{'.'.join(map(str, err['loc'])) or 'start'}: {err['msg']}") from None
-
-
 async def serve_watch(ws: WebSocket, state, token: str | None, allowed_origins: frozenset[str],
                       max_frame_bytes: int, idle_s: float = WATCH_IDLE_S):
     """One watch socket: its token and Origin checked, its start, then its frames in order."""
@@ -184,12 +164,7 @@ async def serve_watch(ws: WebSocket, state, token: str | None, allowed_origins: 
     client = ws.client.host if ws.client else "unknown"
     counted = False
     try:
-        if not bearer_ok(ws.headers.get("authorization"), token):
-            raise RequestError(401, "missing or wrong access token")
-        origin = ws.headers.get("origin")
-        if origin is not None and normal_origin(origin) not in allowed_origins:
-            raise RequestError(403, f"a page from origin {origin} may not use this backend "
-                                    "(allow it with --allow-origin)")
+        check_socket(ws, token, allowed_origins)
         state.watch_streams.enter(client)
         counted = True
         await _watch(ws, state.watch_compute, max_frame_bytes, idle_s)
