@@ -85,8 +85,10 @@ ERRORS = {
          "not name this service (DNS rebinding): not served.",
     408: "The request body stalled past the read timeout, or took too long in all.",
     409: "The cloud runs another VLM or MAE than this device.",
+    404: "No such live stream (closed, or idle past its timeout).",
     413: "The body or the image is over the limit.",
     422: "A field is missing, malformed or out of range; the message names the field and range.",
+    429: "Too many live streams are open.",
     502: "The cloud backend is unreachable or refused the request.",
     503: "The device stayed busy with other requests until this request's deadline.",
     504: "The request's deadline passed.",
@@ -228,7 +230,7 @@ def create_app(agent: EdgeAgent, max_upload_bytes: int = MAX_UPLOAD_BYTES, token
                                  media_type="application/x-ndjson")
 
     add_watch_routes(app, agent, lambda fn, *args: _in_daemon_thread(asyncio.get_running_loop(), fn, *args),
-                     _error, _ndjson_lines)
+                     _error, _ndjson_lines, _documented)
     return app
 
 

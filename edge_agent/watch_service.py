@@ -25,13 +25,13 @@ from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from progvlm.images import ImageInputError, load_image
+from progvlm.video.reader import MAX_VIDEO_BYTES, VideoError, VideoTooLarge, read_video
 
 from .errors import CloudError
 from .watch import WatchSettings, Watcher, summarise
 
 MAX_SESSIONS = 2
 SESSION_IDLE_S = 30.0
-MAX_VIDEO_UPLOAD_BYTES = 50 << 20
 PLAY_TIMEOUT_S = 3600.0  # a clip's whole play (MAX_FRAMES frames at most)
 
 
@@ -88,9 +88,12 @@ class Sessions:
         return entry is not None
 
 
-def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_lines):
+def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_lines, documented):
     """The routes above on `app`, using the service's own helpers: `run_in_thread(fn, *args)`
-    (an awaitable), `error_response(e)` (the agent's error statuses) and `ndjson_lines`."""
+    (an awaitable), `error_response(e)` (the agent's error statuses), `ndjson_lines` and
+    `documented(*statuses)` (the OpenAPI document's error responses)."""
+    lines = {"description": "NDJSON lines: video, a frame record per frame, then summary (or error)",
+             "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}
     sessions = Sessions()
     app.state.watch_sessions = sessions
 
@@ -98,11 +101,9 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
         with agent.device_lock:
             return watcher.frame(image)
 
-    def play(data: bytes, settings: WatchSettings, put):
-        from progvlm.video.reader import read_video
-        video = read_video(data)
+    def play(video, settings: WatchSettings, put):
         put({"type": "video", "frames": len(video.frames), "fps": video.fps,
-             "size": list(video.size)})
+             "size": list(video.size), "truncated": video.truncated})
         url, token = _cloud(agent)
         watcher = Watcher(agent.runtime, url, settings, token, profile=agent.profile)
         records = []
@@ -114,7 +115,7 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
             watcher.close()
         put({"type": "summary", **summarise(records, settings)})
 
-    @app.post("/v1/watch")
+    @app.post("/v1/watch", responses={200: lines, **documented(400, 401, 403, 413, 422)})
     async def watch(form: Annotated[WatchForm, Form(media_type="multipart/form-data")]):
         """A clip played through the device: NDJSON lines, a record per frame, then a summary."""
         settings = WatchSettings.model_validate(form.model_dump(exclude={"video"}))
@@ -122,15 +123,21 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
             settings.check(agent.runtime.num_layers)
         except ValueError as e:
             return JSONResponse({"detail": str(e)}, status_code=422)
-        data = await form.video.read(MAX_VIDEO_UPLOAD_BYTES + 1)
-        if len(data) > MAX_VIDEO_UPLOAD_BYTES:
-            return JSONResponse({"detail": f"video over the limit of {MAX_VIDEO_UPLOAD_BYTES} bytes"},
+        data = await form.video.read(MAX_VIDEO_BYTES + 1)
+        if len(data) > MAX_VIDEO_BYTES:
+            return JSONResponse({"detail": f"video over the limit of {MAX_VIDEO_BYTES} bytes"},
                                 status_code=413)
+        try:  # a clip that cannot be played is a real status, before the stream starts
+            video = await run_in_thread(read_video, data)
+        except VideoTooLarge as e:
+            return JSONResponse({"detail": str(e)}, status_code=413)
+        except VideoError as e:
+            return JSONResponse({"detail": f"bad video: {e}"}, status_code=400)
         deadline = time.monotonic() + PLAY_TIMEOUT_S
-        return StreamingResponse(ndjson_lines(agent, deadline, lambda put: play(data, settings, put),
+        return StreamingResponse(ndjson_lines(agent, deadline, lambda put: play(video, settings, put),
                                               ("summary",)), media_type="application/x-ndjson")
 
-    @app.post("/v1/watch/sessions")
+    @app.post("/v1/watch/sessions", responses=documented(401, 403, 409, 422, 429, 502))
     async def open_session(settings: Annotated[WatchSettings, Form(media_type="multipart/form-data")]):
         """A live stream (a webcam): its frames come one request each."""
         try:
@@ -146,13 +153,14 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
         except Exception as e:  # noqa: BLE001 - the agent's statuses (502: cloud down, …)
             return error_response(e)
 
-    @app.post("/v1/watch/sessions/{sid}/frame")
+    @app.post("/v1/watch/sessions/{sid}/frame",
+              responses=documented(400, 401, 403, 404, 413, 422, 502, 503))
     async def session_frame(sid: str, image: Annotated[UploadFile, File()]):
         watcher = sessions.get(sid)
         if watcher is None:
             return JSONResponse({"detail": f"no live stream {sid} (closed, or idle for over "
                                            f"{SESSION_IDLE_S:g} s)"}, status_code=404)
-        data = await image.read(MAX_VIDEO_UPLOAD_BYTES + 1)
+        data = await image.read(MAX_VIDEO_BYTES + 1)
         try:
             picture = load_image(data)
             return await run_in_thread(frame, watcher, picture)
@@ -161,7 +169,7 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
         except Exception as e:  # noqa: BLE001
             return error_response(e)
 
-    @app.delete("/v1/watch/sessions/{sid}")
+    @app.delete("/v1/watch/sessions/{sid}", responses=documented(401, 403, 404))
     async def close_session(sid: str):
         if not sessions.close(sid):
             return JSONResponse({"detail": f"no live stream {sid}"}, status_code=404)

@@ -35,6 +35,10 @@ class VideoError(ValueError):
     """A video that cannot be read, with the reason in words."""
 
 
+class VideoTooLarge(VideoError):
+    """A clip over a limit: its bytes, frames or decoded size (a 413 where a service says so)."""
+
+
 @dataclass
 class Video:
     """A decoded clip: RGB frames of one size (width, height), the frame rate, and whether the
@@ -55,18 +59,18 @@ def _load_bytes(source, max_bytes: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > max_bytes:
-            raise VideoError(f"video too large: {len(data)} bytes, the limit is {max_bytes}")
+            raise VideoTooLarge(f"video too large: {len(data)} bytes, the limit is {max_bytes}")
     elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise VideoError(f"no video file at {path}")
         size = path.stat().st_size
         if size > max_bytes:  # refused before a byte is read
-            raise VideoError(f"video too large: {size} bytes, the limit is {max_bytes}")
+            raise VideoTooLarge(f"video too large: {size} bytes, the limit is {max_bytes}")
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:  # the file grew while we looked
-            raise VideoError(f"video too large: over {max_bytes} bytes")
+            raise VideoTooLarge(f"video too large: over {max_bytes} bytes")
     else:
         raise VideoError(f"a video is bytes or a file path, not {type(source).__name__}")
     if not data:
@@ -86,7 +90,7 @@ class _Collector:
         """Raise before decoding a frame of this size that must not be kept."""
         index = len(self.frames)
         if index >= self.max_frames:
-            raise VideoError(f"video too long: more than {self.max_frames} frames "
+            raise VideoTooLarge(f"video too long: more than {self.max_frames} frames "
                              f"(the limit; decoding stopped at frame {index})")
         if width > self.max_side or height > self.max_side or width < 1 or height < 1:
             raise VideoError(f"frame {index} is {width}x{height}: each side must be 1.."
@@ -95,7 +99,7 @@ class _Collector:
             raise VideoError(f"frame size changes mid-stream at frame {index}: "
                              f"{self.size[0]}x{self.size[1]} → {width}x{height}")
         if (index + 1) * width * height * 3 > self.max_decoded:
-            raise VideoError(f"video too large decoded: {index + 1} frames of {width}x{height} "
+            raise VideoTooLarge(f"video too large decoded: {index + 1} frames of {width}x{height} "
                              f"exceed {self.max_decoded} bytes")
 
     def add(self, image: Image.Image) -> None:
