@@ -14,7 +14,7 @@ from .options import fail
 
 #: every command, in the order `--help` lists them
 COMMAND_PARSERS = (training.add_train_vlm, evaluation.add_eval_vlm, training.add_train_mae,
-                   evaluation.add_eval_mae, evaluation.add_calibrate_adaptive, tools.add_ask,
+                   evaluation.add_eval_mae, evaluation.add_calibrate_adaptive, evaluation.add_eval_video, tools.add_ask,
                    tools.add_make_examples, serve.add_serve_cloud, serve.add_serve_cloud_ray,
                    bench.add_bench, tools.add_make_random_vlm)
 
