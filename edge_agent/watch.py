@@ -29,7 +29,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing import Literal
 
-from progvlm.codec.temporal import DELTA_KIND, TemporalCoder
+from progvlm.codec.temporal import DELTA_KIND, KEY_EVERY, TemporalCoder
+from progvlm.video.reader import DEFAULT_FPS
 from progvlm.images import encode_jpeg, fit_jpeg, raw_frame
 from progvlm.net.exchange import CloudError
 from progvlm.net.link import LinkProfile
@@ -42,9 +43,7 @@ from .runtime import EdgeRuntime
 
 WATCH_METHODS = {"temporal": "layers", "adaptive": "layers", "intra": "layers", "jpeg": "jpeg",
                  "h264": "h264"}
-KEY_EVERY = 64  # temporal: a key frame at least this often (frames), whatever else happens
 JPEG_QUALITY = 85
-DEFAULT_FPS = 5.0
 
 
 class WatchSettings(BaseModel):

@@ -321,6 +321,8 @@ def cmd_calibrate_adaptive(a) -> int:
 
 
 def add_eval_video(sub):
+    from ..codec.temporal import KEY_EVERY, REUSE_BIAS
+    from ..eval.video import FPS
     p = sub.add_parser("eval-video", help="clips: bytes per frame and accuracy of intra vs temporal "
                        "progressive, H.264, and standing-question events",
                        description="On seeded clips of the bundled world (static: sensor noise "
@@ -337,11 +339,11 @@ def add_eval_video(sub):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--k", type=int, nargs="+", default=None, metavar="K",
                    help="the k values (default 1..L); the first is the headline")
-    p.add_argument("--fps", type=int, default=5, help="frame rate of the stream (H.264's rate "
+    p.add_argument("--fps", type=int, default=FPS, help="frame rate of the stream (H.264's rate "
                    "control and the matched bitrate; default %(default)s)")
-    p.add_argument("--key-every", type=int, default=0, metavar="N",
-                   help="a key frame at least every N frames (default 0: only the first)")
-    p.add_argument("--reuse-bias", type=float, default=1.0,
+    p.add_argument("--key-every", type=int, default=KEY_EVERY, metavar="N",
+                   help="a key frame at least every N frames (0: only the first; default %(default)s)")
+    p.add_argument("--reuse-bias", type=float, default=REUSE_BIAS,
                    help="the temporal coder's reuse bias (default %(default)s)")
     p.add_argument("--no-h264", action="store_true", help="skip the H.264 comparison")
     add_vlm_options(p)

@@ -46,6 +46,8 @@ from .tables import MAEEncoderTables
 DELTA = 0x80  # bit 7 of byte 0: a delta frame (an intra stream starts with "P", 0x50)
 SAME = 0x40  # bit 6: every token unchanged; the frame is this one byte
 _K_MASK = 0x0F
+KEY_EVERY = 64  # a key frame at least this often (frames) by default, whatever else happens
+REUSE_BIAS = 1.0  # the rate–distortion break-even (see TemporalCoder)
 _CRC = struct.Struct(">H")
 KEY, DELTA_KIND = "key", "delta"
 
@@ -184,7 +186,8 @@ class TemporalCoder:
     `reuse_bias` scales how much a token's fresh codes must gain before it is resent (1: the
     rate–distortion break-even; larger reuses more)."""
 
-    def __init__(self, tables: MAEEncoderTables, key_every: int = 0, reuse_bias: float = 1.0):
+    def __init__(self, tables: MAEEncoderTables, key_every: int = KEY_EVERY,
+                 reuse_bias: float = REUSE_BIAS):
         if key_every < 0 or not reuse_bias >= 0:
             raise ValueError("key_every ≥ 0 and reuse_bias ≥ 0 required")
         self.tables, self.key_every, self.reuse_bias = tables, key_every, reuse_bias

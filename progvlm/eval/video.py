@@ -30,10 +30,12 @@ from collections import Counter
 import numpy as np
 
 from ..codec import temporal
+from ..codec.temporal import KEY_EVERY, REUSE_BIAS
 from ..toyworld import clips as toyclips
 from ..toyworld.questions import questions_for
+from ..video.reader import DEFAULT_FPS
 
-FPS = 5
+FPS = round(DEFAULT_FPS)  # frames per second of the clips (H.264's rate control, event times)
 H264_FIXED_BPS = 1_000_000
 H264_MIN_BPS = 1000  # the lowest bitrate H264Stream takes (x264's rate control in kbit/s)
 H264_SWEEP_BPS = (5_000, 15_000, 50_000, 150_000, 400_000)  # between the matched bitrate and 1 Mbps
@@ -100,7 +102,7 @@ class _Answers:
         return self.cache[key]
 
 
-def run_clip(split, clip, questions: list[str], ks, key_every: int = 0, reuse_bias: float = 1.0,
+def run_clip(split, clip, questions: list[str], ks, key_every: int = KEY_EVERY, reuse_bias: float = REUSE_BIAS,
              progress=None) -> dict:
     """One clip, every frame, every k: intra and temporal bytes and answers (the temporal stream
     decoded by the cloud's `apply`), the uncompressed answers, and the truth. Lists per frame."""
@@ -313,7 +315,7 @@ def h264_comparison(points: dict, temporal_bytes: float, temporal_accuracy: floa
 
 # ---- the whole evaluation ---------------------------------------------------------------------
 def evaluate_video(split, clips: int = 4, frames: int = 16, seed: int = 1, ks=None, fps: int = FPS,
-                   key_every: int = 0, reuse_bias: float = 1.0, h264: bool = True,
+                   key_every: int = KEY_EVERY, reuse_bias: float = REUSE_BIAS, h264: bool = True,
                    h264_sweep=H264_SWEEP_BPS, events: bool = True, progress=None) -> dict:
     """The eval-video report (see the module's docstring) for the bundled model. `ks`: the k
     values (default 1..L; the first is the headline). `progress(n)`: n frames done."""

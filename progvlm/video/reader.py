@@ -27,7 +27,8 @@ MAX_VIDEO_BYTES = 50 * 1024 * 1024  # an upload's size on the link
 MAX_FRAMES = 600  # two minutes at 5 frames per second
 MAX_SIDE = 4096  # pixels, width or height of a frame
 MAX_DECODED_BYTES = 1024 * 1024 * 1024  # RGB bytes of all decoded frames held at once
-DEFAULT_FPS = 10.0  # an animation that states no frame duration
+DEFAULT_FPS = 5.0  # a clip that states no frame rate (an animation without durations), and a
+# stream's rate by default (edge_agent/watch.py, eval-video): a camera's few frames per second
 _PILLOW_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG\r\n\x1a\n")  # and RIFF....WEBP
 
 
