@@ -51,7 +51,7 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     assert "imx95-emulated (projected)" in latency and "full-cloud" in latency
     video = {(r["method"], r["link"]): r for r in headline["video"]["rows"]}
     links = {link for _, link in video} - {"none"}
-    assert {m for m, _ in video} == {"temporal", "intra", "jpeg", "h264", "full-edge"}
+    assert {m for m, _ in video} == {"temporal", "adaptive", "intra", "jpeg", "h264", "full-edge"}
     for link in links:  # temporal sends a fraction of intra's bytes, and far less than video codecs
         assert video[("temporal", link)]["bytes_per_later_frame"] < 0.5 * video[("intra", link)]["bytes_per_later_frame"]
         assert video[("temporal", link)]["bytes_per_frame"] * 100 < video[("h264", link)]["bytes_per_frame"]
