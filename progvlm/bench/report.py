@@ -211,7 +211,11 @@ def cost_summary_markdown(r: dict) -> str:
              "", "## Devices", ""]
     for name, p in r["profiles"].items():
         lines.append(f"- **{name}**{' (projected)' if p['projected'] else ''}: {p['source']}; "
-                     f"edge vision {p['edge_vision_ms']:.0f} ms, MAE encode {p['mae_encode_ms']:.1f} ms "
+                     f"edge vision {p['edge_vision_ms']:.0f} ms"
+                     + (f" (NPU {p['edge_vision_npu_ms']:.0f} ms + float fallback on the A55s "
+                        f"{p['edge_vision_a55_fallback_ms']:.0f} ms; {100 * p['int8_mac_fraction']:.1f} % "
+                        "of the MACs in int8)" if "edge_vision_npu_ms" in p else "")
+                     + f", MAE encode {p['mae_encode_ms']:.1f} ms "
                      f"({100 * p['mae_encode_share_of_edge']:.2f}% of the edge)")
     lines += ["", f"## End to end at 1 Mbps, RTT {r['assumptions']['rtt_ms']:.0f} ms, "
               f"{r['assumptions']['answer_tokens']} generated tokens (computed from the measured stages)", "",
