@@ -52,6 +52,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from progvlm import ROOT
+
 
 @dataclass(frozen=True)
 class NPUAssumption:
@@ -153,7 +155,7 @@ def _positive_env(name: str, default: float, at_most: float | None = None) -> fl
 
 # where each VLM family's vision coverage was measured: (file in MEASUREMENTS, keys down to the
 # op_coverage of the vision half's int8 LiteRT export)
-MEASUREMENTS = Path(__file__).resolve().parents[1] / "docs" / "bench"
+MEASUREMENTS = ROOT / "docs" / "bench"
 COVERAGE_MEASUREMENTS = {
     # the bundled model: eval-mae --edge-runtime litert on its int8 export
     "bundled": ("litert_int8_eval_mae.json", ("op_coverage", "vision")),
