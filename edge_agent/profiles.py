@@ -208,8 +208,9 @@ def npu_profile(family: str | None = None) -> DeviceProfile:
     eIQ Neutron NPU (projected from MACs), its float fallback and the other edge stages on one
     Cortex-A55 (host-measured × the imx95 factor, projected). For cost projections (the bench);
     see the module docstring for the model and its assumptions."""
-    npu = NPUAssumption(_positive_env("PROGVLM_NPU_TOPS", 2.0),
-                        _positive_env("PROGVLM_NPU_UTILISATION", 0.25, at_most=1.0))
+    stated = NPUAssumption()  # the defaults: its fields
+    npu = NPUAssumption(_positive_env("PROGVLM_NPU_TOPS", stated.peak_tops_int8),
+                        _positive_env("PROGVLM_NPU_UTILISATION", stated.utilisation, at_most=1.0))
     coverage = vision_coverage(family)
     factor = _imx95_factor()
     return DeviceProfile(NPU_PROFILE, factor, 1,

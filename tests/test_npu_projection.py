@@ -116,7 +116,9 @@ def test_the_shipped_cost_profile_is_projected_with_the_measured_coverage(tmp_pa
     assert (copy / "summary.md").read_text() == (STANDIN_PROFILE / "summary.md").read_text()
     npu = shipped["profiles"][NPU_PROFILE]
     m = shipped["measured_medians"]
-    f = npu["int8_mac_fraction"]
+    f, p = npu["int8_mac_fraction"], npu_profile("idefics3")
+    ops_per_s = p.npu.peak_tops_int8 * 1e12 * p.npu.utilisation
     assert npu["edge_vision_ms"] == pytest.approx(
-        2 * m["vision_macs"] * f / 0.5e12 * 1e3 + m["edge_vision_ms"] * (1 - f) * 7.0)
-    assert npu["coverage_measured"]
+        2 * m["vision_macs"] * f / ops_per_s * 1e3 + m["edge_vision_ms"] * (1 - f) * p.compute_factor)
+    assert npu["edge_vision_a55_fallback_ms"] > npu["edge_vision_npu_ms"] > 0
+    assert npu["coverage_measured"] and f < 1
