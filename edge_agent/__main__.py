@@ -295,13 +295,17 @@ def cmd_profile(a) -> int:
             _, r[f"mae_encode_k{k}_ms"] = best_ms(runtime.mae_encode, tokens, k)
         rows.append(r)
     med = {key: round(statistics.median(r[key] for r in rows[1:]), 4) for key in rows[0]}
+    # the spread behind each median: the fastest and slowest image (each its best of repeats)
+    ranges = {key: [round(min(r[key] for r in rows[1:]), 4), round(max(r[key] for r in rows[1:]), 4)]
+              for key in rows[0]}
     for k in (1, L):
         med[f"mae_share_of_edge_k{k}"] = round(med[f"mae_encode_k{k}_ms"] / (
             med["edge_preprocess_ms"] + med["edge_vision_ms"] + med[f"mae_encode_k{k}_ms"]), 4)
     print(json.dumps({"runtime": runtime.name, "int8": bool(getattr(runtime, "int8", False)),
                       "vlm_id": runtime.model_id, "frames": len(frames),
                       "L": L, "threads": 1, "timing": "host CPU, measured; raw frames, best of "
-                      f"{a.repeats} per image, median over images", **med}))
+                      f"{a.repeats} per image, median over images (ranges: min and max over "
+                      "images)", **med, "ranges": ranges}))
     return 0
 
 

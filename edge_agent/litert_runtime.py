@@ -13,12 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from progvlm import ASSETS
+
 from .exported import TABLE_FILES, ExportedRuntime
 
 FORMAT = "progvlm-edge-litert/1"
 MODELS = ("vision", "mae_encoder")
 REQUIRED_FILES = tuple(f"{m}.tflite" for m in MODELS) + TABLE_FILES
-EXPORT_HINT = "make one with `python -m edge_agent export --runtime litert [--int8] --out FOLDER`"
+# the bundled model's int8 export, shipped (668 kB): `--model-dir assets/edge_litert_int8`;
+# tests/test_shipped_export.py fails when it goes stale against assets/tiny_vlm and assets/mae
+SHIPPED_INT8_EXPORT = ASSETS / "edge_litert_int8"
+EXPORT_HINT = ("make one with `python -m edge_agent export --runtime litert [--int8] --out FOLDER` "
+               "(the bundled model's int8 export ships in assets/edge_litert_int8)")
 XNNPACK = "xnnpack"  # the interpreter's own CPU delegate, applied by default
 DELEGATE_ENV = "PROGVLM_LITERT_DELEGATE"
 DEFAULT_DELEGATE = "/usr/lib/libneutron_delegate.so"  # the i.MX95 BSP's path (NXP eIQ)

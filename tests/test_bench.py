@@ -36,8 +36,12 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     versus = headline["progressive_vs"]
     assert sum(name.startswith("full-cloud") for name in versus) == 3 and "full-edge" in versus
     assert all(v["low"] <= v["ratio"] <= v["high"] for v in versus.values())
-    assert set(headline["edge_floor"]) == {"pytorch", "onnxruntime"}
-    assert all(0 < f["mae_share_of_edge_k1"] < 1 for f in headline["edge_floor"].values())
+    floor = headline["edge_floor"]
+    assert list(floor) == ["pytorch", "onnxruntime", "litert-float32", "litert-int8"]
+    ran = {name: f for name, f in floor.items() if "skipped" not in f}
+    assert {"pytorch", "onnxruntime"} <= set(ran)  # LiteRT only where its packages are installed
+    assert all(0 < f["mae_share_of_edge_k1"] < 1 for f in ran.values())
+    assert all(lo <= f[key] <= hi for f in ran.values() for key, (lo, hi) in f["ranges"].items())
     a = headline["adaptive"]
     assert a["k1_bytes_mean"] <= a["bytes_mean"] <= a["k4_bytes_mean"] and 0 <= a["ece"] <= 1
     talk = {(r["mode"], r["conversation"]): r for r in headline["conversation"]}
@@ -58,3 +62,21 @@ def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
         assert video[("temporal", link)]["sustained_fps"] > video[("jpeg", link)]["sustained_fps"]
         assert video[("temporal", link)]["events_missed"] == 0
     assert "## Video" in (tmp_path / "summary.md").read_text() and (tmp_path / "video.csv").exists()
+
+
+def test_the_edge_profile_gives_medians_with_their_ranges(capsys):
+    from edge_agent.__main__ import main
+    from progvlm.bench.report import _ranged
+    from progvlm.toyworld.examples import load_examples
+    paths = [str(ex["path"]) for ex in load_examples()[:3]]
+    assert main(["profile", "--images", *paths, "--repeats", "2"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["frames"] == 3 and r["threads"] == 1 and r["runtime"] == "pytorch"
+    stages = ("edge_preprocess_ms", "edge_vision_ms", "mae_encode_k1_ms", "mae_encode_k4_ms")
+    assert set(r["ranges"]) == set(stages)
+    for key in stages:
+        lo, hi = r["ranges"][key]
+        assert 0 < lo <= r[key] <= hi, key
+    assert _ranged(r, "edge_vision_ms") == (f"{r['edge_vision_ms']:.2f} [{r['ranges']['edge_vision_ms'][0]:.2f}"
+                                           f"–{r['ranges']['edge_vision_ms'][1]:.2f}]")
+    assert _ranged({"x": 1.0}, "x") == "1.00"  # an older profile without ranges

@@ -123,8 +123,9 @@ def test_the_paper_style_bench_refuses_a_non_bundled_vlm_without_images(pair, ca
     assert "--images" in capsys.readouterr().err
 
 
-def test_the_npu_profile_is_projected_and_stated():
+def test_the_npu_profile_is_projected_and_stated(monkeypatch):
     from edge_agent.profiles import NPU_PROFILE, get_profile, npu_profile
+    monkeypatch.setenv("PROGVLM_NPU_INT8_MAC_FRACTION", "1")  # every MAC int8 (the split: test_npu_projection.py)
     p = npu_profile()
     assert p.name == NPU_PROFILE == "imx95-npu-projected" and p.projected
     assert p.source.startswith("projected") and "2 TOPS" in p.source and "25 %" in p.source

@@ -136,19 +136,41 @@ def conversation_summary(rows: list[dict]) -> list[dict]:
 
 
 def edge_floor(images: list[str], log) -> dict:
-    """The edge half's stages on raw camera frames, PyTorch and ONNX Runtime, each measured by
-    `python -m edge_agent profile` in a child process (the ONNX models exported to a temporary
-    folder first): {"pytorch": {…}, "onnxruntime": {…}}."""
+    """The edge half's stages on raw camera frames, one thread, each runtime measured by
+    `python -m edge_agent profile` in a child process: PyTorch, ONNX Runtime (exported to a
+    temporary folder first), LiteRT float32 (exported there too, where litert-torch is
+    installed) and LiteRT int8 (the shipped export, assets/edge_litert_int8, where ai-edge-litert
+    is installed). {"pytorch": {…}, "onnxruntime": {…}, "litert-float32": {…}, "litert-int8": {…}};
+    a runtime that cannot run here is {"skipped": why}."""
+    import importlib.util
     import subprocess
     import sys
     import tempfile
+
+    from .. import ASSETS
+    has = {m: importlib.util.find_spec(m) is not None for m in ("litert_torch", "ai_edge_litert")}
     out = {}
-    with tempfile.TemporaryDirectory() as onnx_dir:
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_dir, litert_dir = f"{tmp}/onnx", f"{tmp}/litert"
+        runs = {"pytorch": [], "onnxruntime": ["--runtime", "onnx", "--model-dir", onnx_dir],
+                "litert-float32": ["--runtime", "litert", "--model-dir", litert_dir],
+                "litert-int8": ["--runtime", "litert", "--model-dir",
+                                str(ASSETS / "edge_litert_int8")]}
         subprocess.run([sys.executable, "-m", "edge_agent", "export", "--out", onnx_dir],
                        check=True, capture_output=True, text=True)
-        for runtime, extra in (("pytorch", []), ("onnxruntime", ["--runtime", "onnx", "--model-dir", onnx_dir])):
+        if has["litert_torch"] and has["ai_edge_litert"]:
+            subprocess.run([sys.executable, "-m", "edge_agent", "export", "--runtime", "litert",
+                            "--out", litert_dir], check=True, capture_output=True, text=True)
+        else:
+            runs.pop("litert-float32")
+            out["litert-float32"] = {"skipped": "needs litert-torch and ai-edge-litert "
+                                                "(pip install -e .[litert], kept out of requirements.txt)"}
+        if not has["ai_edge_litert"]:
+            runs.pop("litert-int8")
+            out["litert-int8"] = {"skipped": "needs ai-edge-litert (pip install -e .[edge-litert])"}
+        for runtime, extra in runs.items():
             log(f"edge floor: {runtime} on raw frames")
             r = subprocess.run([sys.executable, "-m", "edge_agent", "profile", "--images", *images, *extra],
                                check=True, capture_output=True, text=True)
             out[runtime] = json.loads(r.stdout.strip().splitlines()[-1])
-    return out
+    return {name: out[name] for name in ("pytorch", "onnxruntime", "litert-float32", "litert-int8")}

@@ -233,6 +233,57 @@ def crossover(costs: dict, profile, modes: list[str], cloud_scale: float = 1.0,
     return intervals
 
 
+def project(costs: dict, device_profiles) -> dict:
+    """Every device profile's edge stages, end-to-end times at 1 Mbps and against bandwidth, and
+    crossovers (with the cloud as measured, and ideal), from the measured stage medians `costs`
+    (measure_costs). `device_profiles`: objects with name, source, projected,
+    stage_ms(stage, host_ms, vision_macs) and details(host_vision_ms, vision_macs)
+    (edge_agent.profiles.DeviceProfile)."""
+    L = costs["L"]
+    modes = ["full-edge", "full-cloud", "full-cloud-camera"] + [f"progressive-k{k}" for k in range(1, L + 1)]
+    profiles, e2e, table, cross, cross_ideal = {}, {}, [], {}, {}
+    for p in device_profiles:
+        edge = {stage: p.stage_ms(stage, costs[f"{stage}_ms"], costs["vision_macs"])
+                for stage in ("edge_preprocess", "edge_vision", "mae_encode")}
+        profiles[p.name] = {"source": p.source, "projected": bool(p.projected),
+                            **{f"{stage}_ms": v for stage, v in edge.items()},
+                            "mae_encode_share_of_edge": edge["mae_encode"] / sum(edge.values()),
+                            **p.details(costs["edge_vision_ms"], costs["vision_macs"])}
+        e2e[p.name] = {}
+        for m in modes:
+            stages = mode_stages(costs, p, m, 1.0)
+            e2e[p.name][m] = {"total_ms": sum(stages.values()), "stages": stages}
+        for bw in COST_BANDWIDTHS:
+            table.append({"device": p.name, "bandwidth_mbps": bw,
+                          **{m: sum(mode_stages(costs, p, m, bw).values()) for m in modes}})
+        cross[p.name] = {f"k={k}": crossover(costs, p, ["full-edge", "full-cloud", f"progressive-k{k}"])
+                         for k in (1, L)}
+        cross_ideal[p.name] = {f"k={k}": crossover(costs, p, ["full-edge", "full-cloud",
+                                                              f"progressive-k{k}"], cloud_scale=0.0)
+                               for k in (1, L)}
+    return {"profiles": profiles, "end_to_end_1mbps_ms": e2e, "latency_vs_bandwidth_ms": table,
+            "crossover": cross,
+            # the same with an ideal cloud (its compute costs nothing): the bound most favourable
+            # to full-cloud, whatever server runs it
+            "crossover_ideal_cloud": cross_ideal}
+
+
+def reproject(out: Path, device_profiles) -> dict:
+    """A cost profile's results.json in `out`, its projections recomputed from its own measured
+    stage medians under `device_profiles` (no model is run); rewrites results.json and
+    summary.md and returns the result."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: run `bench --images DIR --out {out}` first")
+    result = json.loads(path.read_text())
+    if result.get("kind") != "cost_profile":
+        raise ValueError(f"{path} is not a cost profile (bench --images)")
+    result.update(project(result["measured_medians"], device_profiles))
+    path.write_text(json.dumps(result, indent=1, default=float))
+    (Path(out) / "summary.md").write_text(cost_summary_markdown(result))
+    return result
+
+
 def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=None,
                      log=print, max_new_tokens: int = 32, cloud_split=None) -> dict:
     """Measure the cost profile of `split` on `image_paths` and write results.json and
@@ -255,27 +306,8 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
         marker = Path(vlm_spec) / NOTE_FILE
         if marker.is_file():
             note = json.loads(marker.read_text())["note"]
-    modes = ["full-edge", "full-cloud", "full-cloud-camera"] + [f"progressive-k{k}" for k in range(1, L + 1)]
-    profiles, e2e, table, cross, cross_ideal = {}, {}, [], {}, {}
-    for p in device_profiles:
-        edge = {stage: p.stage_ms(stage, costs[f"{stage}_ms"], costs["vision_macs"])
-                for stage in ("edge_preprocess", "edge_vision", "mae_encode")}
-        profiles[p.name] = {"source": p.source, "projected": bool(p.projected),
-                            **{f"{stage}_ms": v for stage, v in edge.items()},
-                            "mae_encode_share_of_edge": edge["mae_encode"] / sum(edge.values())}
-        e2e[p.name] = {}
-        for m in modes:
-            stages = mode_stages(costs, p, m, 1.0)
-            e2e[p.name][m] = {"total_ms": sum(stages.values()), "stages": stages}
-        for bw in COST_BANDWIDTHS:
-            table.append({"device": p.name, "bandwidth_mbps": bw,
-                          **{m: sum(mode_stages(costs, p, m, bw).values()) for m in modes}})
-        cross[p.name] = {f"k={k}": crossover(costs, p, ["full-edge", "full-cloud", f"progressive-k{k}"])
-                         for k in (1, L)}
-        cross_ideal[p.name] = {f"k={k}": crossover(costs, p, ["full-edge", "full-cloud",
-                                                              f"progressive-k{k}"], cloud_scale=0.0)
-                               for k in (1, L)}
-    edge_vision = profiles[device_profiles[0].name]["edge_vision_ms"]
+    projections = project(costs, device_profiles)
+    edge_vision = projections["profiles"][device_profiles[0].name]["edge_vision_ms"]
     cloud = (f"this host's CPU, {threads_phrase(costs['cloud_threads'])}, a stand-in for the server; "
              f"vision and LM: {costs['cloud_compute']}" if costs["cloud_device"] == "cpu" else
              f"this host's {costs['cloud_device']} for the VLM (vision, language), its CPU for "
@@ -300,13 +332,7 @@ def run_cost_profile(split, image_paths, out: Path, device_profiles, vlm_spec=No
                        "quality": COST_JPEG_QUALITY, "camera_size": costs["camera_size"],
                        "model_input_size": costs["model_input_size"]},
         "raw_fp16_bytes": costs["raw_fp16_bytes"],
-        "profiles": profiles,
-        "end_to_end_1mbps_ms": e2e,
-        "latency_vs_bandwidth_ms": table,
-        "crossover": cross,
-        # the same with an ideal cloud (its compute costs nothing): the bound most favourable
-        # to full-cloud, whatever server runs it
-        "crossover_ideal_cloud": cross_ideal,
+        **projections,
         "assumptions": {"answer_tokens": ANSWER_TOKENS, "rtt_ms": COST_RTT_MS,
                         "reply_bytes": REPLY_BYTES, "cloud": cloud, "question": COST_QUESTION,
                         "edge": "this host, 1 thread, then each device profile's projection"},

@@ -124,12 +124,16 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
               f"(ground truth), vs " + ", ".join(f"k={k}: {b:.1f}" for k, b in rep["floor"]["bytes_per_k"].items())
               + " bytes sent (header included)", "",
               "## The edge half on raw camera frames (host CPU, 1 thread, measured)", "",
+              "Medians over the frames, [fastest–slowest frame], each frame the best of its runs.", "",
               "| runtime | preprocess ms | vision ms | MAE k=1 ms | MAE k=L ms | MAE share k=1 | MAE share k=L |",
               "|---|---|---|---|---|---|---|"]
     for name, f in h["edge_floor"].items():
+        if "skipped" in f:
+            lines.append(f"| {name} | skipped: {f['skipped']} ||||||")
+            continue
         L = f["L"]
-        lines.append(f"| {name} | {f['edge_preprocess_ms']:.2f} | {f['edge_vision_ms']:.2f} | "
-                     f"{f['mae_encode_k1_ms']:.3f} | {f[f'mae_encode_k{L}_ms']:.3f} | "
+        lines.append(f"| {name} | {_ranged(f, 'edge_preprocess_ms')} | {_ranged(f, 'edge_vision_ms')} | "
+                     f"{_ranged(f, 'mae_encode_k1_ms', 3)} | {_ranged(f, f'mae_encode_k{L}_ms', 3)} | "
                      f"{100 * f['mae_share_of_edge_k1']:.1f}% | {100 * f[f'mae_share_of_edge_k{L}']:.1f}% |")
     a = h["adaptive"]
     lines += ["", "## Adaptive: layers sent until the answer is sure", "",
@@ -168,6 +172,13 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
         lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(vals) + " |")
     lines += ["", f"Bench run time: {h['bench_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
+
+
+def _ranged(floor: dict, key: str, digits: int = 2) -> str:
+    """A profile's median with its range over the frames (`ranges`, where the profile has it)."""
+    lo_hi = floor.get("ranges", {}).get(key)
+    text = f"{floor[key]:.{digits}f}"
+    return text + (f" [{lo_hi[0]:.{digits}f}–{lo_hi[1]:.{digits}f}]" if lo_hi else "")
 
 
 def describe_interval(iv: dict) -> str:
@@ -211,7 +222,11 @@ def cost_summary_markdown(r: dict) -> str:
              "", "## Devices", ""]
     for name, p in r["profiles"].items():
         lines.append(f"- **{name}**{' (projected)' if p['projected'] else ''}: {p['source']}; "
-                     f"edge vision {p['edge_vision_ms']:.0f} ms, MAE encode {p['mae_encode_ms']:.1f} ms "
+                     f"edge vision {p['edge_vision_ms']:.0f} ms"
+                     + (f" (NPU {p['edge_vision_npu_ms']:.0f} ms + float fallback on the A55s "
+                        f"{p['edge_vision_a55_fallback_ms']:.0f} ms; {100 * p['int8_mac_fraction']:.1f} % "
+                        "of the MACs in int8)" if "edge_vision_npu_ms" in p else "")
+                     + f", MAE encode {p['mae_encode_ms']:.1f} ms "
                      f"({100 * p['mae_encode_share_of_edge']:.2f}% of the edge)")
     lines += ["", f"## End to end at 1 Mbps, RTT {r['assumptions']['rtt_ms']:.0f} ms, "
               f"{r['assumptions']['answer_tokens']} generated tokens (computed from the measured stages)", "",

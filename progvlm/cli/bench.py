@@ -32,6 +32,11 @@ def add_bench(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=Path, default=None, metavar="DIR",
                    help="measure the cost profile on the images in DIR (any VLM)")
+    p.add_argument("--reproject", type=Path, default=None, metavar="DIR",
+                   help="recompute the device projections (imx95-emulated, imx95-npu-projected "
+                        "with the measured int8 coverage) of the cost profile in DIR from its "
+                        "own measured stage times (results.json; no model is run) and rewrite "
+                        "its results.json and summary.md")
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="with --images: tokens generated per timed answer (default %(default)s)")
     p.add_argument("--cloud-device", default=None,
@@ -47,6 +52,8 @@ def add_bench(sub):
 
 def cmd_bench(a) -> int:
     from ..backends import BUNDLED, default_vlm_spec
+    if a.reproject is not None:
+        return _bench_reproject(a)
     if a.images is not None:
         return _bench_cost_profile(a)
     if (a.vlm or default_vlm_spec()) != BUNDLED or a.mae is not None:
@@ -70,12 +77,8 @@ def cmd_bench(a) -> int:
 def _bench_cost_profile(a) -> int:
     """bench --images DIR: the cost profile of any VLM (progvlm.bench.cost.run_cost_profile)."""
     from ..bench.cost import run_cost_profile
-    from ..bench.report import describe_interval
     from ..eval.on_images import image_files
     from ..split import load_split
-    # the device profiles are the edge agent's; the CLI hands them to the bench, which itself
-    # imports nothing from edge_agent
-    from edge_agent.profiles import get_profile, npu_profile
     try:
         paths = image_files(a.images)
     except ValueError as e:
@@ -88,17 +91,47 @@ def _bench_cost_profile(a) -> int:
         from ..backends import load_vlm
         cloud_split = load_split(load_vlm(a.vlm, device=a.cloud_device), split.mae)
     out = a.out or Path("runs/bench-cost")
-    profiles = [get_profile("host"), get_profile("imx95-emulated"), npu_profile()]
     try:
+        profiles = _device_profiles(split.info()["family"])
         r = run_cost_profile(split, paths, out, profiles, vlm_spec=a.vlm, log=log,
                              max_new_tokens=a.max_new_tokens, cloud_split=cloud_split)
-    except ValueError as e:  # no readable image in the folder
+    except ValueError as e:  # no readable image in the folder, no coverage for the NPU
         return fail(e)
+    return _emit_cost_profile(a, r, out, profiles)
+
+
+def _device_profiles(family: str | None):
+    """host, imx95-emulated and imx95-npu-projected (with this VLM family's measured coverage).
+    The device profiles are the edge agent's; the CLI hands them to the bench, which itself
+    imports nothing from edge_agent."""
+    from edge_agent.profiles import get_profile, npu_profile
+    return [get_profile("host"), get_profile("imx95-emulated"), npu_profile(family)]
+
+
+def _bench_reproject(a) -> int:
+    """bench --reproject DIR: a cost profile's projections recomputed from its measured stages."""
+    import json
+
+    from ..bench.cost import reproject
+    path = a.reproject / "results.json"
+    try:
+        family = json.loads(path.read_text())["vlm"].get("family") if path.is_file() else None
+        profiles = _device_profiles(family)
+        r = reproject(a.reproject, profiles)
+    except (ValueError, KeyError) as e:
+        return fail(e)
+    return _emit_cost_profile(a, r, a.reproject, profiles)
+
+
+def _emit_cost_profile(a, r, out, profiles) -> int:
+    from ..bench.report import describe_interval
     headline = {key: r[key] for key in ("kind", "note", "images", "skipped", "edge_vision_ms",
                                         "lm_ms_per_token",
                                         "mae_encode_share_of_edge", "vision_macs", "bytes_per_k",
                                         "jpeg_bytes", "crossover", "crossover_ideal_cloud")}
     headline.update(vlm_id=r["vlm"]["vlm_id"], out=str(out),
+                    npu_projection={k: v for k, v in r["profiles"][profiles[-1].name].items()
+                                    if k not in ("source", "projected")},
                     end_to_end_1mbps_ms={d: {m: v["total_ms"] for m, v in modes.items()}
                                          for d, modes in r["end_to_end_1mbps_ms"].items()})
     L = r["vlm"]["num_layers"]
