@@ -6,7 +6,8 @@ talks to the agent over real HTTP (the agent talks to the cloud through the shap
 edge_agent/; this file lays out the page and formats what the agent returns. The page is built
 for the agent it talks to (`connect` → `build_page`): a card and a choice per mode it runs, k up
 to its L and its device profiles, all from its GET /v1/info; the link's and the budget's
-defaults and ranges are the request model's (edge_agent/request.py).
+defaults and ranges are the request model's (edge_agent/request.py). The Video tab (a clip or
+the webcam through the agent, standing questions answered per frame) is app_video.py's.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 import gradio as gr
 import pandas as pd
 
+from app_video import video_tab
 from edge_agent.client import EdgeAgentClient, EdgeAgentError
 from edge_agent.request import AskRequest
 from progvlm.eval.metrics import SemanticConsistency
@@ -276,55 +278,59 @@ def build_page(info: dict) -> tuple[gr.Blocks, gr.Image]:
             "(**full-cloud**), running everything on the device (**full-edge**), and sending k "
             "progressive MAE layers of the visual tokens (**progressive**, **auto**). Bytes really "
             "cross a link paced to your bandwidth and RTT; times are measured on this host, except "
-            "the edge's under the *imx95-emulated* device, which are projected and marked so.")
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
-                image.preprocess = upload_as_is(image.preprocess)  # compare() says what is wrong
-                gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
-                            label="Example scenes (ground truth known)")
-                question = gr.Textbox(label="Question", value="describe the scene .")
-                questions = gr.Radio(GENERIC_QUESTIONS, label="Suggested questions", value=None)
-            with gr.Column(scale=1):
-                bandwidth = gr.Dropdown(BANDWIDTHS, value=FIELDS["bandwidth_mbps"]["default"],
-                                        label="Uplink bandwidth (Mbps)")
-                rtt = gr.Number(value=FIELDS["rtt_ms"]["default"], minimum=FIELDS["rtt_ms"]["minimum"],
-                                maximum=FIELDS["rtt_ms"]["maximum"], label="RTT (ms)")
-                k = gr.Slider(1, L, value=L, step=1, label="Progressive layers k")  # default: all L
-                mode_choice = gr.CheckboxGroup(modes, value=modes, label="Modes to compare")
-                budget = gr.Number(value=FIELDS["budget_ms"]["default"],
-                                   minimum=FIELDS["budget_ms"]["exclusiveMinimum"],
-                                   label="auto: latency budget (ms)")
-                device = gr.Radio(info["device_profiles"], value=info["device_profile"], label="Device",
-                                  info="imx95-emulated: the edge's times × an assumed Cortex-A55 "
-                                       "factor (projected, marked so)")
-                run = gr.Button("Run", variant="primary")
+            "the edge's under the *imx95-emulated* device, which are projected and marked so. The "
+            "**Video** tab plays a clip or your webcam through the agent with standing questions.")
         banner = gr.Markdown(elem_id="model-banner")
-        with gr.Row(equal_height=True):
-            cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
-                     for m in modes]
-        chart = gr.BarPlot(x="mode", y="ms", color="stage", title="Latency breakdown (stacked stages)",
-                           y_title="ms", label="Latency breakdown")
-        with gr.Row():
-            ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
-                                  label="Compression ladder (this image and question)", interactive=False)
-            picture = gr.Image(label=f"What each layer leaves unreconstructed, k = 1 … {L} "
-                                     "(bright: the next layer still has work there)", interactive=False,
-                               elem_id="layer-map")
-        notes = gr.Markdown(elem_id="notes")
-        with gr.Accordion("Raw records from the edge agent", open=False):
-            raw = gr.JSON(label="records")
-        with gr.Group():
-            gr.Markdown("### A conversation about this frame (adaptive)\n"
-                        "Ask follow-up questions: the cloud keeps the layers it has received, so a "
-                        "follow-up sends no image bytes, and more layers only when the answer is not "
-                        "sure enough. Uses the bandwidth, RTT, budget and device set above.")
-            chat = gr.Chatbot(label="Conversation", elem_id="chat", height=320)
+        with gr.Tab("Still frame", elem_id="tab-still"):
             with gr.Row():
-                follow_up = gr.Textbox(label="Ask about this frame", elem_id="chat-question", scale=4,
-                                       placeholder="e.g. how many objects are there ?")
-                ask = gr.Button("Ask", elem_id="chat-ask", scale=1)
-            last_turn = gr.JSON(visible=False)
+                with gr.Column(scale=2):
+                    image = gr.Image(type="filepath", label="Camera frame (pick an example below or upload)")
+                    image.preprocess = upload_as_is(image.preprocess)  # compare() says what is wrong
+                    gr.Examples(examples=[[ex["path"]] for ex in EXAMPLES], inputs=[image],
+                                label="Example scenes (ground truth known)")
+                    question = gr.Textbox(label="Question", value="describe the scene .")
+                    questions = gr.Radio(GENERIC_QUESTIONS, label="Suggested questions", value=None)
+                with gr.Column(scale=1):
+                    bandwidth = gr.Dropdown(BANDWIDTHS, value=FIELDS["bandwidth_mbps"]["default"],
+                                            label="Uplink bandwidth (Mbps)")
+                    rtt = gr.Number(value=FIELDS["rtt_ms"]["default"], minimum=FIELDS["rtt_ms"]["minimum"],
+                                    maximum=FIELDS["rtt_ms"]["maximum"], label="RTT (ms)")
+                    k = gr.Slider(1, L, value=L, step=1, label="Progressive layers k")  # default: all L
+                    mode_choice = gr.CheckboxGroup(modes, value=modes, label="Modes to compare")
+                    budget = gr.Number(value=FIELDS["budget_ms"]["default"],
+                                       minimum=FIELDS["budget_ms"]["exclusiveMinimum"],
+                                       label="auto: latency budget (ms)")
+                    device = gr.Radio(info["device_profiles"], value=info["device_profile"], label="Device",
+                                      info="imx95-emulated: the edge's times × an assumed Cortex-A55 "
+                                           "factor (projected, marked so)")
+                    run = gr.Button("Run", variant="primary")
+            with gr.Row(equal_height=True):
+                cards = [gr.Markdown(card(None, None, None, m), elem_id=f"card-{m}", container=True)
+                         for m in modes]
+            chart = gr.BarPlot(x="mode", y="ms", color="stage", title="Latency breakdown (stacked stages)",
+                               y_title="ms", label="Latency breakdown")
+            with gr.Row():
+                ladder = gr.Dataframe(headers=["k", "bytes", "answer", "consistency"],
+                                      label="Compression ladder (this image and question)", interactive=False)
+                picture = gr.Image(label=f"What each layer leaves unreconstructed, k = 1 … {L} "
+                                         "(bright: the next layer still has work there)", interactive=False,
+                                   elem_id="layer-map")
+            notes = gr.Markdown(elem_id="notes")
+            with gr.Accordion("Raw records from the edge agent", open=False):
+                raw = gr.JSON(label="records")
+            with gr.Group():
+                gr.Markdown("### A conversation about this frame (adaptive)\n"
+                            "Ask follow-up questions: the cloud keeps the layers it has received, so a "
+                            "follow-up sends no image bytes, and more layers only when the answer is not "
+                            "sure enough. Uses the bandwidth, RTT, budget and device set above.")
+                chat = gr.Chatbot(label="Conversation", elem_id="chat", height=320)
+                with gr.Row():
+                    follow_up = gr.Textbox(label="Ask about this frame", elem_id="chat-question", scale=4,
+                                           placeholder="e.g. how many objects are there ?")
+                    ask = gr.Button("Ask", elem_id="chat-ask", scale=1)
+                last_turn = gr.JSON(visible=False)
+        with gr.Tab("Video", elem_id="tab-video"):  # a camera that watches (app_video.py)
+            video_tab(EDGE["client"], info, BANDWIDTHS)
 
         page.load(lambda: model_banner(EDGE["info"]), None, banner, api_name=False)
         image.change(suggested, image, questions, api_name=False)

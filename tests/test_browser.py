@@ -1,6 +1,8 @@
 """A real browser on the demo: headless Chromium (Debian's) driven by Playwright picks an
 example, runs the comparison, waits for every card, and checks the shown answers and bytes
-against the named API's response for the same inputs. Saves a screenshot.
+against the named API's response for the same inputs. Saves a screenshot. On the video tab it
+plays an example clip (the chart, the events, the ground truth) and streams Chromium's fake
+camera (--use-fake-device-for-media-stream) to the agent.
 
 Skipped where Chromium or Playwright is missing, unless PROGVLM_REQUIRE_BROWSER=1 (CI sets it).
 """
@@ -116,3 +118,73 @@ def test_a_browser_runs_an_example_and_sees_what_the_api_returns(page_url):
     assert "the cloud held this frame: no image bytes re-sent" in chat_text
     assert SCREENSHOT.stat().st_size > 10_000
     assert "64 × 128 visual tokens" in banner and "17f848a6" in banner
+
+
+def _video_tab(browser, page_url):
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(page_url)
+    page.get_by_role("tab", name="Video").click()
+    return page
+
+
+def test_the_video_tab_plays_an_example_clip_against_its_ground_truth(page_url):
+    """The video tab: pick an example clip, Play, and wait for the summary: the chart draws one
+    point per frame, the events arrived, and most answers match the clip's ground truth."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from progvlm.toyworld.clips import load_example_clips
+    clip = next(e for e in load_example_clips() if e["kind"] == "events")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = _video_tab(browser, page_url)
+        page.locator("#video-clip input").click()
+        page.get_by_role("option", name=clip["name"]).click()
+        page.wait_for_function("document.querySelector('#video-questions textarea').value.length > 0",
+                               timeout=30_000)  # the clip's standing questions, prefilled
+        assert page.locator("#video-questions textarea").input_value().splitlines() == clip["questions"]
+        page.locator("#video-file video").wait_for(timeout=30_000)  # the clip, playable in the page
+        page.locator("#video-play").click()
+        summary = page.locator("#video-summary")
+        summary.get_by_text("frames/s").wait_for(timeout=60_000)
+        summary_text, events = summary.inner_text(), page.locator("#video-events").inner_text()
+        points = page.locator("#video-bytes svg [aria-roledescription='point']").evaluate_all(
+            "marks => marks.map(m => m.getAttribute('aria-label'))")
+        table = page.locator("#video-answers").inner_text()
+        page.screenshot(path=str(SCREENSHOT.with_name("video.png")), full_page=True)
+        browser.close()
+    frames = sorted(int(re.match(r"frame: (\d+);", label).group(1)) for label in points)
+    assert frames == list(range(clip["frames"])), points[:5]  # one point per frame
+    assert f"{clip['frames']} frames" in summary_text and "bytes per frame" in summary_text
+    assert "(emulated link)" in summary_text and "emulated link: 1 Mbps, RTT 20 ms" in summary_text
+    first = [line for line in events.splitlines() if line.startswith("frame 0 ")]
+    assert len(first) == len(clip["questions"])  # every question's first answer, as an event
+    assert any(not line.startswith("frame 0 ") for line in events.splitlines() if line)  # a change
+    matched, compared = map(int, re.search(r"ground truth: (\d+) of (\d+)", summary_text).groups())
+    assert compared == clip["frames"] * len(clip["questions"]) and matched >= 0.9 * compared
+    assert f"{clip['questions'][0]} · truth" in table and "✓" in table
+
+
+def test_the_video_tab_streams_the_webcam_to_the_agent(page_url):
+    """The webcam, Chromium's fake camera: Record opens a live stream at the agent, a few frames
+    get their records (the first answers appear as events), Stop closes the stream."""
+    from playwright.sync_api import sync_playwright
+    questions = ["how many objects are there ?", "what colour is the circle ?"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        page = _video_tab(browser, page_url)
+        page.locator("#video-questions textarea").fill("\n".join(questions))
+        webcam, status = page.locator("#video-webcam"), page.locator("#webcam-status")
+        webcam.get_by_text("Click to Access Webcam").click()
+        webcam.locator("button", has_text="Record").click(timeout=30_000)
+        status.get_by_text("streaming: frame 3 ").wait_for(timeout=60_000)  # four frames answered
+        events = page.locator("#webcam-events").inner_text()
+        webcam.locator("button", has_text="Stop").click()
+        status.get_by_text("stream closed after").wait_for(timeout=30_000)
+        closed = status.inner_text()
+        browser.close()
+    first = [line for line in events.splitlines() if line.startswith("frame 0 ")]
+    assert [q for q in questions if any(q in line for line in first)] == questions
+    assert int(closed.split("after ")[1].split()[0]) >= 4

@@ -60,7 +60,7 @@ def test_a_stale_export_is_caught(manifest, tmp_path):
     from edge_agent.exported import ExportedRuntime
 
     class Tables(ExportedRuntime):  # the manifest and tables checks only, no engine
-        language = mae_encode = set_threads = vision = None
+        language = latent = set_threads = vision = None
     assert Tables(SHIPPED_INT8_EXPORT, manifest).mae_fingerprint == load_split().mae.fingerprint()
     with pytest.raises(ExportError, match="coding tables are for MAE"):
         Tables(copy, dict(manifest, mae_fingerprint="00000000"))
