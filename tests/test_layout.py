@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("progvlm/**/*.py"), *ROOT.glob("edge_agent/**/*.py"), ROOT / "app.py"])
+SOURCES = sorted([*ROOT.glob("progvlm/**/*.py"), *ROOT.glob("edge_agent/**/*.py"), *ROOT.glob("app*.py")])
 CORE = ("progvlm.codec", "progvlm.net", "progvlm.serve", "progvlm.video")
 NOT_FOR_THE_CORE = ("progvlm.toyworld", "progvlm.eval", "progvlm.bench", "progvlm.cli")
 MAX_LINES = 500

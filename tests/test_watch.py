@@ -69,6 +69,10 @@ def test_a_static_scene_sends_one_key_then_one_byte_frames_and_answers_only_on_a
     first = {e["question"]: e for e in records[0]["events"]}
     assert set(first) == {COUNT, DESCRIBE} and first[COUNT]["previous"] is None
     assert all(r["events"] == [] for r in records[1:4])  # nothing changed: nothing sent back
+    # the cloud saw the same tokens again: the language half did not run
+    assert all("language_ms" not in r["stage_ms"] and "answers_reused_ms" in r["stage_ms"]
+               for r in records[1:4])
+    assert "language_ms" in records[0]["stage_ms"] and "language_ms" in records[4]["stage_ms"]
     change = {e["question"]: e for e in records[4]["events"]}
     assert change[COUNT]["answer"] == "one" and change[COUNT]["previous"] == first[COUNT]["answer"]
     assert records[4]["kind"] == "delta" and records[4]["bytes"] < records[0]["bytes"]

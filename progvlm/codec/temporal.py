@@ -57,6 +57,11 @@ def is_delta(data: bytes) -> bool:
     return bool(data) and bool(data[0] & DELTA)
 
 
+def unchanged_k(data: bytes) -> int | None:
+    """k of a one-byte delta frame (every token unchanged), None for any other frame."""
+    return data[0] & _K_MASK if len(data) == 1 and data[0] & DELTA and data[0] & SAME else None
+
+
 @dataclass
 class Reference:
     """What the cloud holds of a stream after a frame: code indices (L, M) of M tokens (rows at

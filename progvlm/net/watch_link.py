@@ -64,29 +64,38 @@ class WatchLink:
         return msg
 
     def send(self, data: bytes) -> tuple[dict, dict[str, float]]:
-        """One frame through the shaped link → (the FrameAck or Resync, stage_ms with uplink,
-        the cloud's stages, downlink and overhead adding up to its wall time)."""
+        """One frame through the shaped link → (the FrameAck or Resync, stage_ms: uplink, the
+        cloud's stages, downlink and overhead, adding up to `wall`). On the emulated link the
+        propagation and the bytes' time are paid here; on a real one they happen while the edge
+        waits, and that wait is split as a request's is (progvlm.net.exchange): what the link
+        needs for the frame (RTT/2 and its bytes at the bandwidth) is uplink, what it needs for
+        the reply is downlink, the cloud's stages are its own, the rest is overhead."""
+        link = self.link
         t0 = time.perf_counter()
-        self.link.propagate()
-        for _ in paced_chunks(data, self.link):
+        link.propagate()
+        for _ in paced_chunks(data, link):
             pass  # the frame leaves as one message once the link has carried its bytes
         try:
             self.ws.send(data)
         except ConnectionClosed:
             pass  # the reason, if any, is in the next read
-        uplink = time.perf_counter() - t0
+        sent = time.perf_counter() - t0
         reply = self._expect(FRAME, RESYNC)
         t_reply = time.perf_counter()
-        nbytes = len(json.dumps(reply))
-        down_s = self.link.rtt_ms / 2000 + self.link.serialisation_s(nbytes)
-        if self.link.emulated:
+        down_s = link.rtt_ms / 2000 + link.serialisation_s(len(json.dumps(reply)))
+        if link.emulated:
             time.sleep(down_s)
         wall = time.perf_counter() - t0
-        cloud = {name: v for name, v in reply.get("stage_ms", {}).items()}
-        stages = {"uplink": to_ms(uplink), **cloud, "downlink": to_ms(down_s)}
-        waited = to_ms(t_reply - t0 - uplink)
-        stages["overhead"] = round(max(0.0, waited - sum(cloud.values())), 3)
-        stages["wall"] = to_ms(wall)
+        cloud = dict(reply.get("stage_ms", {}))
+        rest = max(0.0, t_reply - t0 - sent - sum(cloud.values()) / 1e3)  # neither sending nor cloud
+        uplink = sent
+        if not link.emulated:
+            up_more = min(rest, max(0.0, link.rtt_ms / 2000 + link.serialisation_s(len(data)) - sent))
+            uplink, rest = sent + up_more, rest - up_more
+            down_s = min(down_s, rest)
+            rest -= down_s
+        stages = {"uplink": to_ms(uplink), **cloud, "downlink": to_ms(down_s),
+                  "overhead": to_ms(rest), "wall": to_ms(wall)}
         return reply, stages
 
     def close(self):
