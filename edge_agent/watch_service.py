@@ -115,7 +115,7 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
             watcher.close()
         put({"type": "summary", **summarise(records, settings)})
 
-    @app.post("/v1/watch", responses={200: lines, **documented(400, 401, 403, 413, 422)})
+    @app.post("/v1/watch", responses={200: lines, **documented(400, 401, 403, 408, 413, 422)})
     async def watch(form: Annotated[WatchForm, Form(media_type="multipart/form-data")]):
         """A clip played through the device: NDJSON lines, a record per frame, then a summary."""
         settings = WatchSettings.model_validate(form.model_dump(exclude={"video"}))
@@ -137,7 +137,7 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
         return StreamingResponse(ndjson_lines(agent, deadline, lambda put: play(video, settings, put),
                                               ("summary",)), media_type="application/x-ndjson")
 
-    @app.post("/v1/watch/sessions", responses=documented(401, 403, 409, 422, 429, 502))
+    @app.post("/v1/watch/sessions", responses=documented(400, 401, 403, 408, 409, 413, 422, 429, 502))
     async def open_session(settings: Annotated[WatchSettings, Form(media_type="multipart/form-data")]):
         """A live stream (a webcam): its frames come one request each."""
         try:
@@ -154,7 +154,7 @@ def add_watch_routes(app: FastAPI, agent, run_in_thread, error_response, ndjson_
             return error_response(e)
 
     @app.post("/v1/watch/sessions/{sid}/frame",
-              responses=documented(400, 401, 403, 404, 413, 422, 502, 503))
+              responses=documented(400, 401, 403, 404, 408, 413, 422, 502, 503))
     async def session_frame(sid: str, image: Annotated[UploadFile, File()]):
         watcher = sessions.get(sid)
         if watcher is None:
