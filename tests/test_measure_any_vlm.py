@@ -105,6 +105,11 @@ def test_bench_cost_profile_writes_results(llava_pair, images, tmp_path, capsys)
                 "bytes_per_k", "jpeg_bytes", "end_to_end_1mbps_ms", "crossover", "profiles"):
         assert key in r and key in headline or key == "profiles", key
     assert r["edge_vision_ms"] > 0 and r["vision_macs"] > 0
+    video = r["video"]  # a pan-and-zoom clip over the 2 readable images, coded both ways
+    assert video["frames"] == 2 * video["frames_per_image"] and video["images"] == 2
+    for k in ("k1", f"k{len(r['bytes_per_k'])}"):
+        assert 0 < video[k]["bytes_per_frame_temporal"] <= video[k]["bytes_per_frame_intra"]
+    assert "## Video" in (out / "summary.md").read_text()
     assert 0 < r["mae_encode_share_of_edge"] < 1
     bytes_per_k = list(r["bytes_per_k"].values())
     assert bytes_per_k == sorted(bytes_per_k) and r["jpeg_bytes"]["camera"] > 0

@@ -132,9 +132,14 @@ def video_cost(split, image_paths, frames_per_image: int = 6, log=print) -> dict
     k = L; bytes per frame after each photo's first, and the edge's and the cloud's time per
     frame (medians, this host)."""
     from ..codec.temporal import TemporalCoder
-    from ..images import load_image
+    from ..images import ImageInputError, load_image
     from ..video.pan_zoom import pan_zoom
-    photos = [load_image(p) for p in image_paths]
+    photos = []
+    for p in image_paths:  # what measure_costs skips (not an image) is skipped here too
+        try:
+            photos.append(load_image(p))
+        except ImageInputError:
+            pass
     clip = pan_zoom(photos, frames_per_image)
     tables = split.mae.edge_codec()
     L = split.num_layers
