@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -78,18 +79,26 @@ async def serve_stream(ws: WebSocket, state, limits: StreamLimits, token: str | 
     """One accepted socket: its token and Origin checked, then its requests (`state`: the app's,
     with the model, the frame cache and the count of sockets accepted)."""
     await ws.accept()
-    try:
+    async with closing_on_error(ws, "the stream"):
         check_socket(ws, token, allowed_origins)
         state.stream_connections += 1
         # conversations' frames are this peer's alone (progvlm.net.frame_cache)
         client = ws.client.host if ws.client else "unknown"
         await _StreamSession(ws, state.model, limits, state.frame_cache, client).run()
+
+
+@asynccontextmanager
+async def closing_on_error(ws: WebSocket, what: str):
+    """An accepted socket's work: a refusal (RequestError) is sent as an Error and closes it
+    with its code, a client that went away is no error, anything else is a 500 (logged)."""
+    try:
+        yield
     except RequestError as e:
         await _close_with_error(ws, e.status, e.detail)
     except WebSocketDisconnect:
-        log.debug("client went away from the stream")
+        log.debug("client went away from %s", what)
     except Exception as e:
-        log.exception("unexpected error in the stream")
+        log.exception("unexpected error in %s", what)
         await _close_with_error(ws, 500, f"internal error: {type(e).__name__}: {e}")
 
 

@@ -33,7 +33,7 @@ from ..images import ImageInputError, load_image
 from ..net.protocol import (MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event, FrameAck, RequestError,
                             Resync, Watching, check_end, parse_watch_start, to_ms)
 from ..split import Split
-from .stream import _close_with_error, check_socket
+from .stream import check_socket, closing_on_error
 
 log = logging.getLogger("progvlm.cloud")
 
@@ -179,21 +179,15 @@ async def serve_watch(ws: WebSocket, state, token: str | None, allowed_origins: 
     await ws.accept()
     client = ws.client.host if ws.client else "unknown"
     counted = False
-    try:
-        check_socket(ws, token, allowed_origins)
-        state.watch_streams.enter(client)
-        counted = True
-        await _watch(ws, state.watch_compute, max_frame_bytes, idle_s)
-    except RequestError as e:
-        await _close_with_error(ws, e.status, e.detail)
-    except WebSocketDisconnect:
-        log.debug("client went away from its stream")
-    except Exception as e:
-        log.exception("unexpected error in a watched stream")
-        await _close_with_error(ws, 500, f"internal error: {type(e).__name__}: {e}")
-    finally:
-        if counted:
-            state.watch_streams.leave(client)
+    async with closing_on_error(ws, "a watched stream"):
+        try:
+            check_socket(ws, token, allowed_origins)
+            state.watch_streams.enter(client)
+            counted = True
+            await _watch(ws, state.watch_compute, max_frame_bytes, idle_s)
+        finally:
+            if counted:
+                state.watch_streams.leave(client)
 
 
 async def _receive(ws: WebSocket, timeout: float, what: str) -> dict:
