@@ -18,7 +18,6 @@ WATCH_IDLE_S is closed (4408).
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections import Counter
@@ -35,7 +34,6 @@ from ..net.protocol import (MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event, FrameAc
 from ..split import Split
 from .stream import check_socket, closing_on_error
 
-log = logging.getLogger("progvlm.cloud")
 
 
 @dataclass
