@@ -1,0 +1,236 @@
+"""Issue 20, measured: does a cloud-side "would a plausible refinement change the answer?" probe
+add to the learned sufficiency rule (assets/mae/adaptive.json)?
+
+    python docs/adaptive/refinement_probe.py collect --stream 2 --seed 1 --questions 2000 --out s1.pkl
+    python docs/adaptive/refinement_probe.py collect --stream 1 --seed 0 --start 50000 --out cal.pkl
+    python docs/adaptive/refinement_probe.py report --calibration cal.pkl s1.pkl s2.pkl s3.pkl
+
+`collect`: every question answered from k = 1..L layers (as eval-mae's ladder: the same scenes,
+questions, wire bytes and answers), and, for every k < L, `--samples` plausible refinements
+the cloud can make without the edge, each answered by the language half (one batch):
+
+* prior: layer k + 1's codes drawn per token from the quantiser's code frequencies (the range
+  coder's usage table, which the cloud holds), added to the latent of k layers, decoded as k + 1;
+* noise: the latent of k layers plus Gaussian noise of stage k's typical residual (the
+  quantiser's typical_dist), decoded as k.
+
+The probe's signal is the fraction of refinements whose answer is the answer at k.
+
+`report`: AUROC of "the answer at k is the answer at L" (over all answers at k < L, and at
+k = 1) for the shipped learned rule and the probes; the adaptive policy (stop at the first k
+whose score ≥ τ) under the shipped rule, the rule gated by the probe (stop only where every
+refinement agrees) and a logistic combination, each τ chosen on the calibration file within
+1.2× k = 1's bytes (progvlm.adaptive.BYTES_BUDGET) and evaluated on the others, plus each
+one's best τ *on the evaluation file itself* (an in-sample upper bound). Host CPU, one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("prior", "noise")
+
+
+def collect(stream: int, seed: int, start: int, count: int, samples: int, out: Path) -> None:
+    import torch
+    from progvlm.eval.evaluate import eval_questions
+    from progvlm.split import Frame, load_split
+    from progvlm.toyworld.scenes import render_scene
+    torch.set_num_threads(1)
+    split = load_split()
+    vlm, mae, q, L = split.vlm, split.mae, split.mae.quantiser, split.num_layers
+    scenes, qa = eval_questions(seed, count, stream, start)
+    gen = torch.Generator().manual_seed(1234)
+    usage = q.usage / q.usage.sum(1, keepdim=True)
+    rows, probe_ms, t0 = [], 0.0, time.time()
+    for s0 in range(0, len(scenes), 32):
+        ids = list(range(s0, min(len(scenes), s0 + 32)))
+        toks = vlm.edge_half_batch([render_scene(scenes[s]) for s in ids])
+        items = [(j, s, a) for j, (s, a) in enumerate(qa) if s in ids]
+        latent, nbytes = {}, {}
+        with torch.no_grad():
+            for s, tk in zip(ids, toks):
+                layers = mae.compress(tk)
+                idx = torch.from_numpy(mae.edge_codec().decode_indices(layers, tk.shape[0]))
+                latent[s] = [q.get_output_from_indices(idx[:k]) for k in range(1, L + 1)]
+                nbytes[s] = [len(split.pack(Frame(layers[:k], tk.shape[0]))) for k in range(1, L + 1)]
+            dec = {(s, k): t for k in range(1, L + 1) for s, t in
+                   zip(ids, mae.decode_latent(torch.stack([latent[s][k - 1] for s in ids]), k))}
+            probe = {}
+            for k in range(1, L):
+                for kind in KINDS:
+                    lats = []
+                    for s in ids:
+                        base = latent[s][k - 1]
+                        for _ in range(samples):
+                            if kind == "prior":
+                                c = torch.multinomial(usage[k], base.shape[0], True, generator=gen)
+                                lats.append(base + q.codebooks[k][c])
+                            else:
+                                sd = (q.typical_dist[k - 1] / base.shape[1]).sqrt()
+                                lats.append(base + sd * torch.randn(base.shape, generator=gen))
+                    got = mae.decode_latent(torch.stack(lats), k + 1 if kind == "prior" else k)
+                    for i, s in enumerate(ids):
+                        probe[(s, k, kind)] = got[i * samples:(i + 1) * samples]
+        reqs = [(dec[(s, k)], a.question, ("k", j, k)) for j, s, a in items for k in range(1, L + 1)]
+        ans = dict(zip([r[2] for r in reqs], vlm.cloud_half_batch([r[0] for r in reqs], [r[1] for r in reqs])))
+        preqs = [(t, a.question, (j, k, kind)) for j, s, a in items for k in range(1, L)
+                 for kind in KINDS for t in probe[(s, k, kind)]]
+        tp = time.perf_counter()
+        got = vlm.cloud_half_batch([r[0] for r in preqs], [r[1] for r in preqs])
+        probe_ms += 1e3 * (time.perf_counter() - tp)
+        texts: dict = {}
+        for r, g in zip(preqs, got):
+            texts.setdefault(r[2], []).append(g.text)
+        for j, s, a in items:
+            rows.append({"q": a.question, "qtype": a.qtype, "truth": a.answer, "bytes": nbytes[s],
+                         "ans": [(ans[("k", j, k)].text, ans[("k", j, k)].token_ids,
+                                  ans[("k", j, k)].token_probs, ans[("k", j, k)].runner_up_probs)
+                                 for k in range(1, L + 1)],
+                         "probe": {(k, kind): texts[(j, k, kind)] for k in range(1, L) for kind in KINDS}})
+        print(f"{len(rows)} questions, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    pickle.dump({"rows": rows, "samples": samples, "probe_ms_per_question_and_k":
+                 probe_ms / max(1, len(rows) * (L - 1))}, open(out, "wb"))
+
+
+# ---- report ---------------------------------------------------------------------------------
+def _load(path: Path) -> dict:
+    from progvlm.adaptive import AdaptiveRule
+    from progvlm.backends.base import Answer
+    from progvlm.models.mae import DEFAULT_MAE
+    blob = pickle.load(open(path, "rb"))
+    rows = blob["rows"]
+    answers = [[Answer(t, ids, token_probs=p, runner_up_probs=r) for t, ids, p, r in x["ans"]] for x in rows]
+    L = len(answers[0])
+    rule = AdaptiveRule.load(DEFAULT_MAE)
+    probe = np.ones((len(rows), L, len(KINDS)))
+    for i, x in enumerate(rows):
+        for k in range(1, L):
+            for c, kind in enumerate(KINDS):
+                probe[i, k - 1, c] = np.mean([t == x["ans"][k - 1][0] for t in x["probe"][(k, kind)]])
+    return {"correct": np.array([[a.text.strip() == x["truth"] for a in row] for row, x in zip(answers, rows)]),
+            "agree_L": np.array([[a.text == row[-1].text for a in row] for row in answers]),
+            "bytes": np.array([x["bytes"] for x in rows], float), "probe": probe, "rule": rule,
+            "learned": np.array([[rule.confidence(a, x["q"]) for a in row] for row, x in zip(answers, rows)]),
+            "probe_ms": blob.get("probe_ms_per_question_and_k")}
+
+
+def _policy(score, d, tau) -> tuple[float, float]:
+    s = score.copy()
+    s[:, -1] = np.inf
+    k = (s >= tau).argmax(1)
+    rows = np.arange(len(k))
+    return float(d["correct"][rows, k].mean()), float(d["bytes"][rows, k].mean() / d["bytes"][:, 0].mean())
+
+
+def _best_tau(score, d, budget) -> float:
+    best = None
+    for tau in np.unique(np.quantile(score[:, :-1], np.linspace(0, 1, 801))):
+        acc, ratio = _policy(score, d, tau)
+        if ratio <= budget and (best is None or (acc, -ratio) > best[:2]):
+            best = (acc, -ratio, float(tau))
+    return best[2]
+
+
+def _logit(p):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _combo_features(d):
+    return np.concatenate([_logit(d["learned"])[..., None], d["probe"]], -1)
+
+
+def _fit_combo(d):
+    """Logistic regression of agreement with L on [logit(learned), probe fractions] (the
+    calibration file's answers at k < L); returns the scoring function."""
+    n = 1 + len(KINDS)
+    x = _combo_features(d)[:, :-1].reshape(-1, n)
+    y = d["agree_L"][:, :-1].ravel().astype(float)
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    z = np.c_[(x - mean) / scale, np.ones(len(x))]
+    w = np.zeros(n + 1)
+    for _ in range(50):  # Newton's method, a small L2 penalty
+        p = 1 / (1 + np.exp(-np.clip(z @ w, -60, 60)))
+        hess = (z * (p * (1 - p))[:, None]).T @ z / len(z) + 1e-3 * np.eye(n + 1)
+        w -= np.linalg.solve(hess, z.T @ (p - y) / len(z) + 1e-3 * w)
+
+    def score(e):
+        ze = np.c_[(_combo_features(e).reshape(-1, n) - mean) / scale, np.ones(e["learned"].size)]
+        return (1 / (1 + np.exp(-np.clip(ze @ w, -60, 60)))).reshape(e["learned"].shape)
+    return score
+
+
+def _scores(d, combo) -> dict:
+    gate = lambda m: np.where(m, 0.0, d["learned"])
+    return {"learned (shipped)": d["learned"],
+            "learned, gated by prior probe": gate(d["probe"][..., 0] < 1),
+            "learned, gated by both probes": gate(d["probe"].min(-1) < 1),
+            "logistic(learned, probes)": combo(d)}
+
+
+def report(calibration: Path, evaluation: list[Path]) -> dict:
+    from progvlm.adaptive import ACCURACY_SLACK, BYTES_BUDGET
+    from progvlm.adaptive_learned import auroc
+    cal = _load(calibration)
+    combo = _fit_combo(cal)
+    taus = {name: _best_tau(s, cal, BYTES_BUDGET) for name, s in _scores(cal, combo).items()}
+    out = {"calibration": str(calibration), "budget": BYTES_BUDGET, "accuracy_slack": ACCURACY_SLACK,
+           "shipped_threshold": cal["rule"].threshold, "per_file": {}}
+    for path in evaluation:
+        d = _load(path)
+        goal = float(d["correct"][:, -1].mean())
+        row = {"questions": len(d["correct"]), "k1_accuracy": float(d["correct"][:, 0].mean()),
+               "kL_accuracy": goal, "oracle": _policy(np.where(d["correct"], 1.0, 0.0), d, 0.5),
+               "probe_ms_per_question_and_k": d["probe_ms"]}
+        for c, kind in enumerate(KINDS):
+            row[f"probe_{kind}_auroc"] = {"all_k": auroc(d["probe"][:, :-1, c].ravel(), d["agree_L"][:, :-1].ravel()),
+                                          "k1": auroc(d["probe"][:, 0, c], d["agree_L"][:, 0])}
+        taus_here = {**taus, "learned (shipped), shipped τ": cal["rule"].threshold}
+        scores = _scores(d, combo)
+        scores["learned (shipped), shipped τ"] = d["learned"]
+        for name, s in scores.items():
+            acc, ratio = _policy(s, d, taus_here[name])
+            in_acc, in_ratio = _policy(s, d, _best_tau(s, d, BYTES_BUDGET))
+            row[name] = {"tau": taus_here[name], "accuracy": acc, "bytes_ratio": ratio,
+                         "goal_met": acc >= goal - ACCURACY_SLACK and ratio <= BYTES_BUDGET,
+                         "auroc_all_k": auroc(s[:, :-1].ravel(), d["agree_L"][:, :-1].ravel()),
+                         "auroc_k1": auroc(s[:, 0], d["agree_L"][:, 0]),
+                         "in_sample_best": {"accuracy": in_acc, "bytes_ratio": in_ratio}}
+        out["per_file"][str(path)] = row
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--stream", type=int, default=2)
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--start", type=int, default=0)
+    c.add_argument("--questions", type=int, default=2000)
+    c.add_argument("--samples", type=int, default=4)
+    c.add_argument("--out", type=Path, required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--calibration", type=Path, required=True)
+    r.add_argument("evaluation", type=Path, nargs="+")
+    r.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    if a.cmd == "collect":
+        collect(a.stream, a.seed, a.start, a.questions, a.samples, a.out)
+    else:
+        text = json.dumps(report(a.calibration, a.evaluation), indent=1)
+        (a.out.write_text(text + "\n") if a.out else print(text))
+
+
+if __name__ == "__main__":
+    main()
