@@ -6,7 +6,7 @@ add to the learned sufficiency rule (assets/mae/adaptive.json)?
     python docs/adaptive/refinement_probe.py report --calibration cal.pkl s1.pkl s2.pkl s3.pkl
 
 `collect`: every question answered from k = 1..L layers (as eval-mae's ladder: the same scenes,
-questions, wire bytes and answers), and, for every k < L, `--samples` plausible refinements
+questions, wire bytes and answers), and, for k = 1 (`--probe-layers`), `--samples` refinements
 the cloud can make without the edge, each answered by the language half (one batch):
 
 * prior: layer k + 1's codes drawn per token from the quantiser's code frequencies (the range
@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 KINDS = ("prior", "noise")
 
 
-def collect(stream: int, seed: int, start: int, count: int, samples: int, out: Path) -> None:
+def collect(stream: int, seed: int, start: int, count: int, samples: int, out: Path,
+            probe_layers: tuple[int, ...] = (1,)) -> None:
     import torch
     from progvlm.eval.evaluate import eval_questions
     from progvlm.split import Frame, load_split
@@ -66,7 +67,7 @@ def collect(stream: int, seed: int, start: int, count: int, samples: int, out: P
             dec = {(s, k): t for k in range(1, L + 1) for s, t in
                    zip(ids, mae.decode_latent(torch.stack([latent[s][k - 1] for s in ids]), k))}
             probe = {}
-            for k in range(1, L):
+            for k in probe_layers:
                 for kind in KINDS:
                     lats = []
                     for s in ids:
@@ -83,7 +84,7 @@ def collect(stream: int, seed: int, start: int, count: int, samples: int, out: P
                         probe[(s, k, kind)] = got[i * samples:(i + 1) * samples]
         reqs = [(dec[(s, k)], a.question, ("k", j, k)) for j, s, a in items for k in range(1, L + 1)]
         ans = dict(zip([r[2] for r in reqs], vlm.cloud_half_batch([r[0] for r in reqs], [r[1] for r in reqs])))
-        preqs = [(t, a.question, (j, k, kind)) for j, s, a in items for k in range(1, L)
+        preqs = [(t, a.question, (j, k, kind)) for j, s, a in items for k in probe_layers
                  for kind in KINDS for t in probe[(s, k, kind)]]
         tp = time.perf_counter()
         got = vlm.cloud_half_batch([r[0] for r in preqs], [r[1] for r in preqs])
@@ -96,10 +97,16 @@ def collect(stream: int, seed: int, start: int, count: int, samples: int, out: P
                          "ans": [(ans[("k", j, k)].text, ans[("k", j, k)].token_ids,
                                   ans[("k", j, k)].token_probs, ans[("k", j, k)].runner_up_probs)
                                  for k in range(1, L + 1)],
-                         "probe": {(k, kind): texts[(j, k, kind)] for k in range(1, L) for kind in KINDS}})
+                         "probe": {(k, kind): texts[(j, k, kind)] for k in probe_layers for kind in KINDS}})
         print(f"{len(rows)} questions, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    pickle.dump({"rows": rows, "samples": samples, "probe_ms_per_question_and_k":
-                 probe_ms / max(1, len(rows) * (L - 1))}, open(out, "wb"))
+        if len(rows) % 640 < len(items):  # a partial file now and then: long runs can be cut
+            _dump(out, rows, samples, probe_ms / max(1, len(rows) * len(probe_layers)))
+    _dump(out, rows, samples, probe_ms / max(1, len(rows) * len(probe_layers)))
+
+
+def _dump(out: Path, rows: list, samples: int, probe_ms: float) -> None:
+    pickle.dump({"rows": rows, "samples": samples, "probe_ms_per_question_and_k": probe_ms},
+                open(out, "wb"))
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -115,13 +122,14 @@ def _load(path: Path) -> dict:
     probe = np.ones((len(rows), L, len(KINDS)))
     for i, x in enumerate(rows):
         for k in range(1, L):
-            for c, kind in enumerate(KINDS):
-                probe[i, k - 1, c] = np.mean([t == x["ans"][k - 1][0] for t in x["probe"][(k, kind)]])
+            for c, kind in enumerate(KINDS):  # a k without a probe: every refinement agrees
+                texts = x["probe"].get((k, kind), [x["ans"][k - 1][0]])
+                probe[i, k - 1, c] = np.mean([t == x["ans"][k - 1][0] for t in texts])
     return {"correct": np.array([[a.text.strip() == x["truth"] for a in row] for row, x in zip(answers, rows)]),
             "agree_L": np.array([[a.text == row[-1].text for a in row] for row in answers]),
             "bytes": np.array([x["bytes"] for x in rows], float), "probe": probe, "rule": rule,
             "learned": np.array([[rule.confidence(a, x["q"]) for a in row] for row, x in zip(answers, rows)]),
-            "probe_ms": blob.get("probe_ms_per_question_and_k")}
+            "probe_ms": blob.get("probe_ms_per_question_and_k"), "qtype": [x["qtype"] for x in rows]}
 
 
 def _policy(score, d, tau) -> tuple[float, float]:
@@ -139,6 +147,28 @@ def _best_tau(score, d, budget) -> float:
         if ratio <= budget and (best is None or (acc, -ratio) > best[:2]):
             best = (acc, -ratio, float(tau))
     return best[2]
+
+
+def _per_type_taus(score, d, budget, rounds: int = 3) -> dict:
+    """One τ per question type (coordinate ascent from the shipped τ): the most correct answers
+    within the budget, ties to fewer bytes."""
+    types = sorted(set(d["qtype"]))
+    taus = {t: d["rule"].threshold for t in types}
+    grid = np.unique(np.quantile(score[:, :-1], np.linspace(0, 1, 201)))
+    for _ in range(rounds):
+        for t in types:
+            best = None
+            for g in grid:
+                acc, ratio = _policy(_per_type(score, d, {**taus, t: g}), d, 0.0)
+                if ratio <= budget and (best is None or (acc, -ratio) > best[:2]):
+                    best = (acc, -ratio, float(g))
+            taus[t] = best[2]
+    return taus
+
+
+def _per_type(score, d, taus) -> np.ndarray:
+    """score - τ(question type): ≥ 0 where the per-type rule stops."""
+    return score - np.array([taus.get(t, 1.0) for t in d["qtype"]])[:, None]
 
 
 def _logit(p):
@@ -183,7 +213,10 @@ def report(calibration: Path, evaluation: list[Path]) -> dict:
     from progvlm.adaptive_learned import auroc
     cal = _load(calibration)
     combo = _fit_combo(cal)
-    taus = {name: _best_tau(s, cal, BYTES_BUDGET) for name, s in _scores(cal, combo).items()}
+    cal_scores = _scores(cal, combo)
+    taus = {name: _best_tau(s, cal, BYTES_BUDGET) for name, s in cal_scores.items()}
+    per_type_taus = {name: _per_type_taus(cal_scores[name], cal, BYTES_BUDGET)
+                     for name in ("learned (shipped)", "learned, gated by both probes")}
     out = {"calibration": str(calibration), "budget": BYTES_BUDGET, "accuracy_slack": ACCURACY_SLACK,
            "shipped_threshold": cal["rule"].threshold, "per_file": {}}
     for path in evaluation:
@@ -206,6 +239,15 @@ def report(calibration: Path, evaluation: list[Path]) -> dict:
                          "auroc_all_k": auroc(s[:, :-1].ravel(), d["agree_L"][:, :-1].ravel()),
                          "auroc_k1": auroc(s[:, 0], d["agree_L"][:, 0]),
                          "in_sample_best": {"accuracy": in_acc, "bytes_ratio": in_ratio}}
+        for name in ("learned (shipped)", "learned, gated by both probes"):
+            s = scores[name]
+            t_cal = per_type_taus[name]
+            acc, ratio = _policy(_per_type(s, d, t_cal), d, 0.0)
+            in_acc, in_ratio = _policy(_per_type(s, d, _per_type_taus(s, d, BYTES_BUDGET)), d, 0.0)
+            row[name + ", τ per question type"] = {
+                "tau": t_cal, "accuracy": acc, "bytes_ratio": ratio,
+                "goal_met": acc >= goal - ACCURACY_SLACK and ratio <= BYTES_BUDGET,
+                "in_sample_best": {"accuracy": in_acc, "bytes_ratio": in_ratio}}
         out["per_file"][str(path)] = row
     return out
 
@@ -219,6 +261,8 @@ def main() -> None:
     c.add_argument("--start", type=int, default=0)
     c.add_argument("--questions", type=int, default=2000)
     c.add_argument("--samples", type=int, default=4)
+    c.add_argument("--probe-layers", default="1", help="the k (comma-separated) probed (default 1: "
+                   "where nearly every decision is made)")
     c.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("report")
     r.add_argument("--calibration", type=Path, required=True)
@@ -226,7 +270,8 @@ def main() -> None:
     r.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     if a.cmd == "collect":
-        collect(a.stream, a.seed, a.start, a.questions, a.samples, a.out)
+        collect(a.stream, a.seed, a.start, a.questions, a.samples, a.out,
+                tuple(int(k) for k in a.probe_layers.split(",")))
     else:
         text = json.dumps(report(a.calibration, a.evaluation), indent=1)
         (a.out.write_text(text + "\n") if a.out else print(text))
