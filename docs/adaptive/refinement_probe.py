@@ -24,6 +24,7 @@ refinement agrees) and a logistic combination, each τ chosen on the calibration
 one's best τ *on the evaluation file itself* (an in-sample upper bound), and one τ per question
 type (coordinate ascent, on the calibration file and in-sample). Host CPU, one thread.
 
+`variants`: other refinements at k = 1 (VARIANTS) on one evaluation file, in-sample bounds.
 `time`: what the probe costs the cloud (batch 1): one answer alone and with 4 or 8 refinements.
 """
 from __future__ import annotations
@@ -256,6 +257,74 @@ def report(calibration: Path, evaluation: list[Path]) -> dict:
     return out
 
 
+#: the other refinements tried at k = 1 (`variants`): name → (samples, how they are made)
+VARIANTS = {"prior8": (8, "layer 2's codes from the usage prior on every token, decoded as k = 2"),
+            "prior_obj4": (4, "the same on tokens whose layer-1 code is not the most frequent one"),
+            "swap4": (4, "15% of those tokens' layer-1 codes swapped for one of their 3 nearest codes"),
+            "k2label": (1, "the latent of layer 1 decoded as if it were k = 2"),
+            "kLlabel": (1, "the latent of layer 1 decoded as if it were k = L")}
+
+
+def variants(ladder_file: Path, seed: int, out: Path) -> dict:
+    """The VARIANTS on the questions of an evaluation file collected with `--seed seed` (stream
+    2): each one's AUROC at k = 1, how often it fires, and the in-sample best of the learned rule
+    gated by it at k = 1 (the most that variant could give on that file)."""
+    import torch
+    from progvlm.adaptive import ACCURACY_SLACK, BYTES_BUDGET
+    from progvlm.adaptive_learned import auroc
+    from progvlm.eval.evaluate import eval_questions
+    from progvlm.split import load_split
+    from progvlm.toyworld.scenes import render_scene
+    torch.set_num_threads(1)
+    d, rows = _load(ladder_file), pickle.load(open(ladder_file, "rb"))["rows"]
+    split = load_split()
+    vlm, mae, q, L = split.vlm, split.mae, split.mae.quantiser, split.num_layers
+    scenes, qa = eval_questions(seed, len(rows), 2, 0)
+    gen = torch.Generator().manual_seed(99)
+    usage = q.usage / q.usage.sum(1, keepdim=True)
+    cb0 = q.codebooks[0]
+    near = torch.cdist(cb0, cb0).fill_diagonal_(float("inf")).argsort(1)[:, :3]
+    texts: dict = {}
+    for s0 in range(0, len(scenes), 32):
+        ids = list(range(s0, min(len(scenes), s0 + 32)))
+        lats, labels, keys = [], [], []
+        with torch.no_grad():
+            for s, tk in zip(ids, vlm.edge_half_batch([render_scene(scenes[s]) for s in ids])):
+                idx = torch.from_numpy(mae.edge_codec().decode_indices(mae.compress(tk, 1), tk.shape[0]))[0]
+                base, n = cb0[idx], len(idx)
+                obj = idx != usage[0].argmax()
+                for name, (count, _) in VARIANTS.items():
+                    for _ in range(count):
+                        label = 1 if name == "swap4" else L if name == "kLlabel" else 2
+                        if name.startswith("prior"):
+                            add = q.codebooks[1][torch.multinomial(usage[1], n, True, generator=gen)]
+                            lat = base + (add * obj[:, None] if name == "prior_obj4" else add)
+                        elif name == "swap4":
+                            pick = (torch.rand(n, generator=gen) < 0.15) & obj
+                            lat = cb0[torch.where(pick, near[idx, torch.randint(3, (n,), generator=gen)], idx)]
+                        else:
+                            lat = base
+                        lats.append(lat), labels.append(label), keys.append((s, name))
+            decoded = dict(zip(range(len(keys)), mae.decode_latent(torch.stack(lats), torch.tensor(labels))))
+        reqs = [(decoded[i], a.question, (j, key[1])) for j, (s, a) in enumerate(qa) if s in ids
+                for i, key in enumerate(keys) if key[0] == s]
+        for r, got in zip(reqs, vlm.cloud_half_batch([r[0] for r in reqs], [r[1] for r in reqs])):
+            texts.setdefault(r[2], []).append(got.text)
+    first = [x["ans"][0][0] for x in rows]
+    goal = float(d["correct"][:, -1].mean())
+    result = {"file": ladder_file.name, "kL_accuracy": goal, "goal": goal - ACCURACY_SLACK,
+              "learned_in_sample_best": _policy(d["learned"], d, _best_tau(d["learned"], d, BYTES_BUDGET))}
+    for name, (count, how) in VARIANTS.items():
+        agree = np.array([np.mean([t == first[j] for t in texts[(j, name)]]) for j in range(len(rows))])
+        gated = d["learned"].copy()
+        gated[:, 0] = np.where(agree < 1, 0.0, gated[:, 0])
+        result[name] = {"samples": count, "how": how, "auroc_k1": auroc(agree, d["agree_L"][:, 0]),
+                        "fires": float((agree < 1).mean()),
+                        "gated_in_sample_best": _policy(gated, d, _best_tau(gated, d, BYTES_BUDGET))}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def time_probe(samples=(4, 8), repeats: int = 15) -> dict:
     """What the probe costs the cloud, batch 1: the median ms of the MAE decode and language half
     of one answer from layer 1, alone and with `samples` prior refinements in the same batch."""
@@ -308,8 +377,14 @@ def main() -> None:
     r.add_argument("evaluation", type=Path, nargs="+")
     r.add_argument("--out", type=Path, default=None)
     sub.add_parser("time")
+    v = sub.add_parser("variants")
+    v.add_argument("file", type=Path, help="an evaluation file of `collect`")
+    v.add_argument("--seed", type=int, required=True, help="the seed it was collected with")
+    v.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    if a.cmd == "time":
+    if a.cmd == "variants":
+        variants(a.file, a.seed, a.out)
+    elif a.cmd == "time":
         print(json.dumps(time_probe(), indent=1))
     elif a.cmd == "collect":
         collect(a.stream, a.seed, a.start, a.questions, a.samples, a.out,
