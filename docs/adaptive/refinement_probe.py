@@ -41,7 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-KINDS = ("prior", "noise")
+KINDS = ("prior", "noise", "conditional")
+#: the conditional probe's table: layer-2 code given layer-1 code, counted on these scenes of the
+#: training stream (the calibration scenes, never the evaluation stream)
+TABLE_SCENES = dict(stream=1, seed=0, count=1500, start=50_000)
 
 
 def collect(stream: int, seed: int, start: int, count: int, samples: int, out: Path,
@@ -209,7 +212,8 @@ def _scores(d, combo) -> dict:
     gate = lambda m: np.where(m, 0.0, d["learned"])
     return {"learned": d["learned"],
             "learned, gated by prior probe": gate(d["probe"][..., 0] < 1),
-            "learned, gated by both probes": gate(d["probe"].min(-1) < 1),
+            "learned, gated by prior and noise probes": gate(d["probe"][..., :2].min(-1) < 1),
+            "learned, gated by conditional probe": gate(d["probe"][..., 2] < 1),
             "logistic(learned, probes)": combo(d)}
 
 
@@ -221,7 +225,7 @@ def report(calibration: Path, evaluation: list[Path]) -> dict:
     cal_scores = _scores(cal, combo)
     taus = {name: _best_tau(s, cal, BYTES_BUDGET) for name, s in cal_scores.items()}
     per_type_taus = {name: _per_type_taus(cal_scores[name], cal, BYTES_BUDGET)
-                     for name in ("learned", "learned, gated by both probes")}
+                     for name in ("learned", "learned, gated by conditional probe")}
     out = {"calibration": calibration.name, "budget": BYTES_BUDGET, "accuracy_slack": ACCURACY_SLACK,
            "shipped_threshold": cal["rule"].threshold, "per_file": {}}
     for path in evaluation:
@@ -244,7 +248,7 @@ def report(calibration: Path, evaluation: list[Path]) -> dict:
                          "auroc_all_k": auroc(s[:, :-1].ravel(), d["agree_L"][:, :-1].ravel()),
                          "auroc_k1": auroc(s[:, 0], d["agree_L"][:, 0]),
                          "in_sample_best": {"accuracy": in_acc, "bytes_ratio": in_ratio}}
-        for name in ("learned", "learned, gated by both probes"):
+        for name in ("learned", "learned, gated by conditional probe"):
             s = scores[name]
             t_cal = per_type_taus[name]
             acc, ratio = _policy(_per_type(s, d, t_cal), d, 0.0)
@@ -263,6 +267,58 @@ VARIANTS = {"prior8": (8, "layer 2's codes from the usage prior on every token, 
             "swap4": (4, "15% of those tokens' layer-1 codes swapped for one of their 3 nearest codes"),
             "k2label": (1, "the latent of layer 1 decoded as if it were k = 2"),
             "kLlabel": (1, "the latent of layer 1 decoded as if it were k = L")}
+
+
+def transition_table(split):
+    """(K, K) P(layer-2 code | layer-1 code) over TABLE_SCENES' tokens (0.1 added to every count)."""
+    import torch
+    from progvlm.toyworld.data import scenes as make_scenes
+    from progvlm.toyworld.scenes import render_scene
+    mae = split.mae
+    K = mae.quantiser.codebooks.shape[1]
+    counts = torch.ones(K, K) * 0.1
+    scenes = make_scenes(**TABLE_SCENES)
+    for s0 in range(0, len(scenes), 64):
+        for tk in split.vlm.edge_half_batch([render_scene(s) for s in scenes[s0:s0 + 64]]):
+            idx = torch.from_numpy(mae.edge_codec().decode_indices(mae.compress(tk, 2), tk.shape[0]))
+            counts.index_put_((idx[0], idx[1]), torch.ones(idx.shape[1]), accumulate=True)
+    return counts / counts.sum(1, keepdim=True)
+
+
+def conditional(ladder_file: Path, stream: int, seed: int, start: int, samples: int = 8) -> None:
+    """Add the conditional probe at k = 1 to a `collect` file (same stream, seed, start): layer 2's
+    code drawn per token from P(layer-2 code | its layer-1 code) (transition_table), decoded as
+    k = 2, `samples` refinements per question answered in one batch."""
+    import torch
+    from progvlm.eval.evaluate import eval_questions
+    from progvlm.split import load_split
+    from progvlm.toyworld.scenes import render_scene
+    torch.set_num_threads(1)
+    blob = pickle.load(open(ladder_file, "rb"))
+    split = load_split()
+    vlm, mae, q = split.vlm, split.mae, split.mae.quantiser
+    table = transition_table(split)
+    scenes, qa = eval_questions(seed, len(blob["rows"]), stream, start)
+    gen = torch.Generator().manual_seed(7)
+    texts: dict = {}
+    for s0 in range(0, len(scenes), 32):
+        ids = list(range(s0, min(len(scenes), s0 + 32)))
+        lats = []
+        with torch.no_grad():
+            for tk in vlm.edge_half_batch([render_scene(scenes[s]) for s in ids]):
+                i1 = torch.from_numpy(mae.edge_codec().decode_indices(mae.compress(tk, 1), tk.shape[0]))[0]
+                for _ in range(samples):
+                    c2 = torch.multinomial(table[i1], 1, generator=gen)[:, 0]
+                    lats.append(q.codebooks[0][i1] + q.codebooks[1][c2])
+            decoded = mae.decode_latent(torch.stack(lats), 2)
+        reqs = [(decoded[ids.index(s) * samples + r], a.question, j)
+                for j, (s, a) in enumerate(qa) if s in ids for r in range(samples)]
+        for r, got in zip(reqs, vlm.cloud_half_batch([r[0] for r in reqs], [r[1] for r in reqs])):
+            texts.setdefault(r[2], []).append(got.text)
+    for j, row in enumerate(blob["rows"]):
+        assert row["q"] == qa[j][1].question, "not the questions of this file"
+        row["probe"][(1, "conditional")] = texts[j]
+    pickle.dump(blob, open(ladder_file, "wb"))
 
 
 def variants(ladder_file: Path, seed: int, out: Path) -> dict:
@@ -377,12 +433,20 @@ def main() -> None:
     r.add_argument("evaluation", type=Path, nargs="+")
     r.add_argument("--out", type=Path, default=None)
     sub.add_parser("time")
+    c2 = sub.add_parser("conditional")
+    c2.add_argument("file", type=Path, help="a file of `collect`, to which the probe is added")
+    c2.add_argument("--stream", type=int, default=2)
+    c2.add_argument("--seed", type=int, default=1)
+    c2.add_argument("--start", type=int, default=0)
+    c2.add_argument("--samples", type=int, default=8)
     v = sub.add_parser("variants")
     v.add_argument("file", type=Path, help="an evaluation file of `collect`")
     v.add_argument("--seed", type=int, required=True, help="the seed it was collected with")
     v.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    if a.cmd == "variants":
+    if a.cmd == "conditional":
+        conditional(a.file, a.stream, a.seed, a.start, a.samples)
+    elif a.cmd == "variants":
         variants(a.file, a.seed, a.out)
     elif a.cmd == "time":
         print(json.dumps(time_probe(), indent=1))
