@@ -3,6 +3,8 @@ add to the learned sufficiency rule (assets/mae/adaptive.json)?
 
     python docs/adaptive/refinement_probe.py collect --stream 2 --seed 1 --questions 2000 --out s1.pkl
     python docs/adaptive/refinement_probe.py collect --stream 1 --seed 0 --start 50000 --out cal.pkl
+    python docs/adaptive/refinement_probe.py conditional s1.pkl --seed 1   (each file; cal.pkl:
+                                            --stream 1 --seed 0 --start 50000)
     python docs/adaptive/refinement_probe.py report --calibration cal.pkl s1.pkl s2.pkl s3.pkl
 
 `collect`: every question answered from k = 1..L layers (as eval-mae's ladder: the same scenes,
@@ -12,7 +14,10 @@ the cloud can make without the edge, each answered by the language half (one bat
 * prior: layer k + 1's codes drawn per token from the quantiser's code frequencies (the range
   coder's usage table, which the cloud holds), added to the latent of k layers, decoded as k + 1;
 * noise: the latent of k layers plus Gaussian noise of stage k's typical residual (the
-  quantiser's typical_dist), decoded as k.
+  quantiser's typical_dist), decoded as k;
+* conditional (`conditional`, added to a collected file): layer 2's code drawn per token from
+  P(layer-2 code | that token's layer-1 code), counted on calibration scenes (TABLE_SCENES),
+  decoded as k = 2, 8 refinements: what progvlm/adaptive_probe.py ships.
 
 The probe's signal is the fraction of refinements whose answer is the answer at k.
 
