@@ -136,9 +136,10 @@ class AdaptiveRule:
             raise ValueError(f"{path}: not a valid adaptive rule ({e})") from None
 
 
-#: the best fixed rule of the bundled model's calibration on its training stream (the threshold
-#: of assets/mae/adaptive.json's per_rule mean_prob, rounded; that file ships the learned rule,
-#: which won): where a MAE folder has no adaptive.json, and the backends' own confidence
+#: the best fixed rule of the bundled model's calibration on its training stream *without* the
+#: refinement probe (mean_prob 0.9955 there, rounded; assets/mae/adaptive.json now ships the
+#: learned rule gated by the probe, and its per_rule thresholds are gated too): where a MAE
+#: folder has no adaptive.json, and the backends' own confidence
 DEFAULT_RULE = AdaptiveRule("mean_prob", 0.996)
 
 
