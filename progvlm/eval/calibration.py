@@ -23,12 +23,13 @@ def _ladder(split, ground, progress, probe=None) -> adaptive.Ladder:
     return run_ladder(split, ground, mae_rows, carrier, progress=progress)[1]
 
 
-def _fit_probe(split, ground, learn: bool):
+def _fit_probe(split, make_ground, learn: bool):
     """The refinement probe's table from the calibration frames' own codes (one pass of the
-    edge over them), where the MAE has a layer 2 and `learn`; else None."""
+    edge over a fresh ground from `make_ground()`: a ground's units() may grow its items),
+    where the MAE has a layer 2 and `learn`; else None."""
     if not learn or split.num_layers <= adaptive_probe.PROBE_LAYER:
         return None
-    return adaptive_probe.fit(split.mae, (u.tokens for units in ground.units() for u in units))
+    return adaptive_probe.fit(split.mae, (u.tokens for units in make_ground().units() for u in units))
 
 
 def _choose(ladder: adaptive.Ladder, budget: float, learn: bool, probe=None) -> dict:
@@ -50,8 +51,8 @@ def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
                         learn: bool = True) -> tuple[dict, adaptive.Ladder]:
     """The bundled model (generated scenes with ground truth): `count` questions of the
     training stream answered at every k, then `calibrate`. Returns (choice, ladder)."""
-    ground = SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
-    probe = _fit_probe(split, ground, learn)
+    make_ground = lambda: SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
+    ground, probe = make_ground(), _fit_probe(split, make_ground, learn)
     ladder = _ladder(split, ground, progress, probe)
     choice = _choose(ladder, budget, learn, probe)
     choice["calibrated_on"] = (f"training stream (data.TRAIN_STREAM={TRAIN_STREAM}, seed {seed}), "
@@ -66,8 +67,8 @@ def calibrate_on_images(split, image_paths, questions, progress=None, max_new_to
     """Any VLM, no ground truth: every question about every image answered at every k, then
     `calibrate` with agreement (the answer from uncompressed tokens) in place of accuracy.
     Calibrate on images other than those evaluated on. Returns (choice, ladder)."""
-    ground = ImageSet(split, image_paths, questions, max_new_tokens)
-    probe = _fit_probe(split, ground, learn)
+    make_ground = lambda: ImageSet(split, image_paths, questions, max_new_tokens)
+    ground, probe = make_ground(), _fit_probe(split, make_ground, learn)
     ladder = _ladder(split, ground, progress, probe)
     choice = _choose(ladder, budget, learn, probe)
     choice["calibrated_on"] = (f"{ground.used} images × {len(ground.questions)} questions; "
