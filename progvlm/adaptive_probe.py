@@ -3,15 +3,16 @@
 The cloud holds the quantiser's codebooks. After layer 1 it draws `samples` plausible layer-2
 refinements itself, each token's layer-2 code from P(layer-2 code | that token's layer-1 code)
 (`transitions`, counted on calibration frames: `fit`), decodes them as k = 2 and answers them
-with the question in one batch beside nothing else the edge sends. `agreement` is the fraction
+with the question in one batch, with nothing more from the edge. `agreement` is the fraction
 of those answers that are the answer from layer 1. An adaptive rule with a probe
 (progvlm.adaptive.AdaptiveRule.probe) is never sure of a layer-1 answer that a refinement
 changes; the edge's stop rule and the round trips are unchanged (the cloud computes it before
 it replies).
 
-Measured (docs/adaptive/refinement_probe.py): the answer's token probabilities cannot see what
-layer 1 lost, these refinements can. The draws are seeded by the layer's bytes, so a frame
-always gets the same confidence. The table is plain JSON inside adaptive.json.
+Measured (docs/adaptive/refinement_probe.py, README "Adaptive: how sure is sure"): the answer's
+token probabilities miss most of what layer 1 lost; these refinements catch much of it, at the
+cost of `samples` more answers per layer-1 answer. The draws are seeded by the layer's bytes, so
+a frame always gets the same confidence. The table is plain JSON inside adaptive.json.
 """
 from __future__ import annotations
 
