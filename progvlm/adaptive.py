@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .adaptive_learned import LEARNED, LearnedScorer
+from .adaptive_probe import PROBE, RefinementProbe
 
 ADAPTIVE_FILE = "adaptive.json"
 #: the goal's byte budget, in mean bytes of k = 1
@@ -67,10 +68,13 @@ RULES: dict[str, Callable[[Sequence[float], Sequence[float]], float]] = {
 @dataclass(frozen=True)
 class AdaptiveRule:
     """When is an answer sure enough to stop sending layers: `rule`'s confidence ≥ threshold.
-    `rule` is one of RULES, or "learned" with its `model` (progvlm.adaptive_learned)."""
+    `rule` is one of RULES, or "learned" with its `model` (progvlm.adaptive_learned). `probe`
+    (progvlm.adaptive_probe): a layer-1 answer that a refinement the cloud drew changes has
+    confidence 0 (the answer's refinement_agreement < 1)."""
     rule: str
     threshold: float
     model: LearnedScorer | None = field(default=None, compare=False, repr=False)
+    probe: RefinementProbe | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.rule == LEARNED:
@@ -83,7 +87,8 @@ class AdaptiveRule:
 
     def __eq__(self, other):
         return (isinstance(other, AdaptiveRule) and (self.rule, self.threshold) == (other.rule, other.threshold)
-                and (self.model.to_json() if self.model else None) == (other.model.to_json() if other.model else None))
+                and (self.model.to_json() if self.model else None) == (other.model.to_json() if other.model else None)
+                and (self.probe.to_json() if self.probe else None) == (other.probe.to_json() if other.probe else None))
 
     __hash__ = None
 
@@ -92,6 +97,9 @@ class AdaptiveRule:
         probabilities. `question`: what was asked (the learned rule uses its words)."""
         if not answer.token_probs:
             return None
+        if self.probe is not None and answer.refinement_agreement is not None \
+                and answer.refinement_agreement < 1.0:
+            return 0.0
         if self.rule == LEARNED:
             value = self.model.score(answer, question)
         else:
@@ -109,8 +117,9 @@ class AdaptiveRule:
         weights) and what else is given (where it was calibrated, the figures behind it)."""
         path = Path(folder) / ADAPTIVE_FILE
         learned = {LEARNED: self.model.to_json()} if self.model is not None else {}
+        probe = {PROBE: self.probe.to_json()} if self.probe is not None else {}
         path.write_text(json.dumps({"rule": self.rule, "threshold": self.threshold, **learned,
-                                    **report}, indent=1) + "\n")
+                                    **report, **probe}, indent=1) + "\n")
         return path
 
     @classmethod
@@ -121,14 +130,16 @@ class AdaptiveRule:
         try:
             meta = json.loads(path.read_text())
             model = LearnedScorer.from_json(meta[LEARNED]) if meta.get("rule") == LEARNED else None
-            return cls(str(meta["rule"]), float(meta["threshold"]), model)
+            probe = RefinementProbe.from_json(meta[PROBE]) if PROBE in meta else None
+            return cls(str(meta["rule"]), float(meta["threshold"]), model, probe)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: not a valid adaptive rule ({e})") from None
 
 
-#: the best fixed rule of the bundled model's calibration on its training stream (the threshold
-#: of assets/mae/adaptive.json's per_rule mean_prob, rounded; that file ships the learned rule,
-#: which won): where a MAE folder has no adaptive.json, and the backends' own confidence
+#: the best fixed rule of the bundled model's calibration on its training stream *without* the
+#: refinement probe (mean_prob 0.9955 there, rounded; assets/mae/adaptive.json now ships the
+#: learned rule gated by the probe, and its per_rule thresholds are gated too): where a MAE
+#: folder has no adaptive.json, and the backends' own confidence
 DEFAULT_RULE = AdaptiveRule("mean_prob", 0.996)
 
 
@@ -236,13 +247,16 @@ def best_per_rule(points: list[dict], target: str, budget: float = BYTES_BUDGET)
 
 
 def calibrate(ladder: Ladder, budget: float = BYTES_BUDGET, rules: Sequence[str] = tuple(RULES),
-              learned: LearnedScorer | None = None) -> dict:
+              learned: LearnedScorer | None = None, probe: RefinementProbe | None = None) -> dict:
     """Choose the rule and threshold on a (training) ladder: within `budget` × the mean bytes
     of k = 1, the most correct answers, ties to the fewest bytes. `learned`: a fitted learned
-    rule competes too (its weights then ride in the choice's "learned"). Returns the choice
-    ("rule", "threshold"), each rule's best point ("per_rule") and the fixed-k figures."""
+    rule competes too (its weights then ride in the choice's "learned"). `probe`: every rule
+    gated by it (the ladder's layer-1 answers carry its agreement; its table rides in the
+    choice's "probe"). Returns the choice ("rule", "threshold"), each rule's best point
+    ("per_rule") and the fixed-k figures."""
+    rules = [AdaptiveRule(r, 0.0, probe=probe) if isinstance(r, str) else r for r in rules]
     if learned is not None:
-        rules = [*rules, AdaptiveRule(LEARNED, 0.0, learned)]
+        rules = [*rules, AdaptiveRule(LEARNED, 0.0, learned, probe)]
     target = ladder.target
     correct = ladder.correct()
     fixed = [{"k": k, "bytes_mean": float(ladder.bytes[:, k - 1].mean()),
@@ -253,6 +267,7 @@ def calibrate(ladder: Ladder, budget: float = BYTES_BUDGET, rules: Sequence[str]
     chosen = max(per_rule.values(), key=lambda p: (p[target], -p["bytes_ratio"]))
     goal = fixed[-1][target]
     extra = {LEARNED: learned.to_json()} if chosen["rule"] == LEARNED else {}
+    extra.update({PROBE: probe.to_json()} if probe is not None else {})
     return {"rule": chosen["rule"], "threshold": chosen["threshold"], **extra, "target": target,
             "budget": budget, "questions": len(ladder.answers), "fixed_k": fixed,
             "chosen": chosen, "goal_met": chosen[target] >= goal - ACCURACY_SLACK,

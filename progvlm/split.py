@@ -3,7 +3,8 @@
     edge:   Split.edge(image, k)            -> Frame(layers, num_tokens, grid, stage_ms)
     wire:   Split.pack(frame) / unpack(data) the versioned, checksummed framing (bitstream.py):
                                              the edge packs, the cloud unpacks
-    cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms, confidence)
+    cloud:  Split.cloud(frame, question)    -> Answer(text, stage_ms, confidence) (and, after
+                                             layer 1, the rule's refinement probe: Split.probe)
             Split.decode_batch(frames) / language_batch([(tokens, question, grid), ...])
                                              the same for many requests as one batch
     whole:  Split.whole(image, question)    -> the unsplit VLM's answer, the reference the
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from .codec import bitstream
+from . import adaptive_probe
 from .adaptive import ADAPTIVE_FILE, DEFAULT_RULE, AdaptiveRule
 from .backends import MAE_ENV, VLMBackend, load_vlm
 from .backends.base import Answer, Grid
@@ -88,7 +90,13 @@ class Split:
         if self._adaptive is None:
             path = self.mae_folder / ADAPTIVE_FILE if self.mae_folder is not None else None
             if path is not None and path.is_file():
-                self._adaptive = AdaptiveRule.load(self.mae_folder), str(path)
+                rule = AdaptiveRule.load(self.mae_folder)
+                if rule.probe is not None:
+                    try:
+                        rule.probe.check_fits(self.mae)
+                    except ValueError as e:
+                        raise ValueError(f"{path}: {e}") from None
+                self._adaptive = rule, str(path)
             else:
                 self._adaptive = DEFAULT_RULE, (f"default ({DEFAULT_RULE.rule} ≥ "
                                                 f"{DEFAULT_RULE.threshold}: no {path or ADAPTIVE_FILE})")
@@ -103,6 +111,25 @@ class Split:
     def _with_confidence(self, answer: Answer, question: str | None = None) -> Answer:
         answer.confidence = self.adaptive_rule()[0].confidence(answer, question)
         return answer
+
+    def probe(self, frames: list[Frame], questions: list[str], answers: list[Answer],
+              max_new_tokens: int = 32) -> list[Answer]:
+        """The rule's refinement probe (progvlm.adaptive_probe) on the answers from layer 1 of
+        these frames: each one's refinement_agreement, its confidence again and probe_ms (the
+        probe's time, one batch for all) in stage_ms. Answers from more layers, or a rule
+        without a probe: unchanged. Returns `answers`."""
+        probe = self.adaptive_rule()[0].probe
+        if probe is None or not any(f.k == adaptive_probe.PROBE_LAYER for f in frames):
+            return answers
+        t0 = time.perf_counter()
+        got = adaptive_probe.agreement(self, probe, frames, questions, answers, max_new_tokens)
+        probe_ms = to_ms(time.perf_counter() - t0)
+        for answer, question, agreement in zip(answers, questions, got):
+            if agreement is not None:
+                answer.refinement_agreement = agreement
+                answer.stage_ms = {**answer.stage_ms, "probe_ms": probe_ms}
+                self._with_confidence(answer, question)
+        return answers
 
     def info(self) -> dict:
         """What the page shows and what the agent compares with the cloud's."""
@@ -180,7 +207,7 @@ class Split:
         decode_ms = to_ms(time.perf_counter() - t0)
         answer = self.language(tokens, question, frame.grid, max_new_tokens)
         answer.stage_ms = {"mae_decode_ms": decode_ms, **answer.stage_ms}
-        return answer
+        return self.probe([frame], [question], [answer], max_new_tokens)[0]
 
     def language(self, tokens: torch.Tensor, question: str, grid: Grid = None,
                  max_new_tokens: int = 32) -> Answer:

@@ -174,12 +174,14 @@ def test_the_bundled_mae_carries_its_calibrated_rule(split):
     meta = json.loads((DEFAULT_MAE / "adaptive.json").read_text())
     assert meta["mae_fingerprint"] == split.fingerprint.hex()
     assert meta["vlm_id"] == split.vlm.model_id
-    # issue 20: the learned rule won the calibration; the default (no adaptive.json) is the
-    # best fixed rule of the same calibration, rounded
-    assert meta["rule"] == "learned" and split.adaptive_rule()[0].model is not None
+    # issue 20: the learned rule, gated by the refinement probe, won the calibration (every rule
+    # there is gated by the probe); the default (no adaptive.json, no probe) is the best fixed
+    # rule of the calibration without a probe, so it must be stricter than the same rule gated
+    rule = split.adaptive_rule()[0]
+    assert meta["rule"] == "learned" and rule.model is not None and rule.probe is not None
     fixed = {p["rule"]: p for p in meta["per_rule"]}
-    assert adaptive.DEFAULT_RULE.threshold == pytest.approx(
-        fixed[adaptive.DEFAULT_RULE.rule]["threshold"], abs=1e-3)
+    assert adaptive.DEFAULT_RULE.probe is None
+    assert adaptive.DEFAULT_RULE.threshold > fixed[adaptive.DEFAULT_RULE.rule]["threshold"]
     assert 0.0 <= threshold <= 1.0
 
 
@@ -258,6 +260,10 @@ def test_calibration_on_a_training_slice_and_evaluation_on_the_eval_stream(split
     choice, ladder = calibrate_on_scenes(split, count=60)
     assert choice["rule"] in [*adaptive.RULES, "learned"] and 0.0 <= choice["threshold"] <= 1.0
     assert "training stream" in choice["calibrated_on"]
+    assert rule_of(choice).probe is not None  # the probe's table, fitted on the same scenes
+    # the layer-1 answers carry the probe's agreement; the others do not
+    assert all(row[0].refinement_agreement is not None for row in ladder.answers)
+    assert all(a.refinement_agreement is None for row in ladder.answers for a in row[1:])
     assert choice["chosen"]["bytes_ratio"] <= adaptive.BYTES_BUDGET
     k1, kL = choice["fixed_k"][0], choice["fixed_k"][-1]
     assert choice["chosen"]["accuracy"] >= k1["accuracy"]  # τ = 0 is k = 1: never worse
@@ -296,6 +302,7 @@ def test_any_vlm_calibrates_and_reports_the_adaptive_row_on_its_images(tmp_path,
     assert choice["target"] == "agreement" and choice["questions"] == 6
     saved = json.loads((mae / "adaptive.json").read_text())
     assert saved["rule"] == choice["rule"] and saved["threshold"] == choice["threshold"]
+    assert saved["probe"]["transitions"] == choice["probe"]["transitions"]  # fitted on its images
     plot = tmp_path / "reliability.png"
     assert main(["eval-mae", *common, "--reliability-plot", str(plot)]) == 0
     out = capsys.readouterr().out

@@ -37,6 +37,9 @@ class Answer:
     # probability of the chosen token, and of the best other token at that step
     token_probs: list[float] = field(default_factory=list)
     runner_up_probs: list[float] = field(default_factory=list)
+    # the fraction of the cloud's drawn refinements whose answer is this one (progvlm.adaptive_probe);
+    # None where no probe ran (not layer 1, or a rule without one)
+    refinement_agreement: float | None = None
 
 
 def top2_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ training stream (the bundled model) or on any VLM's own images; the chosen rule 
 adaptive.json (the rule and its threshold live in progvlm/adaptive.py)."""
 from __future__ import annotations
 
-from .. import adaptive, adaptive_learned
+from .. import adaptive, adaptive_learned, adaptive_probe
 from ..toyworld.data import TRAIN_STREAM
 from .codecs import Plan, codecs_for
 from .evaluate import SceneSet
@@ -16,21 +16,33 @@ from .on_images import ImageSet
 CALIBRATION_FIRST_SCENE = 50_000
 
 
-def _ladder(split, ground, progress) -> adaptive.Ladder:
+def _ladder(split, ground, progress, probe=None) -> adaptive.Ladder:
+    """Every question at every k; with `probe`, the layer-1 answers carry its agreement."""
     mae_rows = codecs_for(Plan(split.num_layers), entries=("mae",))
-    return run_ladder(split, ground, mae_rows, progress=progress)[1]
+    carrier = adaptive.AdaptiveRule("mean_prob", 0.0, probe=probe)  # only its probe is used
+    return run_ladder(split, ground, mae_rows, carrier, progress=progress)[1]
 
 
-def _choose(ladder: adaptive.Ladder, budget: float, learn: bool) -> dict:
+def _fit_probe(split, make_ground, learn: bool):
+    """The refinement probe's table from the calibration frames' own codes (one pass of the
+    edge over a fresh ground from `make_ground()`: a ground's units() may grow its items),
+    where the MAE has a layer 2 and `learn`; else None."""
+    if not learn or split.num_layers <= adaptive_probe.PROBE_LAYER:
+        return None
+    return adaptive_probe.fit(split.mae, (u.tokens for units in make_ground().units() for u in units))
+
+
+def _choose(ladder: adaptive.Ladder, budget: float, learn: bool, probe=None) -> dict:
     """`adaptive.calibrate` over the fixed rules and, with `learn`, the learned rule fitted on
-    the same ladder (target: the answer at k is the answer at L; no ground truth needed)."""
+    the same ladder (target: the answer at k is the answer at L; no ground truth needed);
+    `probe` gates every rule (its table rides in the choice's "probe")."""
     learned = None
     if learn:
         try:
             learned = adaptive_learned.fit(ladder.answers, ladder.questions or [None] * len(ladder.answers))
         except ValueError:  # every answer already final at k = 1 (or none): nothing to learn
             learned = None
-    return adaptive.calibrate(ladder, budget, learned=learned)
+    return adaptive.calibrate(ladder, budget, learned=learned, probe=probe)
 
 
 def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
@@ -39,9 +51,10 @@ def calibrate_on_scenes(split, count: int = 4000, seed: int = 0,
                         learn: bool = True) -> tuple[dict, adaptive.Ladder]:
     """The bundled model (generated scenes with ground truth): `count` questions of the
     training stream answered at every k, then `calibrate`. Returns (choice, ladder)."""
-    ground = SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
-    ladder = _ladder(split, ground, progress)
-    choice = _choose(ladder, budget, learn)
+    make_ground = lambda: SceneSet(split, seed, count, stream=TRAIN_STREAM, start=start, timing=False)
+    ground, probe = make_ground(), _fit_probe(split, make_ground, learn)
+    ladder = _ladder(split, ground, progress, probe)
+    choice = _choose(ladder, budget, learn, probe)
     choice["calibrated_on"] = (f"training stream (data.TRAIN_STREAM={TRAIN_STREAM}, seed {seed}), "
                                f"{len(ladder.answers)} questions from scene {start} on; "
                                "accuracy against ground truth")
@@ -54,9 +67,10 @@ def calibrate_on_images(split, image_paths, questions, progress=None, max_new_to
     """Any VLM, no ground truth: every question about every image answered at every k, then
     `calibrate` with agreement (the answer from uncompressed tokens) in place of accuracy.
     Calibrate on images other than those evaluated on. Returns (choice, ladder)."""
-    ground = ImageSet(split, image_paths, questions, max_new_tokens)
-    ladder = _ladder(split, ground, progress)
-    choice = _choose(ladder, budget, learn)
+    make_ground = lambda: ImageSet(split, image_paths, questions, max_new_tokens)
+    ground, probe = make_ground(), _fit_probe(split, make_ground, learn)
+    ladder = _ladder(split, ground, progress, probe)
+    choice = _choose(ladder, budget, learn, probe)
     choice["calibrated_on"] = (f"{ground.used} images × {len(ground.questions)} questions; "
                                "agreement with the answer from uncompressed tokens")
     return choice, ladder
@@ -68,7 +82,7 @@ def save_calibration(split, choice: dict, ladder: adaptive.Ladder, folder=None):
     folder = folder if folder is not None else split.mae_folder
     if folder is None:
         raise ValueError("this MAE was not loaded from a folder: say where adaptive.json goes")
-    rule = adaptive.AdaptiveRule(choice["rule"], choice["threshold"], _model(choice))
+    rule = rule_of(choice)
     rel = adaptive.reliability(ladder.confidence(rule), ladder.correct())
     path = rule.save(folder, calibrated_on=choice["calibrated_on"], vlm_id=split.vlm.model_id,
                      mae_fingerprint=split.fingerprint.hex(), target=choice["target"],
@@ -83,9 +97,14 @@ def _model(choice: dict):
     return adaptive_learned.LearnedScorer.from_json(learned) if learned is not None else None
 
 
+def _probe(choice: dict):
+    probe = choice.get(adaptive_probe.PROBE)
+    return adaptive_probe.RefinementProbe.from_json(probe) if probe is not None else None
+
+
 def rule_of(choice: dict) -> adaptive.AdaptiveRule:
-    """The rule a calibration chose (the learned one with its weights)."""
-    return adaptive.AdaptiveRule(choice["rule"], choice["threshold"], _model(choice))
+    """The rule a calibration chose (the learned one with its weights, its probe's table)."""
+    return adaptive.AdaptiveRule(choice["rule"], choice["threshold"], _model(choice), _probe(choice))
 
 
 def _rounded(value, digits: int = 4):

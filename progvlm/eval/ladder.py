@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import adaptive
+from .. import adaptive, adaptive_probe
+from ..split import Frame
 from .codecs import Codec, Context, mean_or_nan
 from .metrics import SemanticConsistency
 
@@ -39,6 +40,7 @@ def run_ladder(split, ground, codecs: list[Codec], adaptive_rule=None, progress=
     if [c.k for c in prefixes] != list(range(1, split.num_layers + 1)):
         raise ValueError(f"the ladder needs the MAE's prefixes k = 1..{split.num_layers}")
     ctx = Context(split)
+    rule = adaptive_rule or split.adaptive_rule()[0]
     answers: dict[str, dict[int, object]] = {}  # row → item index → Answer
     layer_bytes: dict[str, list] = {c.name: [] for c in prefixes}
     cosine: dict[str, list] = {c.name: [] for c in prefixes}
@@ -60,6 +62,20 @@ def run_ladder(split, ground, codecs: list[Codec], adaptive_rule=None, progress=
         seen = (ground.see([c.seen for c in coded]) if codec.sees == "image"
                 else [(c.seen, u.grid) for c, u in zip(coded, units)])
         ask(codec.name, {u.index: s for u, s in zip(units, seen)})
+        if codec.k == adaptive_probe.PROBE_LAYER and rule.probe is not None:
+            probe(codec, units)
+
+    def probe(codec, units):
+        """The rule's refinement probe on the answers from layer 1 (the cloud runs it there)."""
+        js = [j for u in units for j in by_unit.get(u.index, [])]
+        frames = {u.index: Frame(u.layers(split)[:codec.k], len(u.tokens), u.grid) for u in units}
+        got = answers[codec.name]
+        agreement = adaptive_probe.agreement(
+            split, rule.probe, [frames[ground.items[j].unit] for j in js],
+            [ground.items[j].question for j in js], [got[j] for j in js],
+            getattr(ground, "max_new_tokens", 32))
+        for j, a in zip(js, agreement):
+            got[j].refinement_agreement = a
 
     second = [c for c in codecs if c.second_pass]
     for units in ground.units():
@@ -98,7 +114,6 @@ def run_ladder(split, ground, codecs: list[Codec], adaptive_rule=None, progress=
         bytes=np.array([[ctx.sizes[c.name][it.unit] for c in prefixes] for it in ground.items]),
         reference=list(reference), truth=ground.truth,
         questions=[it.question for it in ground.items])
-    rule = adaptive_rule or split.adaptive_rule()[0]
     evaluated = adaptive.evaluate(ladder, rule, sim.many)
     report = {**ground.head(reference), "per_k": per_k, "adaptive": evaluated,
               "baselines": baselines, **ground.tail()}

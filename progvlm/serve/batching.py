@@ -201,6 +201,9 @@ def run_jobs(split: Split, jobs: list[Job], max_new_tokens: int = 32) -> list[An
     requests = [(next(decoded), job.question, job.frame.grid) if job.frame is not None
                 else (job.tokens, job.question, job.grid) for job in jobs]
     answers = split.language_batch(requests, max_new_tokens)
+    framed = [i for i, job in enumerate(jobs) if job.frame is not None]
+    split.probe([jobs[i].frame for i in framed], [jobs[i].question for i in framed],
+                [answers[i] for i in framed], max_new_tokens)
     if frames:
         for answer in answers:
             answer.stage_ms = {"mae_decode_ms": decode_ms, **answer.stage_ms}

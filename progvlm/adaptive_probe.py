@@ -1,0 +1,141 @@
+"""The refinement probe (issue 20): after layer 1, would a plausible layer 2 change the answer?
+
+The cloud holds the quantiser's codebooks. After layer 1 it draws `samples` plausible layer-2
+refinements itself, each token's layer-2 code from P(layer-2 code | that token's layer-1 code)
+(`transitions`, counted on calibration frames: `fit`), decodes them as k = 2 and answers them
+with the question in one batch, with nothing more from the edge. `agreement` is the fraction
+of those answers that are the answer from layer 1. An adaptive rule with a probe
+(progvlm.adaptive.AdaptiveRule.probe) is never sure of a layer-1 answer that a refinement
+changes; the edge's stop rule and the round trips are unchanged (the cloud computes it before
+it replies).
+
+Measured (docs/adaptive/refinement_probe.py, README "Adaptive: how sure is sure"): the answer's
+token probabilities miss most of what layer 1 lost; these refinements catch much of it, at the
+cost of `samples` more answers per layer-1 answer. The draws are seeded by the layer's bytes, so
+a frame always gets the same confidence. The table is plain JSON inside adaptive.json.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROBE = "probe"
+#: the layer the probe runs after (its refinements are of the next one)
+PROBE_LAYER = 1
+#: refinements per answer
+DEFAULT_SAMPLES = 8
+
+
+@dataclass(frozen=True, eq=False)
+class RefinementProbe:
+    """transitions[a][b]: P(layer-2 code b | layer-1 code a), each row summing to 1."""
+    samples: int
+    transitions: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self):
+        t = np.asarray(self.transitions, dtype=float)
+        if self.samples < 1:
+            raise ValueError(f"refinement probe: samples must be ≥ 1, got {self.samples}")
+        if t.ndim != 2 or t.shape[0] != t.shape[1] or not np.isfinite(t).all() or (t < 0).any():
+            raise ValueError("refinement probe: transitions must be a square table of probabilities")
+        if not np.allclose(t.sum(1), 1.0, atol=1e-3):
+            raise ValueError("refinement probe: every row of transitions must sum to 1")
+
+    @property
+    def codebook_size(self) -> int:
+        return len(self.transitions)
+
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "layer": PROBE_LAYER,
+                "transitions": [[round(p, 6) for p in row] for row in self.transitions]}
+
+    def rounded(self) -> "RefinementProbe":
+        """The probe as adaptive.json stores it (6 decimals): what every cloud loads."""
+        return RefinementProbe.from_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, meta) -> "RefinementProbe":
+        """ValueError where `meta` is not a probe this code can run."""
+        if not isinstance(meta, dict) or meta.get("layer") != PROBE_LAYER:
+            raise ValueError(f"refinement probe: expected {{'layer': {PROBE_LAYER}, ...}}")
+        try:
+            rows = tuple(tuple(float(p) for p in row) for row in meta["transitions"])
+            return cls(int(meta["samples"]), rows)  # multinomial draws renormalise the rounding
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"refinement probe: missing or malformed field ({e})") from None
+
+    def check_fits(self, mae) -> None:
+        """ValueError unless this table is for `mae`'s codebooks (and it has a layer 2)."""
+        K = mae.quantiser.codebooks.shape[1]
+        if mae.num_layers <= PROBE_LAYER or self.codebook_size != K:
+            raise ValueError(f"refinement probe: a table of {self.codebook_size} codes does not fit "
+                             f"this MAE ({K} codes, {mae.num_layers} layers)")
+
+    def refinements(self, mae, layer1_indices: torch.Tensor, seed: int) -> torch.Tensor:
+        """Layer-1 codes (M,) → `samples` latents (samples, M, d) of layer 1 plus a drawn layer 2."""
+        q = mae.quantiser
+        gen = torch.Generator().manual_seed(seed)
+        table = torch.tensor(self.transitions, dtype=torch.float32)[layer1_indices]
+        base = q.codebooks[0][layer1_indices]
+        return torch.stack([base + q.codebooks[1][torch.multinomial(table, 1, generator=gen)[:, 0]]
+                            for _ in range(self.samples)])
+
+
+def fit(mae, token_blocks, samples: int = DEFAULT_SAMPLES, prior: float = 0.1) -> RefinementProbe:
+    """The table from calibration tokens (an iterable of (M, D) tensors): how often each layer-2
+    code follows each layer-1 code as the edge codes them, `prior` added to every count."""
+    K = mae.quantiser.codebooks.shape[1]
+    counts = np.full((K, K), prior)
+    for tokens in token_blocks:
+        idx = mae.edge_codec().decode_indices(mae.compress(tokens, PROBE_LAYER + 1), tokens.shape[0])
+        np.add.at(counts, (idx[0], idx[1]), 1.0)
+    table = counts / counts.sum(1, keepdims=True)
+    return RefinementProbe(samples, tuple(tuple(map(float, row)) for row in table)).rounded()
+
+
+def frame_seed(layers: list[bytes]) -> int:
+    """The draws' seed: the frame's layer-1 bytes, so a frame always gets the same refinements."""
+    return zlib.crc32(layers[0]) if layers else 0
+
+
+@torch.no_grad()
+def agreement(split, probe: RefinementProbe, frames, questions, answers, max_new_tokens: int = 32) -> list:
+    """For each (frame, question, answer from that frame): the fraction of `probe.samples`
+    refinements whose answer is `answer.text`, where the frame has exactly PROBE_LAYER layers of
+    an MAE with more; None elsewhere. All refinements run as one MAE decode and one language
+    batch."""
+    mae = split.mae
+    out: list = [None] * len(frames)
+    todo = [i for i, f in enumerate(frames) if f.k == PROBE_LAYER < split.num_layers]
+    if not todo:
+        return out
+    probe.check_fits(mae)
+    N = mae.cfg.num_tokens
+    lats, owners = [], []
+    for i in todo:
+        f = frames[i]
+        idx = torch.from_numpy(mae.edge_codec().decode_indices(f.layers, f.num_tokens))[0]
+        drawn = probe.refinements(mae, idx, frame_seed(f.layers))  # (S, M, d)
+        lats.append(drawn.reshape(-1, N, drawn.shape[-1]))
+        owners.append((i, drawn.shape[0], f.num_tokens // N))
+    tokens = mae.decode_latent(torch.cat(lats), PROBE_LAYER + 1)
+    requests, start = [], 0
+    for i, samples, blocks in owners:
+        for s in range(samples):
+            block = tokens[start + s * blocks:start + (s + 1) * blocks]
+            requests.append((i, block.reshape(-1, block.shape[-1])))
+        start += samples * blocks
+    texts = [a.text for a in split.vlm.cloud_half_batch([t for _, t in requests],
+                                                       [questions[i] for i, _ in requests],
+                                                       max_new_tokens,
+                                                       [frames[i].grid for i, _ in requests])]
+    agree: dict[int, list[bool]] = {}
+    for (i, _), text in zip(requests, texts):
+        agree.setdefault(i, []).append(text == answers[i].text)
+    for i, votes in agree.items():
+        out[i] = float(math.fsum(votes) / len(votes))
+    return out
