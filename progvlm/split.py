@@ -115,16 +115,24 @@ class Split:
     def probe(self, frames: list[Frame], questions: list[str], answers: list[Answer],
               max_new_tokens: int = 32) -> list[Answer]:
         """The rule's refinement probe (progvlm.adaptive_probe) on the answers from layer 1 of
-        these frames: each one's refinement_agreement, its confidence again and probe_ms (the
-        probe's time, one batch for all) in stage_ms. Answers from more layers, or a rule
-        without a probe: unchanged. Returns `answers`."""
-        probe = self.adaptive_rule()[0].probe
-        if probe is None or not any(f.k == adaptive_probe.PROBE_LAYER for f in frames):
+        these frames that are sure without it: each one's refinement_agreement, its confidence
+        again and probe_ms (the probe's time, one batch for all) in stage_ms. Other answers
+        (from more layers, unsure already), or a rule without a probe: unchanged. Returns
+        `answers`. (Evaluation and calibration probe every answer: eval/ladder.py.)"""
+        rule = self.adaptive_rule()[0]
+        # only answers already sure without it: the probe can only make an answer unsure, so an
+        # unsure one's decision (send the next layer) stands, and its time is saved
+        todo = [i for i, (f, a) in enumerate(zip(frames, answers))
+                if f.k == adaptive_probe.PROBE_LAYER and rule.sure(a.confidence)]
+        if rule.probe is None or not todo:
             return answers
         t0 = time.perf_counter()
-        got = adaptive_probe.agreement(self, probe, frames, questions, answers, max_new_tokens)
+        got = adaptive_probe.agreement(self, rule.probe, [frames[i] for i in todo],
+                                       [questions[i] for i in todo], [answers[i] for i in todo],
+                                       max_new_tokens)
         probe_ms = to_ms(time.perf_counter() - t0)
-        for answer, question, agreement in zip(answers, questions, got):
+        for i, agreement in zip(todo, got):
+            answer, question = answers[i], questions[i]
             if agreement is not None:
                 answer.refinement_agreement = agreement
                 answer.stage_ms = {**answer.stage_ms, "probe_ms": probe_ms}

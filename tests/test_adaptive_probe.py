@@ -1,6 +1,7 @@
 """The refinement probe (progvlm/adaptive_probe.py, issue 20): its table fitted from the edge's
 own codes, its JSON in adaptive.json (round trip; a broken one refused naming the file), the
 gate it puts on a rule, and the cloud running it after layer 1 only, the same every time."""
+import dataclasses
 import json
 import shutil
 
@@ -95,17 +96,27 @@ def test_the_cloud_probes_layer_1_answers_only_and_always_the_same(tmp_path, spl
     AdaptiveRule(base.rule, base.threshold, base.model, probe).save(folder)
     probed = load_split(mae=folder)
     questions = ["describe the scene .", "how many circles are there ?", "is there a red square ?"]
+    rule = probed.adaptive_rule()[0]
+    probed_answers = unsure = 0
     for seed in range(20, 26):
         frame = probed.edge(render_scene(generate_scene(seed)))
         for q in questions:
             one = probed.cloud(frame.prefix(1), q)
             again = probed.cloud(frame.prefix(1), q)
+            unprobed = rule.confidence(one if one.refinement_agreement is None else
+                                       dataclasses.replace(one, refinement_agreement=None), q)
+            if not rule.sure(unprobed):  # unsure already: the probe is not run (it only lowers)
+                assert one.refinement_agreement is None and "probe_ms" not in one.stage_ms
+                unsure += 1
+                continue
+            probed_answers += 1
             assert one.refinement_agreement is not None and 0.0 <= one.refinement_agreement <= 1.0
             assert one.refinement_agreement == again.refinement_agreement  # drawn from the bytes
             assert "probe_ms" in one.stage_ms
             assert (one.confidence == 0.0) or one.refinement_agreement == 1.0
             two = probed.cloud(frame.prefix(2), q)
             assert two.refinement_agreement is None and "probe_ms" not in two.stage_ms
+    assert probed_answers >= 6 and unsure >= 1  # both cases seen
     # the same answers as without the probe: it only adds a confidence
     plain = load_split()
     frame = plain.edge(render_scene(generate_scene(20)), 1)
