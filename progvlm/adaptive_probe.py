@@ -19,9 +19,14 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# torch is imported where the probe runs (the cloud, calibration): the rule and its table load
+# without it, on an edge that has no PyTorch
+if TYPE_CHECKING:
+    import torch
 
 PROBE = "probe"
 #: the layer the probe runs after (its refinements are of the next one)
@@ -77,6 +82,7 @@ class RefinementProbe:
 
     def refinements(self, mae, layer1_indices: torch.Tensor, seed: int) -> torch.Tensor:
         """Layer-1 codes (M,) → `samples` latents (samples, M, d) of layer 1 plus a drawn layer 2."""
+        import torch
         q = mae.quantiser
         gen = torch.Generator().manual_seed(seed)
         table = torch.tensor(self.transitions, dtype=torch.float32)[layer1_indices]
@@ -102,12 +108,17 @@ def frame_seed(layers: list[bytes]) -> int:
     return zlib.crc32(layers[0]) if layers else 0
 
 
-@torch.no_grad()
 def agreement(split, probe: RefinementProbe, frames, questions, answers, max_new_tokens: int = 32) -> list:
     """For each (frame, question, answer from that frame): the fraction of `probe.samples`
     refinements whose answer is `answer.text`, where the frame has exactly PROBE_LAYER layers of
     an MAE with more; None elsewhere. All refinements run as one MAE decode and one language
     batch."""
+    import torch
+    with torch.no_grad():
+        return _agreement(torch, split, probe, frames, questions, answers, max_new_tokens)
+
+
+def _agreement(torch, split, probe, frames, questions, answers, max_new_tokens) -> list:
     mae = split.mae
     out: list = [None] * len(frames)
     todo = [i for i, f in enumerate(frames) if f.k == PROBE_LAYER < split.num_layers]

@@ -101,3 +101,32 @@ def test_the_core_never_imports_the_toy_world_evaluation_bench_or_cli(core):
         todo += imports(MODULES[name], lazy=False)
     reached = sorted(n for n in seen if n.startswith(NOT_FOR_THE_CORE))
     assert not reached, f"importing {core} loads {reached}"
+
+
+# what a board imports without PyTorch installed (the `[edge]` and `[edge-litert]` extras)
+EDGE_WITHOUT_TORCH = ("edge_agent.agent", "edge_agent.service", "edge_agent.watch",
+                      "edge_agent.watch_service", "edge_agent.onnx_runtime",
+                      "edge_agent.litert_runtime", "edge_agent.__main__")
+
+
+def test_the_edge_imports_without_torch():
+    """The slow install tests build a torch-free venv; this catches a module-level `import torch`
+    on the edge's path in the fast suite (torch made unimportable in a child interpreter)."""
+    import subprocess
+    import sys
+    code = ("import builtins\nreal = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name == 'torch' or name.startswith('torch.'):\n"
+            "        raise ModuleNotFoundError(\"No module named 'torch'\")\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "import importlib, sys\n"
+            f"for m in {EDGE_WITHOUT_TORCH!r}:\n"
+            "    try:\n        importlib.import_module(m)\n"
+            "    except ModuleNotFoundError as e:\n"
+            "        if 'onnxruntime' in str(e) or 'ai_edge_litert' in str(e):\n            continue\n"
+            "        raise\n"
+            "assert 'torch' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
