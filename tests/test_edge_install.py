@@ -5,11 +5,10 @@ dependencies into a new venv (from pip's cache where they are there)."""
 import json
 import os
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
+from board_venv import board_venv
 
 from edge_agent.onnx_export import export_onnx
 from edge_agent.runtime import PyTorchRuntime
@@ -24,14 +23,7 @@ Q = "describe the scene ."
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     """A venv with only `.[edge]` installed (no PyTorch): its bin folder."""
-    where = tmp_path_factory.mktemp("board")
-    venv.EnvBuilder(with_pip=True).create(where / "venv")
-    bin_dir = where / "venv" / "bin"
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    out = subprocess.run([str(bin_dir / "pip"), "install", "-q", f"{ROOT}[edge]"], cwd=where,
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return bin_dir
+    return board_venv(tmp_path_factory.mktemp("board"), "edge")
 
 
 @pytest.mark.slow

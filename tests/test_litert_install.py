@@ -8,9 +8,9 @@ the package and installs its dependencies into a new venv (from pip's cache wher
 import json
 import os
 import subprocess
-import venv
 
 import pytest
+from board_venv import board_venv
 
 from edge_agent.litert_runtime import SHIPPED_INT8_EXPORT
 from progvlm import ROOT
@@ -21,14 +21,7 @@ from progvlm.toyworld.examples import load_examples
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     """A venv with only `.[edge-litert]` installed (no PyTorch): its bin folder."""
-    where = tmp_path_factory.mktemp("board-litert")
-    venv.EnvBuilder(with_pip=True).create(where / "venv")
-    bin_dir = where / "venv" / "bin"
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    out = subprocess.run([str(bin_dir / "pip"), "install", "-q", f"{ROOT}[edge-litert]"],
-                         cwd=where, capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return bin_dir
+    return board_venv(tmp_path_factory.mktemp("board-litert"), "edge-litert")
 
 
 @pytest.mark.slow
