@@ -1,11 +1,11 @@
 """Issue 20, measured: does a cloud-side "would a plausible refinement change the answer?" probe
 add to the learned sufficiency rule (assets/mae/adaptive.json)?
 
-    python docs/adaptive/refinement_probe.py collect --stream 2 --seed 1 --questions 2000 --out s1.pkl
-    python docs/adaptive/refinement_probe.py collect --stream 1 --seed 0 --start 50000 --out cal.pkl
-    python docs/adaptive/refinement_probe.py conditional s1.pkl --seed 1   (each file; cal.pkl:
+    python docs/adaptive/refinement_probe.py collect --stream 2 --seed 1 --questions 2000 --out s1.json
+    python docs/adaptive/refinement_probe.py collect --stream 1 --seed 0 --start 50000 --out cal.json
+    python docs/adaptive/refinement_probe.py conditional s1.json --seed 1   (each file; cal.json:
                                             --stream 1 --seed 0 --start 50000)
-    python docs/adaptive/refinement_probe.py report --calibration cal.pkl s1.pkl s2.pkl s3.pkl
+    python docs/adaptive/refinement_probe.py report --calibration cal.json s1.json s2.json s3.json
 
 `collect`: every question answered from k = 1..L layers (as eval-mae's ladder: the same scenes,
 questions, wire bytes and answers), and, for k = 1 (`--probe-layers`), `--samples` refinements
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -117,8 +116,21 @@ def collect(stream: int, seed: int, start: int, count: int, samples: int, out: P
 
 
 def _dump(out: Path, rows: list, samples: int, probe_ms: float) -> None:
-    pickle.dump({"rows": rows, "samples": samples, "probe_ms_per_question_and_k": probe_ms},
-                open(out, "wb"))
+    _write({"rows": rows, "samples": samples, "probe_ms_per_question_and_k": probe_ms}, out)
+
+
+# a collected file is plain JSON (never pickle); a row's probe texts are keyed "k:kind"
+def _write(blob: dict, path: Path) -> None:
+    rows = [{**r, "probe": {f"{k}:{kind}": t for (k, kind), t in r["probe"].items()}}
+            for r in blob["rows"]]
+    Path(path).write_text(json.dumps({**blob, "rows": rows}))
+
+
+def _read(path: Path) -> dict:
+    blob = json.loads(Path(path).read_text())
+    for r in blob["rows"]:
+        r["probe"] = {(int(key.split(":")[0]), key.split(":")[1]): t for key, t in r["probe"].items()}
+    return blob
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -126,7 +138,7 @@ def _load(path: Path) -> dict:
     from progvlm.adaptive import AdaptiveRule
     from progvlm.backends.base import Answer
     from progvlm.models.mae import DEFAULT_MAE
-    blob = pickle.load(open(path, "rb"))
+    blob = _read(path)
     rows = blob["rows"]
     answers = [[Answer(t, ids, token_probs=p, runner_up_probs=r) for t, ids, p, r in x["ans"]] for x in rows]
     L = len(answers[0])
@@ -299,7 +311,7 @@ def conditional(ladder_file: Path, stream: int, seed: int, start: int, samples: 
     from progvlm.split import load_split
     from progvlm.toyworld.scenes import render_scene
     torch.set_num_threads(1)
-    blob = pickle.load(open(ladder_file, "rb"))
+    blob = _read(ladder_file)
     split = load_split()
     vlm, mae, q = split.vlm, split.mae, split.mae.quantiser
     table = transition_table(split)
@@ -323,7 +335,7 @@ def conditional(ladder_file: Path, stream: int, seed: int, start: int, samples: 
     for j, row in enumerate(blob["rows"]):
         assert row["q"] == qa[j][1].question, "not the questions of this file"
         row["probe"][(1, "conditional")] = texts[j]
-    pickle.dump(blob, open(ladder_file, "wb"))
+    _write(blob, ladder_file)
 
 
 def variants(ladder_file: Path, seed: int, out: Path) -> dict:
@@ -337,7 +349,7 @@ def variants(ladder_file: Path, seed: int, out: Path) -> dict:
     from progvlm.split import load_split
     from progvlm.toyworld.scenes import render_scene
     torch.set_num_threads(1)
-    d, rows = _load(ladder_file), pickle.load(open(ladder_file, "rb"))["rows"]
+    d, rows = _load(ladder_file), _read(ladder_file)["rows"]
     split = load_split()
     vlm, mae, q, L = split.vlm, split.mae, split.mae.quantiser, split.num_layers
     scenes, qa = eval_questions(seed, len(rows), 2, 0)
