@@ -19,7 +19,6 @@ from pathlib import Path
 from .watch import WatchSettings, Watcher, summarise
 
 SKIP = ("questions",)  # --question, repeatable
-MATCH_WITHIN_FRAMES = 2  # an event up to this many frames after a true change detects it
 
 
 def add_watch_parser(sub, add_device_options):
@@ -63,23 +62,16 @@ def _frames(a):
 
 
 def score_events(events: list[dict], true_changes: dict[str, list[int]]) -> dict:
-    """Events against the true changes per question: a change is detected by the first event on
-    its question within MATCH_WITHIN_FRAMES frames after it; events matching none are false.
-    The first frame's answers are the stream's start, not changes: neither side counts them."""
-    detected, delays, false = 0, [], 0
-    missed = 0
+    """Events against the true changes per question, matched as eval-video matches them
+    (progvlm.eval.video.match_events: a change takes the first unused event on its question within
+    EVENT_WINDOW frames after it; events matching none are false). The first frame's answers are
+    the stream's start, not changes: neither side counts them."""
+    from progvlm.eval.video import match_events
+    detected, missed, false, delays = 0, 0, 0, []
     for question, changes in true_changes.items():
-        times = sorted(e["index"] for e in events if e["question"] == question and e["index"] > 0)
-        used = set()
-        for c in (c for c in changes if c > 0):
-            hit = next((t for t in times if t not in used and c <= t <= c + MATCH_WITHIN_FRAMES), None)
-            if hit is None:
-                missed += 1
-            else:
-                used.add(hit)
-                detected += 1
-                delays.append(hit - c)
-        false += len([t for t in times if t not in used])
+        times = [e["index"] for e in events if e["question"] == question and e["index"] > 0]
+        d, m, f = match_events([c for c in changes if c > 0], times)
+        detected, missed, false, delays = detected + len(d), missed + m, false + f, delays + d
     delays.sort()
     return {"detected": detected, "missed": missed, "false": false,
             "delay_frames_median": delays[len(delays) // 2] if delays else None}
