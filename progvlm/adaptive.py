@@ -8,8 +8,9 @@ whose confidence reaches a threshold τ (else it sends all L layers). This modul
   of the runner-up), and `AdaptiveRule(rule, threshold).sure(confidence)`;
 * adaptive.json, the calibrated rule stored in the MAE folder beside the MAE it was
   calibrated with (`AdaptiveRule.load` / `save`; `Split.adaptive_threshold()` reads it);
-* calibration: every question answered from k = 1..L layers (a `Ladder`), the policy's bytes
-  and accuracy for every (rule, τ) (`sweep`), the choice (`calibrate`), and the evaluation of
+* calibration: every question answered from k = 1..L layers (a `Ladder`), the policy's bytes,
+  accuracy and chance of meeting the goal on an evaluation's worth of questions for every
+  (rule, τ) (`sweep`, `goal_rates`), the choice (`calibrate`), and the evaluation of
   a rule on another stream (`evaluate`) with its reliability (confidence bins against
   accuracy, ECE) and a reliability plot.
 
@@ -37,6 +38,10 @@ ADAPTIVE_FILE = "adaptive.json"
 BYTES_BUDGET = 1.2
 #: how far below k = L's accuracy the goal allows
 ACCURACY_SLACK = 0.002
+#: the goal is judged on evaluations of this many questions (eval-mae --questions 2000, per seed)
+GOAL_QUESTIONS = 2000
+#: how many draws of GOAL_QUESTIONS questions `goal_rates` makes from a calibration ladder
+GOAL_RESAMPLES = 300
 
 
 # ---- rules: token probabilities → one confidence in [0, 1] ----------------------------------
@@ -214,42 +219,75 @@ def _candidate_thresholds(confidence: np.ndarray, grid: int = 400) -> np.ndarray
     return np.unique(np.concatenate([qs, [0.0, 1.0]]).clip(0.0, 1.0))
 
 
-def sweep(ladder: Ladder, rules: Sequence = tuple(RULES), grid: int = 400) -> list[dict]:
+def goal_rates(ladder: Ladder, confidence: np.ndarray, thresholds: Sequence[float],
+               budget: float = BYTES_BUDGET, questions: int = GOAL_QUESTIONS,
+               resamples: int = GOAL_RESAMPLES, seed: int = 0) -> np.ndarray:
+    """For each threshold, how likely an evaluation of `questions` questions drawn like the
+    ladder's is to find the goal met: the fraction of `resamples` draws (with replacement,
+    seeded) on which the policy's correctness is at least k = L's less ACCURACY_SLACK and its
+    mean bytes at most `budget` × k = 1's, both on that draw. A threshold at the budget's edge
+    on the ladder's mean is over it on about half the evaluations of that size."""
+    correct = ladder.correct().astype(float)
+    rows = np.arange(len(correct))
+    draws = np.random.default_rng(seed).integers(0, len(correct), (resamples, questions))
+    goal = correct[draws, -1].mean(1) - ACCURACY_SLACK - 1e-12
+    allowed = budget * ladder.bytes[draws, 0].mean(1)
+    out = np.empty(len(thresholds))
+    for i, tau in enumerate(thresholds):
+        k = stopping_layers(confidence, tau) - 1
+        met = ((correct[rows, k][draws].mean(1) >= goal)
+               & (ladder.bytes[rows, k][draws].mean(1) <= allowed))
+        out[i] = met.mean()
+    return out
+
+
+def sweep(ladder: Ladder, rules: Sequence = tuple(RULES), grid: int = 400,
+          budget: float = BYTES_BUDGET) -> list[dict]:
     """For every rule (a name of RULES, or a rule such as the learned one) and candidate
     threshold: the policy's mean bytes (and their ratio to the mean bytes of k = 1),
-    correctness and mean layers."""
+    correctness, mean layers and `goal_rate` (`goal_rates` under `budget`)."""
     correct = ladder.correct()
     k1_bytes = float(ladder.bytes[:, 0].mean())
     rows = np.arange(len(ladder.answers))
     out = []
     for rule in rules:
         confidence = ladder.confidence(rule)
-        for tau in _candidate_thresholds(confidence, grid):
+        thresholds = _candidate_thresholds(confidence, grid)
+        for tau, rate in zip(thresholds, goal_rates(ladder, confidence, thresholds, budget)):
             k = stopping_layers(confidence, tau)
             b = float(ladder.bytes[rows, k - 1].mean())
             out.append({"rule": getattr(rule, "rule", rule), "threshold": float(tau), "bytes_mean": b,
                         "bytes_ratio": b / k1_bytes, ladder.target: float(correct[rows, k - 1].mean()),
-                        "mean_layers": float(k.mean())})
+                        "mean_layers": float(k.mean()), "goal_rate": float(rate)})
     return out
 
 
+def _preference(target: str):
+    """How points are ranked: the likeliest to meet the goal on an evaluation of GOAL_QUESTIONS
+    questions, then the most correct, then the fewest bytes."""
+    return lambda p: (p["goal_rate"], p[target], -p["bytes_ratio"])
+
+
 def best_per_rule(points: list[dict], target: str, budget: float = BYTES_BUDGET) -> dict[str, dict]:
-    """For each rule, its best point within the byte budget: the most correct answers, then
-    the fewest bytes (the smallest threshold that reaches that correctness)."""
+    """For each rule, its best point (`_preference`) among those within the byte budget on
+    the ladder's mean. Where no threshold can meet the goal (every goal_rate 0), that is the
+    most correct one within the budget."""
     best: dict[str, dict] = {}
+    better = _preference(target)
     for p in points:
         if p["bytes_ratio"] > budget:
             continue
         b = best.get(p["rule"])
-        if b is None or (p[target], -p["bytes_ratio"]) > (b[target], -b["bytes_ratio"]):
+        if b is None or better(p) > better(b):
             best[p["rule"]] = p
     return best
 
 
 def calibrate(ladder: Ladder, budget: float = BYTES_BUDGET, rules: Sequence[str] = tuple(RULES),
               learned: LearnedScorer | None = None, probe: RefinementProbe | None = None) -> dict:
-    """Choose the rule and threshold on a (training) ladder: within `budget` × the mean bytes
-    of k = 1, the most correct answers, ties to the fewest bytes. `learned`: a fitted learned
+    """Choose the rule and threshold on a calibration ladder: within `budget` × the mean bytes
+    of k = 1, the likeliest to meet the goal on an evaluation of GOAL_QUESTIONS questions
+    (`goal_rates`), then the most correct answers, then the fewest bytes. `learned`: a fitted learned
     rule competes too (its weights then ride in the choice's "learned"). `probe`: every rule
     gated by it (the ladder's layer-1 answers carry its agreement; its table rides in the
     choice's "probe"). Returns the choice ("rule", "threshold"), each rule's best point
@@ -261,10 +299,10 @@ def calibrate(ladder: Ladder, budget: float = BYTES_BUDGET, rules: Sequence[str]
     correct = ladder.correct()
     fixed = [{"k": k, "bytes_mean": float(ladder.bytes[:, k - 1].mean()),
               target: float(correct[:, k - 1].mean())} for k in range(1, ladder.num_layers + 1)]
-    per_rule = best_per_rule(sweep(ladder, rules), target, budget)
+    per_rule = best_per_rule(sweep(ladder, rules, budget=budget), target, budget)
     if not per_rule:  # the budget is below even k = 1 (cannot happen: τ = 0 is k = 1)
         raise ValueError(f"no threshold keeps the bytes within {budget} × those of k = 1")
-    chosen = max(per_rule.values(), key=lambda p: (p[target], -p["bytes_ratio"]))
+    chosen = max(per_rule.values(), key=_preference(target))
     goal = fixed[-1][target]
     extra = {LEARNED: learned.to_json()} if chosen["rule"] == LEARNED else {}
     extra.update({PROBE: probe.to_json()} if probe is not None else {})

@@ -78,20 +78,28 @@ def _exported_edge(a):
 
 
 def add_calibrate_adaptive(sub):
+    from ..adaptive import ACCURACY_SLACK, GOAL_QUESTIONS
     p = sub.add_parser("calibrate-adaptive", help="choose the adaptive stopping rule and threshold; "
                        "writes adaptive.json into the MAE folder",
-                       description="Every question answered from k = 1..L layers; for each "
-                       "confidence rule (min, mean or geometric-mean token probability, min margin "
-                       "to the runner-up) and threshold, the adaptive policy's mean bytes and "
-                       "accuracy. Chosen: within --budget × the mean bytes of k = 1, the most "
-                       "accurate (ties: fewest bytes). The bundled VLM is calibrated on the "
-                       "training stream (ground truth); any VLM with --images DIR, agreement with "
-                       "its answers from uncompressed tokens in place of accuracy (use images you "
-                       "do not evaluate on).")
+                       description="Every question answered from k = 1..L layers, the layer-1 "
+                       "answers checked by the cloud's refinement probe (its table counted on the "
+                       "same frames); a learned sufficiency rule fitted on the ladder (will the "
+                       "answer at k be the answer at L?) and the fixed rules (min, mean or "
+                       "geometric-mean token probability, min margin to the runner-up), every "
+                       "threshold. Chosen: within --budget × the mean bytes of k = 1, the "
+                       f"likeliest to meet the goal (k = L's accuracy less {ACCURACY_SLACK} within "
+                       f"the budget) on an evaluation of {GOAL_QUESTIONS} questions drawn like "
+                       "these, then the "
+                       "most accurate, then the fewest bytes. The bundled VLM is calibrated on "
+                       "held-out scenes of the evaluation stream (ground truth); any VLM with "
+                       "--images DIR, agreement with its answers from uncompressed tokens in "
+                       "place of accuracy (use images you do not evaluate on).")
     _add_question_source(p, 4000, "calibrate")
-    p.add_argument("--seed", type=int, default=0, help="training stream seed (generated scenes)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the calibration scenes (default: eval.calibration.CALIBRATION_SEED)")
     p.add_argument("--budget", type=float, default=None,
-                   help="bytes allowed, in mean bytes of k = 1 (default: the goal's 1.3)")
+                   help="bytes allowed, in mean bytes of k = 1 (default: the goal's, "
+                        "adaptive.BYTES_BUDGET)")
     p.add_argument("--out", type=Path, default=None, metavar="FOLDER",
                    help="where adaptive.json goes (default: the MAE folder)")
     p.add_argument("--dry-run", action="store_true", help="report the choice, write nothing")
@@ -287,7 +295,8 @@ def cmd_calibrate_adaptive(a) -> int:
         lambda split, paths, questions, progress: calibration.calibrate_on_images(
             split, paths, questions, progress, a.max_new_tokens, budget),
         lambda split, count, progress: calibration.calibrate_on_scenes(
-            split, count, a.seed, progress=progress, budget=budget))
+            split, count, calibration.CALIBRATION_SEED if a.seed is None else a.seed,
+            progress=progress, budget=budget))
     if job is None:
         return 2
     split, (choice, ladder) = job
@@ -298,13 +307,16 @@ def cmd_calibrate_adaptive(a) -> int:
                                      for r in choice["fixed_k"]),
              f"each rule's best threshold within {budget}× the bytes of k=1:",
              f"{'rule':>14} {'threshold':>10} {'bytes/k=1':>10} {target:>9} {f'vs k={L}':>8} "
-             f"{'layers':>7}"]
+             f"{'layers':>7} {'goal rate':>9}"]
     for r in choice["per_rule"]:
         lines.append(f"{r['rule']:>14} {r['threshold']:>10.4g} {r['bytes_ratio']:>10.3f} "
-                     f"{r[target]:>9.4f} {r[f'{target}_vs_k{L}']:>+8.4f} {r['mean_layers']:>7.3f}")
+                     f"{r[target]:>9.4f} {r[f'{target}_vs_k{L}']:>+8.4f} {r['mean_layers']:>7.3f} "
+                     f"{r['goal_rate']:>9.3f}")
     lines.append(f"chosen: {choice['rule']} ≥ {choice['threshold']:.4g}; goal ({target} of k={L} "
-                 f"at ≤ {budget}× the bytes of k=1) " + ("met" if choice["goal_met"] else "NOT met")
-                 + " on the calibration data")
+                 f"less {adaptive.ACCURACY_SLACK} at ≤ {budget}× the bytes of k=1) "
+                 + ("met" if choice["goal_met"] else "NOT met") + " on the calibration data, and on "
+                 f"{choice['chosen']['goal_rate']:.0%} of {adaptive.GOAL_RESAMPLES} draws of "
+                 f"{adaptive.GOAL_QUESTIONS} of its questions")
     if a.reliability_plot is not None:
         rel = adaptive.reliability(ladder.confidence(calibration.rule_of(choice)), ladder.correct())
         title = (f"{choice['rule']} confidence vs {target}, k=1..{L}, calibration data "
