@@ -21,7 +21,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
@@ -43,14 +43,17 @@ class WatchedStream:
     codec: str
     reference: temporal.Reference | None = None
     decoder: object = None  # the H.264 decoder (codec "h264")
-    answers: list[str | None] = field(default_factory=list)  # each question's latest answer text
     last_answers: list | None = None  # the last frame's Answers, and its k: an unchanged frame
     last_k: int | None = None  # (a one-byte delta at that k) is answered with them again
     index: int = 0  # frames decoded so far
     t_first: float | None = None
 
-    def __post_init__(self):
-        self.answers = [None] * len(self.questions)
+    @property
+    def answers(self) -> list[str | None]:
+        """Each question's latest answer text (None before the first frame)."""
+        if self.last_answers is None:
+            return [None] * len(self.questions)
+        return [a.text for a in self.last_answers]
 
 
 class WatchCompute:
@@ -131,13 +134,10 @@ class WatchCompute:
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
                 stages["language_ms"] = to_ms(time.perf_counter() - t0)
-            stream.last_answers, stream.last_k = answers, layers
-        events = []
-        for i, answer in enumerate(answers):
-            if answer.text != stream.answers[i]:
-                events.append(Event(question=stream.questions[i], answer=answer.text,
-                                    previous=stream.answers[i], confidence=answer.confidence))
-                stream.answers[i] = answer.text
+        previous = stream.answers
+        stream.last_answers, stream.last_k = answers, layers
+        events = [Event(question=q, answer=a.text, previous=p, confidence=a.confidence)
+                  for q, a, p in zip(stream.questions, answers, previous) if a.text != p]
         stream.t_first = stream.t_first or arrived
         sure = [a.confidence for a in answers if a.confidence is not None]
         ack = FrameAck(index=stream.index, kind=kind, layers=layers, received_bytes=len(data),
