@@ -225,10 +225,13 @@ def parse_header(data: bytes, expected_fingerprint: bytes | None = None) -> Head
     return Header(fp, n, L, lengths, pos + _CRC.size, grid)
 
 
-def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
-    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
+def parse(data: bytes, expected_fingerprint: bytes | None = None,
+          header: Header | None = None) -> Bitstream:
+    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise.
+    `header`: the header of `data` when the caller has parsed it already (parse_header), so it
+    is not parsed again."""
     data = bytes(data)
-    header = parse_header(data, expected_fingerprint)
+    header = header or parse_header(data, expected_fingerprint)
     pos = header.header_bytes
     k = header.k
     layers = []

@@ -239,17 +239,19 @@ class TemporalCoder:
 
 
 def apply(data: bytes, tables: MAEEncoderTables, reference: Reference | None,
-          expected_fingerprint: bytes | None = None) -> tuple[Reference, int, str]:
+          expected_fingerprint: bytes | None = None,
+          header: bitstream.Header | None = None) -> tuple[Reference, int, str]:
     """The cloud's half: a frame's bytes + the reference it holds → (the new reference, k, kind).
     A key frame is checked and parsed like any intra stream (the caller checks its header
-    against the models first: bitstream.parse_header); a delta needs a reference, else
-    `NoReference`. BitstreamError for a malformed frame."""
+    against the models first, bitstream.parse_header, and passes it as `header`, so it is
+    parsed once); a delta needs a reference, else `NoReference`. BitstreamError for a
+    malformed frame."""
     if is_delta(data):
         if reference is None:
             raise NoReference("a delta frame, but this stream holds no reference: send a key frame")
         delta = decode_delta(data, tables, reference.num_tokens)
         return reference.updated(delta.changed, delta.codes), delta.k, DELTA_KIND
-    bs = bitstream.parse(data, expected_fingerprint=expected_fingerprint)
+    bs = bitstream.parse(data, expected_fingerprint=expected_fingerprint, header=header)
     if bs.truncated:
         raise BitstreamError(f"key frame cut after layer {len(bs.layers)} of {bs.k}")
     try:

@@ -27,7 +27,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 
 from ..codec import temporal
-from ..codec.bitstream import MAX_HEADER_BYTES, BitstreamError, parse_header
+from ..codec.bitstream import BitstreamError, parse_header
 from ..images import ImageInputError, load_image
 from ..net.protocol import (MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event, FrameAck, RequestError,
                             Resync, Watching, check_end, parse_watch_start, to_ms)
@@ -70,14 +70,16 @@ class WatchCompute:
         delta the stream cannot take, RequestError for bad data."""
         t0 = time.perf_counter()
         if stream.codec == "layers":
+            header = None
             if not temporal.is_delta(data):
                 try:
-                    self.split.check_header(parse_header(data[:MAX_HEADER_BYTES], self.split.fingerprint))
+                    header = parse_header(data, self.split.fingerprint)
+                    self.split.check_header(header)
                 except BitstreamError as e:
                     raise RequestError(400, f"bad key frame: {e}") from None
             try:
                 reference, k, kind = temporal.apply(data, self.tables, stream.reference,
-                                                    self.split.fingerprint)
+                                                    self.split.fingerprint, header)
             except temporal.NoReference:
                 raise
             except BitstreamError as e:
