@@ -151,6 +151,12 @@ def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[byte
     return pack_stream(fingerprint, num_tokens, num_layers, layers, grid).data
 
 
+def min_stream_bytes(num_tokens: int, k: int, grid: tuple[int, int] | None = None) -> int:
+    """The fewest bytes any stream of N tokens and k layers takes: its header and k empty
+    layers (a lower bound on a key frame's size, progvlm/codec/temporal.py)."""
+    return len(pack(bytes(FINGERPRINT_BYTES), num_tokens, MAX_LAYERS, [b""] * k, grid))
+
+
 @dataclass
 class Header:
     """The header of a stream: what a receiver needs to know where each layer ends."""
