@@ -21,6 +21,23 @@ def test_the_information_floor_counts_the_scene_graph():
     assert math.isclose(scene_graph_bits(three) - scene_graph_bits(one), 2 * per_object)
 
 
+def test_a_video_row_counts_one_delay_per_detected_event():
+    from edge_agent.watch import WatchSettings
+    from progvlm.bench.video import _row
+    q = "how many objects are there ?"
+    events = {0: [q], 4: [q]}  # the start, then one event two frames after the first change
+    records = [{"index": i, "kind": "delta", "bytes": 10, "resync": None, "total_ms": 30.0 + i,
+                "wall_ms": 40.0, "stage_ms": {"uplink": 10.0, "cloud": 20.0 + i},
+                "events": [{"question": e, "answer": str(i), "previous": None} for e in events.get(i, [])]}
+               for i in range(6)]
+    row = _row("emulated", records, {q: [0, 2, 3]}, WatchSettings(questions=[q], fps=8.0))
+    assert (row["events_detected"], row["events_missed"], row["events_false"]) == (1, 1, 0)
+    assert row["event_delay_ms_median"] == round(2 / 8.0 * 1e3 + 34.0, 1)  # change 2's, not also 3's
+    assert row["method"] == "temporal" and row["frames"] == 6 and row["sustained_fps"] == 25.0
+    assert row["bytes_per_frame"] == row["bytes_per_later_frame"] == 10
+    assert row["stage_ms_mean"] == {"uplink": 10.0, "cloud": 22.5}
+
+
 @pytest.mark.slow  # the whole quick benchmark: 80 s on a busy two-core host
 def test_bench_quick_writes_results_and_prints_the_headline(tmp_path):
     out = subprocess.run([sys.executable, "-m", "progvlm", "bench", "--quick", "--json", "--seed", "3",

@@ -83,6 +83,7 @@ def test_match_events_pairs_each_change_with_one_event_in_its_window():
     assert video.match_events([3, 8], [3, 5, 9, 12]) == ([0, 1], 0, 2)
     assert video.match_events([3], [6]) == ([], 1, 1)  # 3 frames late: missed, and a false event
     assert video.match_events([3, 4], [4]) == ([1], 1, 0)  # one event answers one change
+    assert video.event_pairs([8, 3], [3, 5, 9, 12]) == ([(3, 3), (8, 9)], 0, 2)  # which answered which
     assert video.answer_events([["a", "x"], ["a", "y"], ["b", "y"]]) == [[2], [1]]
 
 

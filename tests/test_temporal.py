@@ -95,6 +95,39 @@ def test_a_new_scene_costs_at_most_a_key_frame_and_a_new_shape_is_one(split, tab
     assert coded.kind == temporal.KEY and coded.reason == "shape"
 
 
+def test_a_key_frame_is_encoded_to_compare_only_when_it_could_be_the_smaller(split, tables,
+                                                                            monkeypatch):
+    a, other, _ = latents(split, seed=1)
+    noise = np.random.default_rng(0)
+    static = [a] + [a + 1e-4 * noise.standard_normal(a.shape).astype(np.float32) for _ in range(5)]
+    moved = a.copy()
+    moved[:6] = other[:6]
+    clip = static + [moved, other, -3 * a]  # a few tokens move, another scene, every token far
+
+    def play(frames):
+        """Each frame coded as the Watcher codes it → [(kind, reason, bytes)], and how many
+        key frames were encoded."""
+        coder, encoded = temporal.TemporalCoder(tables), []
+        key = coder.key
+        monkeypatch.setattr(coder, "key", lambda *args, **kw: encoded.append(1) or key(*args, **kw))
+        ref, since, out = None, 0, []
+        for z in frames:
+            coded = coder.code(z, 2, ref, since_key=since)
+            since = since + 1 if coded.kind == temporal.DELTA_KIND else 0
+            ref = coded.reference
+            out.append((coded.kind, coded.reason, coded.data))
+        return out, len(encoded)
+
+    coded, encodes = play(static)
+    assert [kind for kind, _, _ in coded] == ["key"] + ["delta"] * 5 and encodes == 1  # the first only
+    coded, encodes = play(clip)
+    with monkeypatch.context() as m:  # no shortcut: a key frame encoded for every frame, as before
+        m.setattr(bitstream, "min_stream_bytes", lambda *args, **kw: 0)
+        before, encodes_before = play(clip)
+    assert coded == before  # the same kinds, reasons and bytes
+    assert encodes_before == len(clip) and 1 < encodes < len(clip)
+
+
 def test_key_frames_come_on_the_period(split, tables):
     z = latents(split)[0]
     coder = temporal.TemporalCoder(tables, key_every=3)

@@ -139,6 +139,26 @@ def test_a_delta_without_a_reference_is_a_resync_and_the_stream_goes_on(cloud, s
     ws.close()
 
 
+def test_the_cloud_parses_a_key_frames_header_once(cloud, split, monkeypatch):
+    from progvlm.codec import bitstream
+    from progvlm.serve import watch
+    parse_header, calls = bitstream.parse_header, []
+
+    def counted(data, *args, **kwargs):
+        calls.append(len(data))
+        return parse_header(data, *args, **kwargs)
+
+    monkeypatch.setattr(bitstream, "parse_header", counted)  # as temporal.apply reaches it
+    monkeypatch.setattr(watch, "parse_header", counted)  # as the watch handler imported it
+    ws, _ = _open(cloud, {"questions": [COUNT]})
+    tokens, _ = split.vlm.vision(split.vlm.preprocess(frame(generate_scene(1), 0)))
+    ws.send(temporal.TemporalCoder(split.mae.edge_codec()).key(split.mae._latent(tokens), 1).data)
+    ack = json.loads(ws.recv(timeout=10))
+    ws.close()
+    assert ack["type"] == "frame" and ack["kind"] == "key"
+    assert len(calls) == 1  # checked against the models, then decoded, from one parse
+
+
 @pytest.mark.parametrize("data, status, words", [
     (b"PV\x07garbage-garbage", 400, "bad key frame"),
     (bytes([temporal.DELTA | 1, 5, 1, 2, 3]), 400, "bad frame"),

@@ -34,30 +34,31 @@ def _play(runtime, cloud_url: str, token: str | None, settings, images, emulated
         watcher.close()
 
 
-def _row(method: str, link: str, records: list[dict], true_changes: dict, fps: float) -> dict:
+def _row(link: str, records: list[dict], true_changes: dict, settings) -> dict:
+    """One method on one link: the stream's summary (edge_agent.watch.summarise), its events
+    scored as the watch CLI scores them, and each detected event's delay in ms: the frames from
+    the change to the event that eval-video matches to it (progvlm.eval.video.event_pairs), at
+    the clip's frame rate, plus the detecting frame's end-to-end time."""
+    from edge_agent.watch import summarise
     from edge_agent.watch_cli import score_events
-    events = [{"index": r["index"], **e} for r in records for e in r["events"]]
-    scored = score_events(events, true_changes)
+    from ..eval.video import event_pairs
+    summary = summarise(records, settings)
+    scored = score_events(summary["events"], true_changes)
+    total_ms = {r["index"]: r["total_ms"] for r in records}
     delays = []
     for question, changes in true_changes.items():
-        for c in (c for c in changes if c > 0):
-            hit = next((r for r in records[c:c + 3] if any(e["question"] == question for e in r["events"])), None)
-            if hit is not None:
-                delays.append((hit["index"] - c) / fps * 1e3 + hit["total_ms"])
-    wall_s = sum(r["wall_ms"] for r in records) / 1e3
-    stages: dict[str, float] = {}
-    for r in records:
-        for name, ms in r["stage_ms"].items():
-            stages[name] = stages.get(name, 0.0) + ms / len(records)
+        times = [e["index"] for e in summary["events"] if e["question"] == question and e["index"] > 0]
+        pairs, _, _ = event_pairs([c for c in changes if c > 0], times)
+        delays += [(e - c) / settings.fps * 1e3 + total_ms[e] for c, e in pairs]
     later = [r["bytes"] for r in records[1:]]
-    return {"method": method, "link": link, "frames": len(records),
-            "bytes_per_frame": round(sum(r["bytes"] for r in records) / len(records), 1),
+    return {"method": settings.method, "link": link, "frames": summary["frames"],
+            "bytes_per_frame": summary["bytes_per_frame"],
             "bytes_per_later_frame": round(sum(later) / len(later), 1) if later else None,
-            "sustained_fps": round(len(records) / wall_s, 2),
+            "sustained_fps": summary["sustained_fps"],
             "frame_ms_median": round(statistics.median(r["total_ms"] for r in records), 1),
             "event_delay_ms_median": round(statistics.median(delays), 1) if delays else None,
             **{f"events_{k}": v for k, v in scored.items() if k != "delay_frames_median"},
-            "stage_ms_mean": {k: round(v, 2) for k, v in stages.items()}}
+            "stage_ms_mean": summary["stage_ms_mean"]}
 
 
 def _full_edge(split, images, questions) -> dict:
@@ -92,7 +93,7 @@ def video_section(split, kernel_ok: bool, quick: bool = False, log=print) -> dic
             settings = WatchSettings(questions=spec["questions"], method=method, k=1,
                                      bandwidth_mbps=HEADLINE_MBPS, rtt_ms=HEADLINE_RTT_MS, fps=spec["fps"])
             records = _play(runtime, url, token, settings, images, emulated)
-            rows.append(_row(method, link_name, records, true_changes, spec["fps"]))
+            rows.append(_row(link_name, records, true_changes, settings))
             log(f"video {method:9s} {link_name:8s} {rows[-1]['bytes_per_frame']:>9} B/frame "
                 f"{rows[-1]['sustained_fps']:>6} fps")
 

@@ -151,6 +151,12 @@ def pack(fingerprint: bytes, num_tokens: int, num_layers: int, layers: list[byte
     return pack_stream(fingerprint, num_tokens, num_layers, layers, grid).data
 
 
+def min_stream_bytes(num_tokens: int, k: int, grid: tuple[int, int] | None = None) -> int:
+    """The fewest bytes any stream of N tokens and k layers takes: its header and k empty
+    layers (a lower bound on a key frame's size, progvlm/codec/temporal.py)."""
+    return len(pack(bytes(FINGERPRINT_BYTES), num_tokens, MAX_LAYERS, [b""] * k, grid))
+
+
 @dataclass
 class Header:
     """The header of a stream: what a receiver needs to know where each layer ends."""
@@ -225,10 +231,13 @@ def parse_header(data: bytes, expected_fingerprint: bytes | None = None) -> Head
     return Header(fp, n, L, lengths, pos + _CRC.size, grid)
 
 
-def parse(data: bytes, expected_fingerprint: bytes | None = None) -> Bitstream:
-    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise."""
+def parse(data: bytes, expected_fingerprint: bytes | None = None,
+          header: Header | None = None) -> Bitstream:
+    """Bytes → Bitstream with the complete layers present. Raises BitstreamError otherwise.
+    `header`: the header of `data` when the caller has parsed it already (parse_header), so it
+    is not parsed again."""
     data = bytes(data)
-    header = parse_header(data, expected_fingerprint)
+    header = header or parse_header(data, expected_fingerprint)
     pos = header.header_bytes
     k = header.k
     layers = []

@@ -215,7 +215,9 @@ class TemporalCoder:
     def code(self, latent: np.ndarray, k: int, reference: Reference | None, grid=None,
              since_key: int = 0) -> Coded:
         """Frame `latent` at k layers against `reference` (None: the cloud holds nothing).
-        `since_key`: frames sent since the last key frame (for the period)."""
+        `since_key`: frames sent since the last key frame (for the period). The delta goes
+        unless its key frame is no larger ("scene change"); that key frame is encoded only
+        when the delta is not shorter than any key frame could be (bitstream.min_stream_bytes)."""
         latent = np.asarray(latent, np.float32)
         grid = None if grid is None else tuple(grid)
         if reference is None:
@@ -231,25 +233,28 @@ class TemporalCoder:
         cost = sum(t.bit_cost[l][fresh[l]] for l in range(k))
         changed = d_held > d_fresh + self.reuse_bias * cost
         data = encode_delta(t, k, changed, fresh[:, changed])
-        key = self.key(latent, k, grid, "scene change", fresh)
-        if len(key.data) <= len(data):
-            return key
+        if len(data) >= bitstream.min_stream_bytes(len(latent), k, grid):  # a key frame may be smaller
+            key = self.key(latent, k, grid, "scene change", fresh)
+            if len(key.data) <= len(data):
+                return key
         return Coded(data, DELTA_KIND, reference.updated(changed, fresh[:, changed]),
                      int(changed.sum()))
 
 
 def apply(data: bytes, tables: MAEEncoderTables, reference: Reference | None,
-          expected_fingerprint: bytes | None = None) -> tuple[Reference, int, str]:
+          expected_fingerprint: bytes | None = None,
+          header: bitstream.Header | None = None) -> tuple[Reference, int, str]:
     """The cloud's half: a frame's bytes + the reference it holds → (the new reference, k, kind).
     A key frame is checked and parsed like any intra stream (the caller checks its header
-    against the models first: bitstream.parse_header); a delta needs a reference, else
-    `NoReference`. BitstreamError for a malformed frame."""
+    against the models first, bitstream.parse_header, and passes it as `header`, so it is
+    parsed once); a delta needs a reference, else `NoReference`. BitstreamError for a
+    malformed frame."""
     if is_delta(data):
         if reference is None:
             raise NoReference("a delta frame, but this stream holds no reference: send a key frame")
         delta = decode_delta(data, tables, reference.num_tokens)
         return reference.updated(delta.changed, delta.codes), delta.k, DELTA_KIND
-    bs = bitstream.parse(data, expected_fingerprint=expected_fingerprint)
+    bs = bitstream.parse(data, expected_fingerprint=expected_fingerprint, header=header)
     if bs.truncated:
         raise BitstreamError(f"key frame cut after layer {len(bs.layers)} of {bs.k}")
     try:

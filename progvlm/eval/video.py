@@ -218,18 +218,24 @@ def answer_events(rows: list[list[str]]) -> list[list[int]]:
             for q in range(len(rows[0]) if rows else 0)]
 
 
-def match_events(changes: list[int], events: list[int], window: int = EVENT_WINDOW):
+def event_pairs(changes: list[int], events: list[int], window: int = EVENT_WINDOW):
     """Each ground-truth change (in frame order) takes the earliest unused event at most `window`
-    frames after it → (delays of the detected, missed count, false events)."""
-    used, delays, missed = set(), [], 0
+    frames after it → ((change, event) of the detected, missed count, false events)."""
+    used, pairs, missed = set(), [], 0
     for c in sorted(changes):
         hit = next((e for e in sorted(events) if e not in used and c <= e <= c + window), None)
         if hit is None:
             missed += 1
         else:
             used.add(hit)
-            delays.append(hit - c)
-    return delays, missed, len([e for e in events if e not in used])
+            pairs.append((c, hit))
+    return pairs, missed, len([e for e in events if e not in used])
+
+
+def match_events(changes: list[int], events: list[int], window: int = EVENT_WINDOW):
+    """event_pairs as (delays of the detected in frames, missed count, false events)."""
+    pairs, missed, false = event_pairs(changes, events, window)
+    return [e - c for c, e in pairs], missed, false
 
 
 def score_events(runs: list[dict], clip_changes: list[list[list[int]]], answer_key) -> dict:

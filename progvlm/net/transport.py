@@ -13,7 +13,8 @@ or closed). A new transport is one subclass that opens channels (`open`), and ma
 goes over the cloud's WebSocket; the socket stays open afterwards and carries the next request,
 so only the first request (or one after the cloud dropped an idle socket, or restarted) pays
 for a handshake. It keeps a small pool of open sockets, one per concurrent caller. HTTP is used
-for /v1/info only.
+for /v1/info only. `open_socket` opens every WebSocket to the cloud: CloudLink's, and a watched
+stream's (progvlm.net.watch_link).
 
 Every request pays the round trip as half before its first byte (the request propagating) and
 half after its reply (the answer propagating back); the bytes themselves leave at the shaped
@@ -50,7 +51,7 @@ from .exchange import Channel, ChannelClosed, CloudError, Exchange, Schedule, Se
 from .link import LinkProfile
 from .protocol import INFO_PATH, STREAM_PATH, Start, to_ms
 
-__all__ = ["CloudError", "CloudLink", "Exchange", "HANDSHAKE_RTTS", "Transport", "to_ms"]
+__all__ = ["CloudError", "CloudLink", "Exchange", "HANDSHAKE_RTTS", "Transport", "open_socket", "to_ms"]
 
 HANDSHAKE_RTTS = {"ws": 2, "wss": 3}  # round trips before a new socket carries a request
 MAX_IDLE_SOCKETS = 4  # open sockets kept for reuse; more concurrent callers open and close their own
@@ -224,7 +225,6 @@ class CloudLink(Transport):
         self.keep_open = keep_open
         self.sockets_opened = 0
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s)
-        self._ws_url = _ws_url(self.base_url) + STREAM_PATH
         self._idle: list = []
         self._pool_lock = threading.Lock()
 
@@ -235,9 +235,6 @@ class CloudLink(Transport):
             idle, self._idle = self._idle, []
         for ws in idle:
             ws.close()
-
-    def _fail(self, e: Exception) -> CloudError:
-        return CloudError(f"cloud backend at {self.base_url} unreachable: {type(e).__name__}: {e}")
 
     def _checked(self, response: httpx.Response) -> dict:
         if response.status_code != 200:
@@ -258,27 +255,13 @@ class CloudLink(Transport):
                 return self._checked(self._http.get(INFO_PATH))
             except (httpx.ReadError, httpx.RemoteProtocolError) as e:
                 if attempt == 2:
-                    raise self._fail(e) from None
+                    raise _unreachable(self.base_url, e) from None
             except httpx.HTTPError as e:
-                raise self._fail(e) from None
+                raise _unreachable(self.base_url, e) from None
 
     # ---- the socket pool ---------------------------------------------------------------------
     def open(self, link: LinkProfile) -> Channel:
-        # the handshake's round trips on the emulated link (a real link pays its own)
-        if link.emulated:
-            time.sleep(HANDSHAKE_RTTS[urlsplit(self._ws_url).scheme] * link.rtt_ms / 1000)
-        try:
-            # websockets ≥ 17 wants connect() entered as a context manager; a pooled socket
-            # outlives any one block, so it is entered here and closed when dropped
-            # no permessage-deflate: the payload is already coded, and on a kept-open socket
-            # deflate's shared window would send a repeated frame as a back-reference, bytes
-            # no camera's next frame would ever save
-            ws = ws_connect(self._ws_url, additional_headers=self.headers, compression=None,
-                            open_timeout=self.timeout_s, max_size=1 << 20).__enter__()
-        except (OSError, WebSocketException, TimeoutError) as e:
-            if isinstance(e, InvalidStatus):
-                raise CloudError(f"cloud refused the stream: {e}") from None
-            raise self._fail(e) from None
+        ws = open_socket(self.base_url, STREAM_PATH, link, self.headers, self.timeout_s)
         self.sockets_opened += 1
         return _Socket(ws)
 
@@ -303,6 +286,27 @@ class CloudLink(Transport):
         ws.close()
 
 
-def _ws_url(base_url: str) -> str:
+def open_socket(base_url: str, path: str, link: LinkProfile, headers: dict, timeout_s: float):
+    """A new WebSocket to `path` on the cloud at `base_url` (http → ws, https → wss), the
+    handshake's round trips paid on the emulated link (a real link pays its own); CloudError if
+    the cloud refuses it or cannot be reached. The caller closes it."""
     parts = urlsplit(base_url)
-    return urlunsplit(("wss" if parts.scheme == "https" else "ws",) + tuple(parts[1:]))
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    if link.emulated:
+        time.sleep(HANDSHAKE_RTTS[scheme] * link.rtt_ms / 1000)
+    try:
+        # websockets ≥ 17 wants connect() entered as a context manager; a kept-open socket
+        # outlives any one block, so it is entered here and closed when dropped
+        # no permessage-deflate: the payload is already coded, and on a kept-open socket
+        # deflate's shared window would send a repeated frame as a back-reference, bytes
+        # no camera's next frame would ever save
+        return ws_connect(urlunsplit((scheme,) + tuple(parts[1:])) + path, additional_headers=headers,
+                          compression=None, open_timeout=timeout_s, max_size=1 << 20).__enter__()
+    except InvalidStatus as e:
+        raise CloudError(f"cloud refused the stream: {e}") from None
+    except (OSError, WebSocketException, TimeoutError) as e:
+        raise _unreachable(base_url, e) from None
+
+
+def _unreachable(base_url: str, e: Exception) -> CloudError:
+    return CloudError(f"cloud backend at {base_url} unreachable: {type(e).__name__}: {e}")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import urlsplit
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.sync.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from .exchange import CloudError
 from .link import LinkProfile, paced_chunks
 from .protocol import END, ERROR, FRAME, RESYNC, WATCH_PATH, WATCHING, WatchStart, to_ms
-from .transport import HANDSHAKE_RTTS, _ws_url
+from .transport import open_socket
 
 
 class WatchLink:
@@ -31,19 +29,9 @@ class WatchLink:
     def __init__(self, base_url: str, questions: list[str], link: LinkProfile, codec: str = "layers",
                  token: str | None = None, timeout_s: float = 30.0):
         self.base_url, self.link, self.timeout_s = base_url.rstrip("/"), link, timeout_s
-        url = _ws_url(self.base_url) + WATCH_PATH
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         t0 = time.perf_counter()
-        if link.emulated:
-            time.sleep(HANDSHAKE_RTTS[urlsplit(url).scheme] * link.rtt_ms / 1000)
-        try:
-            self.ws = ws_connect(url, additional_headers=headers, compression=None,
-                                 open_timeout=timeout_s, max_size=1 << 20).__enter__()
-        except InvalidStatus as e:
-            raise CloudError(f"cloud refused the stream: {e}") from None
-        except (OSError, WebSocketException, TimeoutError) as e:
-            raise CloudError(f"cloud backend at {self.base_url} unreachable: "
-                             f"{type(e).__name__}: {e}") from None
+        self.ws = open_socket(self.base_url, WATCH_PATH, link, headers, timeout_s)
         self.ws.send(WatchStart.model_construct(questions=questions, codec=codec).model_dump_json())
         self.adaptive_threshold = self._expect(WATCHING).get("adaptive_threshold")
         self.connect_ms = to_ms(time.perf_counter() - t0)

@@ -21,13 +21,13 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 
 from ..codec import temporal
-from ..codec.bitstream import MAX_HEADER_BYTES, BitstreamError, parse_header
+from ..codec.bitstream import BitstreamError, parse_header
 from ..images import ImageInputError, load_image
 from ..net.protocol import (MAX_STREAMS_PER_CLIENT, WATCH_IDLE_S, Event, FrameAck, RequestError,
                             Resync, Watching, check_end, parse_watch_start, to_ms)
@@ -43,14 +43,17 @@ class WatchedStream:
     codec: str
     reference: temporal.Reference | None = None
     decoder: object = None  # the H.264 decoder (codec "h264")
-    answers: list[str | None] = field(default_factory=list)  # each question's latest answer text
     last_answers: list | None = None  # the last frame's Answers, and its k: an unchanged frame
     last_k: int | None = None  # (a one-byte delta at that k) is answered with them again
     index: int = 0  # frames decoded so far
     t_first: float | None = None
 
-    def __post_init__(self):
-        self.answers = [None] * len(self.questions)
+    @property
+    def answers(self) -> list[str | None]:
+        """Each question's latest answer text (None before the first frame)."""
+        if self.last_answers is None:
+            return [None] * len(self.questions)
+        return [a.text for a in self.last_answers]
 
 
 class WatchCompute:
@@ -67,14 +70,16 @@ class WatchCompute:
         delta the stream cannot take, RequestError for bad data."""
         t0 = time.perf_counter()
         if stream.codec == "layers":
+            header = None
             if not temporal.is_delta(data):
                 try:
-                    self.split.check_header(parse_header(data[:MAX_HEADER_BYTES], self.split.fingerprint))
+                    header = parse_header(data, self.split.fingerprint)
+                    self.split.check_header(header)
                 except BitstreamError as e:
                     raise RequestError(400, f"bad key frame: {e}") from None
             try:
                 reference, k, kind = temporal.apply(data, self.tables, stream.reference,
-                                                    self.split.fingerprint)
+                                                    self.split.fingerprint, header)
             except temporal.NoReference:
                 raise
             except BitstreamError as e:
@@ -131,13 +136,10 @@ class WatchCompute:
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
                 stages["language_ms"] = to_ms(time.perf_counter() - t0)
-            stream.last_answers, stream.last_k = answers, layers
-        events = []
-        for i, answer in enumerate(answers):
-            if answer.text != stream.answers[i]:
-                events.append(Event(question=stream.questions[i], answer=answer.text,
-                                    previous=stream.answers[i], confidence=answer.confidence))
-                stream.answers[i] = answer.text
+        previous = stream.answers
+        stream.last_answers, stream.last_k = answers, layers
+        events = [Event(question=q, answer=a.text, previous=p, confidence=a.confidence)
+                  for q, a, p in zip(stream.questions, answers, previous) if a.text != p]
         stream.t_first = stream.t_first or arrived
         sure = [a.confidence for a in answers if a.confidence is not None]
         ack = FrameAck(index=stream.index, kind=kind, layers=layers, received_bytes=len(data),
