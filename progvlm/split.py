@@ -115,15 +115,19 @@ class Split:
     def probe(self, frames: list[Frame], questions: list[str], answers: list[Answer],
               max_new_tokens: int = 32) -> list[Answer]:
         """The rule's refinement probe (progvlm.adaptive_probe) on the answers from layer 1 of
-        these frames that are sure without it: each one's refinement_agreement, its confidence
-        again and probe_ms (the probe's time, one batch for all) in stage_ms. Other answers
-        (from more layers, unsure already), or a rule without a probe: unchanged. Returns
-        `answers`. (Evaluation and calibration probe every answer: eval/ladder.py.)"""
+        these frames that are sure without it, where the edge may still send layer 2 (the
+        header announced more layers: `Frame.partial`, as adaptive's stream does): each one's
+        refinement_agreement, its confidence again and probe_ms (the probe's time, one batch
+        for all) in stage_ms. Other answers (from more layers, from a frame whose layers are
+        all in, unsure already), or a rule without a probe: unchanged. Returns `answers`.
+        (Evaluation and calibration probe every answer: eval/ladder.py.)"""
         rule = self.adaptive_rule()[0]
-        # only answers already sure without it: the probe can only make an answer unsure, so an
-        # unsure one's decision (send the next layer) stands, and its time is saved
+        # only where the confidence decides something and the probe could change it: the edge
+        # may send another layer (progressive k = 1 announced one layer and waits for nothing),
+        # and the answer is sure without it (the probe can only make an answer unsure, so an
+        # unsure one's decision, send the next layer, stands)
         todo = [i for i, (f, a) in enumerate(zip(frames, answers))
-                if f.k == adaptive_probe.PROBE_LAYER and rule.sure(a.confidence)]
+                if f.k == adaptive_probe.PROBE_LAYER and f.partial and rule.sure(a.confidence)]
         if rule.probe is None or not todo:
             return answers
         t0 = time.perf_counter()

@@ -89,6 +89,9 @@ def test_adaptive_json_carries_the_probe_and_a_broken_one_is_refused(tmp_path, s
 
 
 def test_the_cloud_probes_layer_1_answers_only_and_always_the_same(tmp_path, split):
+    """Layer 1 of a stream that announced more layers (adaptive's: the edge may send layer 2)
+    is probed; a frame whose layers are all in (progressive k = 1) is not: nothing waits on
+    its confidence, and the probe's time would only delay the answer."""
     folder = tmp_path / "mae"
     shutil.copytree(DEFAULT_MAE, folder)
     probe = adaptive_probe.fit(split.mae, tokens_of(split, range(10, 14)), samples=4)
@@ -100,9 +103,13 @@ def test_the_cloud_probes_layer_1_answers_only_and_always_the_same(tmp_path, spl
     probed_answers = unsure = 0
     for seed in range(20, 26):
         frame = probed.edge(render_scene(generate_scene(seed)))
+        first = dataclasses.replace(frame.prefix(1), layers_announced=frame.k)  # more to come
         for q in questions:
-            one = probed.cloud(frame.prefix(1), q)
-            again = probed.cloud(frame.prefix(1), q)
+            one = probed.cloud(first, q)
+            again = probed.cloud(first, q)
+            final = probed.cloud(frame.prefix(1), q)  # layer 1 of 1: nothing more will come
+            assert final.refinement_agreement is None and "probe_ms" not in final.stage_ms
+            assert final.text == one.text
             unprobed = rule.confidence(one if one.refinement_agreement is None else
                                        dataclasses.replace(one, refinement_agreement=None), q)
             if not rule.sure(unprobed):  # unsure already: the probe is not run (it only lowers)
@@ -121,3 +128,27 @@ def test_the_cloud_probes_layer_1_answers_only_and_always_the_same(tmp_path, spl
     plain = load_split()
     frame = plain.edge(render_scene(generate_scene(20)), 1)
     assert plain.cloud(frame, questions[0]).text == probed.cloud(frame, questions[0]).text
+
+
+def test_the_served_cloud_probes_adaptive_streams_but_not_progressive_k1(split):
+    """Through the served cloud's progressive path (bytes on the wire): a stream whose header
+    announced every layer, cut after layer 1 (adaptive's first answer), gets the probe where its
+    answer is sure without it; the same layer 1 packed as a complete k = 1 stream never does."""
+    from progvlm.codec.bitstream import parse_header
+    from progvlm.serve.cloud import CloudModel
+    from progvlm.split import Frame
+    cloud = CloudModel(split)
+    probed = 0
+    for seed in range(30, 36):
+        frame = split.edge(render_scene(generate_scene(seed)))
+        whole = split.pack(frame)
+        first_of_all = whole[:parse_header(whole, split.fingerprint).layer_ends()[0]]
+        only_one = split.pack(Frame(frame.layers[:1], frame.num_tokens, frame.grid))
+        for q in ("describe the scene .", "how many circles are there ?"):
+            adaptive_first = cloud.progressive(first_of_all, q)
+            k1 = cloud.progressive(only_one, q)
+            assert adaptive_first["partial"] and not k1["partial"]
+            assert "probe_ms" not in k1["stage_ms"]
+            assert adaptive_first["answer"] == k1["answer"]
+            probed += "probe_ms" in adaptive_first["stage_ms"]
+    assert probed >= 3
