@@ -137,11 +137,12 @@ def summary_markdown(h: dict, rows: list[dict], lat: list[dict], load: list[dict
                      f"{100 * f['mae_share_of_edge_k1']:.1f}% | {100 * f[f'mae_share_of_edge_k{L}']:.1f}% |")
     a = h["adaptive"]
     lines += ["", "## Adaptive: layers sent until the answer is sure", "",
-              f"Rule: {a['rule']} ≥ {a['threshold']:.4f} (calibrated on the training stream). On the "
-              f"evaluation stream: {a['bytes_mean']:.1f} bytes per question = {a['bytes_ratio_to_k1']:.2f}× "
-              f"k = 1's, accuracy {a['accuracy']:.3f} against k = L's {a['k_L_accuracy']:.3f}, mean "
-              f"layers {a['mean_layers']:.2f}, ECE {a['ece']:.3f}; goal (k = L's accuracy at ≤ "
-              f"{a['budget']}× k = 1's bytes) {'met' if a['goal_met'] else 'not met'}."]
+              f"Rule: {a['rule']} ≥ {a['threshold']:.4f} (the MAE's adaptive.json, calibrate-adaptive). "
+              f"On the evaluation stream: {a['bytes_mean']:.1f} bytes per question = "
+              f"{a['bytes_ratio_to_k1']:.2f}× k = 1's, accuracy {a['accuracy']:.3f} against k = L's "
+              f"{a['k_L_accuracy']:.3f}, mean layers {a['mean_layers']:.2f}, ECE {a['ece']:.3f}; goal "
+              f"(k = L's accuracy less {a['accuracy_slack']} at ≤ {a['budget']}× k = 1's bytes) "
+              f"{'met' if a['goal_met'] else 'not met'}."]
     if h["conversation"]:
         lines += ["", f"Five questions about one frame ({h['link']} link, {HEADLINE_MBPS:g} Mbps, RTT "
                   f"{HEADLINE_RTT_MS:g} ms; medians over frames):", "",
