@@ -2,16 +2,18 @@
 
 The cloud holds the quantiser's codebooks. After layer 1 it draws `samples` plausible layer-2
 refinements itself, each token's layer-2 code from P(layer-2 code | that token's layer-1 code)
-(`transitions`, counted on calibration frames: `fit`), decodes them as k = 2 and answers them
-with the question in one batch, with nothing more from the edge. `agreement` is the fraction
-of those answers that are the answer from layer 1. An adaptive rule with a probe
+(`transitions`, counted on calibration frames: `fit`), decodes them as k = 2 and asks the
+VLM, in one batch, whether each would give the answer from layer 1 (`VLMBackend.gives_answers`:
+the bundled VLM tells from one teacher-forced pass, without generating), with nothing more from
+the edge. `agreement` is the fraction that would. An adaptive rule with a probe
 (progvlm.adaptive.AdaptiveRule.probe) is never sure of a layer-1 answer that a refinement
 changes; the edge's stop rule and the round trips are unchanged (the cloud computes it before
 it replies).
 
 Measured (docs/adaptive/refinement_probe.py, README "Adaptive: how sure is sure"): the answer's
 token probabilities miss most of what layer 1 lost; these refinements catch much of it, at the
-cost of `samples` more answers per layer-1 answer. The draws are seeded by the layer's bytes, so
+cost of `samples` more prompt passes per layer-1 answer (on a CPU, about `samples` times one
+answer's prefill; on a GPU, one batch). The draws are seeded by the layer's bytes, so
 a frame always gets the same confidence. The table is plain JSON inside adaptive.json.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,6 +57,12 @@ class RefinementProbe:
     def codebook_size(self) -> int:
         return len(self.transitions)
 
+    @cached_property
+    def table(self) -> "torch.Tensor":
+        """transitions as a float32 tensor, made once (from 16k Python floats: about 1 ms)."""
+        import torch
+        return torch.tensor(self.transitions, dtype=torch.float32)
+
     def to_json(self) -> dict:
         return {"samples": self.samples, "layer": PROBE_LAYER,
                 "transitions": [[round(p, 6) for p in row] for row in self.transitions]}
@@ -85,7 +94,7 @@ class RefinementProbe:
         import torch
         q = mae.quantiser
         gen = torch.Generator().manual_seed(seed)
-        table = torch.tensor(self.transitions, dtype=torch.float32)[layer1_indices]
+        table = self.table[layer1_indices]
         base = q.codebooks[0][layer1_indices]
         return torch.stack([base + q.codebooks[1][torch.multinomial(table, 1, generator=gen)[:, 0]]
                             for _ in range(self.samples)])
@@ -110,9 +119,9 @@ def frame_seed(layers: list[bytes]) -> int:
 
 def agreement(split, probe: RefinementProbe, frames, questions, answers, max_new_tokens: int = 32) -> list:
     """For each (frame, question, answer from that frame): the fraction of `probe.samples`
-    refinements whose answer is `answer.text`, where the frame has exactly PROBE_LAYER layers of
-    an MAE with more; None elsewhere. All refinements run as one MAE decode and one language
-    batch."""
+    refinements that would give `answer`, where the frame has exactly PROBE_LAYER layers of an
+    MAE with more; None elsewhere. All refinements run as one MAE decode and one
+    `gives_answers` batch."""
     import torch
     with torch.no_grad():
         return _agreement(torch, split, probe, frames, questions, answers, max_new_tokens)
@@ -140,13 +149,12 @@ def _agreement(torch, split, probe, frames, questions, answers, max_new_tokens) 
             block = tokens[start + s * blocks:start + (s + 1) * blocks]
             requests.append((i, block.reshape(-1, block.shape[-1])))
         start += samples * blocks
-    texts = [a.text for a in split.vlm.cloud_half_batch([t for _, t in requests],
-                                                       [questions[i] for i, _ in requests],
-                                                       max_new_tokens,
-                                                       [frames[i].grid for i, _ in requests])]
+    same = split.vlm.gives_answers([t for _, t in requests], [questions[i] for i, _ in requests],
+                                   [answers[i] for i, _ in requests], max_new_tokens,
+                                   [frames[i].grid for i, _ in requests])
     agree: dict[int, list[bool]] = {}
-    for (i, _), text in zip(requests, texts):
-        agree.setdefault(i, []).append(text == answers[i].text)
+    for (i, _), vote in zip(requests, same):
+        agree.setdefault(i, []).append(vote)
     for i, votes in agree.items():
         out[i] = float(math.fsum(votes) / len(votes))
     return out

@@ -152,3 +152,34 @@ def test_the_served_cloud_probes_adaptive_streams_but_not_progressive_k1(split):
             assert adaptive_first["answer"] == k1["answer"]
             probed += "probe_ms" in adaptive_first["stage_ms"]
     assert probed >= 3
+
+
+def test_the_bundled_vlm_tells_whether_tokens_give_an_answer_without_generating_it(split):
+    """TinyVLMBackend.gives_answers (one teacher-forced pass) says what generating and comparing
+    (VLMBackend's default) says, on the probe's own refinements, on answers from other
+    questions, and on answers cut at max_new_tokens (no <eos>: the limit ends them)."""
+    import torch
+    from progvlm.backends.base import VLMBackend
+    vlm, probe = split.vlm, adaptive_probe.fit(split.mae, tokens_of(split, range(40, 44)), samples=4)
+    questions = ["describe the scene .", "how many circles are there ?", "is there a red square ?"]
+    tokens, asked, said = [], [], []
+    for seed in range(50, 58):
+        frame = split.edge(render_scene(generate_scene(seed)), 1)
+        drawn = split.mae.decode_latent(probe.refinements(
+            split.mae, torch.from_numpy(split.mae.edge_codec().decode_indices(
+                frame.layers, frame.num_tokens))[0], seed), 2)
+        answers = [split.cloud(frame, q) for q in questions]
+        for t in drawn:
+            for j, q in enumerate(questions):
+                tokens.append(t)
+                asked.append(q)
+                said.append(answers[j] if seed % 2 else answers[(j + 1) % 3])  # odd: its own
+    for limit in (32, 2):
+        want = VLMBackend.gives_answers(vlm, tokens, asked, said, limit)
+        assert vlm.gives_answers(tokens, asked, said, limit) == want
+        assert 0 < sum(want) < len(want)
+    # an answer cut at the limit is given at that limit and not at a longer one
+    cut = vlm.cloud_half(tokens[0], questions[0], max_new_tokens=2)
+    assert len(cut.token_ids) == 2
+    assert vlm.gives_answers([tokens[0]], questions[:1], [cut], 2) == [True]
+    assert vlm.gives_answers([tokens[0]], questions[:1], [cut], 32) == [False]

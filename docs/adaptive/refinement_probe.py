@@ -30,7 +30,9 @@ one's best τ *on the evaluation file itself* (an in-sample upper bound), and on
 type (coordinate ascent, on the calibration file and in-sample). Host CPU, one thread.
 
 `variants`: other refinements at k = 1 (VARIANTS) on one evaluation file, in-sample bounds.
-`time`: what the probe costs the cloud (batch 1): one answer alone and with 4 or 8 refinements.
+`time`: what the shipped probe costs the cloud (batch 1, one thread): Split.cloud of adaptive's
+first answer with and without it, and its own time checked by one teacher-forced pass (shipped)
+or by generating the refinements' answers.
 """
 from __future__ import annotations
 
@@ -398,39 +400,44 @@ def variants(ladder_file: Path, seed: int, out: Path) -> dict:
     return result
 
 
-def time_probe(samples=(4, 8), repeats: int = 15) -> dict:
-    """What the probe costs the cloud, batch 1: the median ms of the MAE decode and language half
-    of one answer from layer 1, alone and with `samples` prior refinements in the same batch."""
+def time_probe(repeats: int = 21) -> dict:
+    """What the shipped probe costs the cloud, batch 1, one thread: the median ms of Split.cloud
+    on adaptive's first answer (layer 1 of a stream that announced more, a question whose answer
+    is sure without the probe, so the probe runs) with and without the probe, and the probe's
+    own time (`probe_ms`) where its refinements are checked by one teacher-forced pass
+    (TinyVLMBackend.gives_answers, shipped) and by generating their answers and comparing
+    (VLMBackend's default, what any other backend does)."""
+    import dataclasses
     import statistics
     import torch
+    from progvlm.backends.base import VLMBackend
     from progvlm.split import load_split
     from progvlm.toyworld.scenes import generate_scene, render_scene
     torch.set_num_threads(1)
     split = load_split()
-    mae, q = split.mae, split.mae.quantiser
-    tokens = split.vlm.edge_half(render_scene(generate_scene(11)))
-    idx = torch.from_numpy(mae.edge_codec().decode_indices(mae.compress(tokens, 1), tokens.shape[0]))
-    base = q.get_output_from_indices(idx)
-    usage = q.usage / q.usage.sum(1, keepdim=True)
+    frame = split.edge(render_scene(generate_scene(11)))
+    first = dataclasses.replace(frame.prefix(1), layers_announced=frame.k)  # more to come
     question = "is the large cross above the purple object ?"
+    rule, source = split.adaptive_rule()
 
-    def answer(n):
-        with torch.no_grad():
-            lats = [base] + [base + q.codebooks[1][torch.multinomial(usage[1], base.shape[0], True)]
-                             for _ in range(n)]
-            decoded = mae.decode_latent(torch.stack(lats), torch.tensor([1] + [2] * n))
-        return split.vlm.cloud_half_batch(list(decoded), [question] * (n + 1))
-
-    out = {}
-    for n in (0, *samples):
-        answer(n)
+    def median(run, key=None):
+        run()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            answer(n)
-            times.append(1e3 * (time.perf_counter() - t0))
-        out[f"answer_plus_{n}_probes_ms"] = round(statistics.median(times), 2)
-    return {**out, "note": "host CPU, one thread, batch 1, median of %d" % repeats}
+            a = run()
+            times.append(a.stage_ms[key] if key else 1e3 * (time.perf_counter() - t0))
+        return round(statistics.median(times), 2)
+
+    out = {"cloud_layer1_with_probe_ms": median(lambda: split.cloud(first, question)),
+           "probe_ms_teacher_forced": median(lambda: split.cloud(first, question), "probe_ms")}
+    split.vlm.gives_answers = lambda *a, **kw: VLMBackend.gives_answers(split.vlm, *a, **kw)
+    out["probe_ms_generated"] = median(lambda: split.cloud(first, question), "probe_ms")
+    del split.vlm.gives_answers
+    split._adaptive = (dataclasses.replace(rule, probe=None), source)
+    out["cloud_layer1_without_probe_ms"] = median(lambda: split.cloud(first, question))
+    return {**out, "samples": rule.probe.samples,
+            "note": "host CPU, one thread, batch 1, median of %d" % repeats}
 
 
 def main() -> None:

@@ -131,3 +131,13 @@ class VLMBackend(ABC):
         grids = grids if grids is not None else [None] * len(tokens)
         return [self.cloud_half(t, q, max_new_tokens, grid=g)
                 for t, q, g in zip(tokens, questions, grids)]
+
+    def gives_answers(self, tokens: list[torch.Tensor], questions: list[str], answers: list[Answer],
+                      max_new_tokens: int = 32, grids: list[Grid] | None = None) -> list[bool]:
+        """For each request: would cloud_half of these tokens and question give `answer` (its
+        text)? The refinement probe asks it of drawn refinements (progvlm.adaptive_probe). This
+        default answers them (cloud_half_batch) and compares; a backend that can tell from one
+        teacher-forced pass of each answer, without generating, overrides it (the bundled
+        VLM's: one pass instead of a decoding step per answer token)."""
+        got = self.cloud_half_batch(tokens, questions, max_new_tokens, grids)
+        return [g.text == a.text for g, a in zip(got, answers)]

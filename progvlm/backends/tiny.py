@@ -12,7 +12,7 @@ from .. import ASSETS
 from ..toyworld.data import pixels_from_uint8
 from ..images import model_input, resize_for_model, to_rgb
 from ..toyworld.tiny_vlm import TinyVLM, TinyVLMConfig
-from ..toyworld.questions import EOS, WORD_TO_ID, check_question_length, decode_ids, encode_words, question_ids
+from ..toyworld.questions import EOS, PAD, WORD_TO_ID, check_question_length, decode_ids, encode_words, question_ids
 from ..models.saved import read_saved
 from .base import Answer, VLMBackend, with_confidence
 
@@ -98,6 +98,31 @@ class TinyVLMBackend(VLMBackend):
         for a in answers:
             a.stage_ms = dict(timings)
         return answers
+
+    @torch.no_grad()
+    def gives_answers(self, tokens, questions, answers, max_new_tokens: int = 32, grids=None):
+        """One teacher-forced pass over every request's prompt and answer (right-padded: the LM
+        is causal) instead of generating: greedy decoding gives the answer exactly when each of
+        its tokens is the argmax after the ones before, and then <eos> is (or the row's token
+        limit, TinyVLM.generate's, is reached)."""
+        if grids is not None and any(g is not None for g in grids):
+            raise ValueError("the bundled VLM has a fixed layout: grid must be None")
+        if not tokens:
+            return []
+        eos, pad, L = WORD_TO_ID[EOS], WORD_TO_ID[PAD], self.cfg.max_text_len
+        rows, checks = [], []
+        for question, answer in zip(questions, answers):
+            prompt, said = question_ids(encode_words(question)), list(answer.token_ids)
+            limit = min(max_new_tokens, L - len(prompt))  # as TinyVLM.generate stops a row
+            stops = len(said) < limit  # the answer ended with <eos>, not at the limit
+            rows.append(prompt + said + [eos] * stops)
+            checks.append((len(prompt), said + [eos] * stops, len(said) <= limit))
+        width = max(len(r) for r in rows)
+        text = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        best = self.model.teacher_forced_logits(torch.stack(list(tokens)).float(),
+                                                text[:, None]).argmax(-1)  # (B, width - 1)
+        return [fits and best[i, start - 1:start - 1 + len(want)].tolist() == want
+                for i, (start, want, fits) in enumerate(checks)]
 
     @torch.no_grad()
     def cloud_half(self, tokens, question, max_new_tokens: int = 32, grid=None):
