@@ -108,7 +108,7 @@ class Watcher:
 
     def _open(self) -> WatchLink:
         return WatchLink(self.cloud_url, self.settings.questions, self.link, self.codec,
-                         self.token, self.timeout_s)
+                         self.token, self.timeout_s, refines=self.settings.method == "adaptive")
 
     def close(self):
         self.stream.close()

@@ -117,41 +117,75 @@ def frame_seed(layers: list[bytes]) -> int:
     return zlib.crc32(layers[0]) if layers else 0
 
 
+def codes_seed(codes: np.ndarray) -> int:
+    """The draws' seed for layer-1 codes the cloud holds rather than received as bytes (a
+    watched stream's, progvlm.codec.temporal): the same codes, the same refinements."""
+    return zlib.crc32(np.ascontiguousarray(codes, dtype=np.int32).tobytes())
+
+
+@dataclass(frozen=True, eq=False)
+class LayerOne:
+    """What the probe needs of a frame: its layer-1 code indices (M,), the draws' seed and the
+    tokens' grid (the VLM's tile layout, None for a fixed one)."""
+    codes: np.ndarray
+    seed: int
+    grid: object = None
+
+    @classmethod
+    def of_frame(cls, mae, frame) -> "LayerOne":
+        """A Frame's layer 1, decoded from its bytes and seeded by them."""
+        return cls(mae.edge_codec().decode_indices(frame.layers[:PROBE_LAYER], frame.num_tokens)[0],
+                   frame_seed(frame.layers), frame.grid)
+
+
 def agreement(split, probe: RefinementProbe, frames, questions, answers, max_new_tokens: int = 32) -> list:
     """For each (frame, question, answer from that frame): the fraction of `probe.samples`
     refinements that would give `answer`, where the frame has exactly PROBE_LAYER layers of an
-    MAE with more; None elsewhere. All refinements run as one MAE decode and one
-    `gives_answers` batch."""
+    MAE with more; None elsewhere. One Frame object asked several questions is drawn and
+    decoded once (`agreement_of`)."""
+    firsts: dict[int, LayerOne] = {}
+    items = []
+    for f in frames:
+        if f.k == PROBE_LAYER < split.num_layers:
+            items.append(firsts.setdefault(id(f), LayerOne.of_frame(split.mae, f)))
+        else:
+            items.append(None)
+    return agreement_of(split, probe, items, questions, answers, max_new_tokens)
+
+
+def agreement_of(split, probe: RefinementProbe, firsts: list[LayerOne | None], questions, answers,
+                 max_new_tokens: int = 32) -> list:
+    """For each (layer 1, question, answer from it): the fraction of refinements that would give
+    the answer (None where layer 1 is None). Items sharing one LayerOne share its refinements;
+    all are decoded as one MAE batch and checked as one `gives_answers` batch."""
     import torch
     with torch.no_grad():
-        return _agreement(torch, split, probe, frames, questions, answers, max_new_tokens)
+        return _agreement(torch, split, probe, firsts, questions, answers, max_new_tokens)
 
 
-def _agreement(torch, split, probe, frames, questions, answers, max_new_tokens) -> list:
+def _agreement(torch, split, probe, firsts, questions, answers, max_new_tokens) -> list:
     mae = split.mae
-    out: list = [None] * len(frames)
-    todo = [i for i, f in enumerate(frames) if f.k == PROBE_LAYER < split.num_layers]
-    if not todo:
+    out: list = [None] * len(firsts)
+    frames = list({id(f): f for f in firsts if f is not None}.values())  # each once, in order
+    if not frames:
         return out
     probe.check_fits(mae)
     N = mae.cfg.num_tokens
-    lats, owners = [], []
-    for i in todo:
-        f = frames[i]
-        idx = torch.from_numpy(mae.edge_codec().decode_indices(f.layers, f.num_tokens))[0]
-        drawn = probe.refinements(mae, idx, frame_seed(f.layers))  # (S, M, d)
+    lats, blocks = [], []
+    for f in frames:
+        drawn = probe.refinements(mae, torch.from_numpy(np.asarray(f.codes)), f.seed)  # (S, M, d)
         lats.append(drawn.reshape(-1, N, drawn.shape[-1]))
-        owners.append((i, drawn.shape[0], f.num_tokens // N))
-    tokens = mae.decode_latent(torch.cat(lats), PROBE_LAYER + 1)
-    requests, start = [], 0
-    for i, samples, blocks in owners:
-        for s in range(samples):
-            block = tokens[start + s * blocks:start + (s + 1) * blocks]
-            requests.append((i, block.reshape(-1, block.shape[-1])))
-        start += samples * blocks
+        blocks.append(len(f.codes) // N)
+    decoded = mae.decode_latent(torch.cat(lats), PROBE_LAYER + 1)
+    refined, start = {}, 0  # frame → its refinements' tokens, each (M, D)
+    for f, b in zip(frames, blocks):
+        refined[id(f)] = [decoded[start + s * b:start + (s + 1) * b].reshape(-1, decoded.shape[-1])
+                          for s in range(probe.samples)]
+        start += probe.samples * b
+    requests = [(i, t) for i, f in enumerate(firsts) if f is not None for t in refined[id(f)]]
     same = split.vlm.gives_answers([t for _, t in requests], [questions[i] for i, _ in requests],
                                    [answers[i] for i, _ in requests], max_new_tokens,
-                                   [frames[i].grid for i, _ in requests])
+                                   [firsts[i].grid for i, _ in requests])
     agree: dict[int, list[bool]] = {}
     for (i, _), vote in zip(requests, same):
         agree.setdefault(i, []).append(vote)

@@ -130,17 +130,35 @@ class Split:
                 if f.k == adaptive_probe.PROBE_LAYER and f.partial and rule.sure(a.confidence)]
         if rule.probe is None or not todo:
             return answers
+        firsts: dict[int, adaptive_probe.LayerOne] = {}  # a frame asked twice is drawn once
+        layer_one = [firsts.setdefault(id(frames[i]), adaptive_probe.LayerOne.of_frame(self.mae, frames[i]))
+                     for i in todo]
+        return self._gate(rule, todo, layer_one, questions, answers, max_new_tokens)
+
+    def probe_codes(self, codes, grid, questions: list[str], answers: list[Answer],
+                    max_new_tokens: int = 32) -> list[Answer]:
+        """Split.probe for layer 1 held as code indices (M,) rather than received as bytes: a
+        watched stream's frame at k = 1 whose edge may send layer 2 (WatchStart.refines), every
+        standing question's answer from it. The draws are seeded by the codes."""
+        rule = self.adaptive_rule()[0]
+        todo = [i for i, a in enumerate(answers) if rule.sure(a.confidence)]
+        if rule.probe is None or not todo or self.num_layers <= adaptive_probe.PROBE_LAYER:
+            return answers
+        first = adaptive_probe.LayerOne(codes, adaptive_probe.codes_seed(codes), grid)
+        return self._gate(rule, todo, [first] * len(todo), questions, answers, max_new_tokens)
+
+    def _gate(self, rule, todo: list[int], firsts: list, questions, answers, max_new_tokens):
+        """The probe on answers[i] for i in todo (their layer 1: firsts): each one's
+        refinement_agreement, its confidence again and probe_ms (one batch for all)."""
         t0 = time.perf_counter()
-        got = adaptive_probe.agreement(self, rule.probe, [frames[i] for i in todo],
-                                       [questions[i] for i in todo], [answers[i] for i in todo],
-                                       max_new_tokens)
+        got = adaptive_probe.agreement_of(self, rule.probe, firsts, [questions[i] for i in todo],
+                                          [answers[i] for i in todo], max_new_tokens)
         probe_ms = to_ms(time.perf_counter() - t0)
         for i, agreement in zip(todo, got):
-            answer, question = answers[i], questions[i]
-            if agreement is not None:
-                answer.refinement_agreement = agreement
-                answer.stage_ms = {**answer.stage_ms, "probe_ms": probe_ms}
-                self._with_confidence(answer, question)
+            answer = answers[i]
+            answer.refinement_agreement = agreement
+            answer.stage_ms = {**answer.stage_ms, "probe_ms": probe_ms}
+            self._with_confidence(answer, questions[i])
         return answers
 
     def info(self) -> dict:

@@ -102,6 +102,19 @@ def test_adaptive_refines_an_unsure_frame_with_more_layers_of_the_same_frame(run
         watcher.close()
 
 
+def test_an_adaptive_watcher_has_its_layer_1_probed_and_a_temporal_one_does_not(runtime, cloud):
+    probed = {}
+    for method in ("temporal", "adaptive"):
+        watcher = Watcher(runtime, cloud, WatchSettings(questions=[COUNT, DESCRIBE], method=method, k=1),
+                          link=FAST)
+        try:
+            records = [watcher.frame(frame(generate_scene(seed), 0)) for seed in range(20, 26)]
+        finally:
+            watcher.close()
+        probed[method] = sum("probe_ms" in r["stage_ms"] for r in records)
+    assert probed["temporal"] == 0 and probed["adaptive"] >= 2
+
+
 @pytest.mark.parametrize("method", ["intra", "jpeg"])
 def test_the_other_methods_answer_the_same(runtime, cloud, method):
     scene = generate_scene(5)
@@ -137,6 +150,37 @@ def test_a_delta_without_a_reference_is_a_resync_and_the_stream_goes_on(cloud, s
     ack = json.loads(ws.recv(timeout=10))
     assert ack["type"] == "frame" and ack["kind"] == "key" and ack["index"] == 0
     ws.close()
+
+
+def test_a_stream_that_refines_has_its_layer_1_answers_probed_and_others_do_not(cloud, split):
+    """WatchStart.refines (adaptive's edge may send layer 2): the cloud probes the answers from
+    layer 1 that are sure without it (probe_ms, a confidence that can only fall, to 0 where a
+    refinement changes the answer), the same for the same codes; a stream that does not refine
+    (temporal, intra at k = 1) is never probed: nothing waits on its confidence."""
+    tables = split.mae.edge_codec()
+    rule = split.adaptive_rule()[0]
+    assert rule.probe is not None  # the bundled calibration ships one
+    questions = [COUNT, DESCRIBE, "is there a red square ?"]
+    probed = gated = 0
+    for seed in range(20, 28):
+        tokens, _ = split.vlm.vision(split.vlm.preprocess(frame(generate_scene(seed), 0)))
+        key = temporal.TemporalCoder(tables).key(split.mae._latent(tokens), 1).data
+        acks = {}
+        for refines in (False, True, True):
+            ws, _ = _open(cloud, {"questions": questions, "refines": refines})
+            ws.send(key)
+            acks.setdefault(refines, []).append(json.loads(ws.recv(timeout=10)))
+            ws.close()
+        plain, (once, again) = acks[False][0], acks[True]
+        assert plain["type"] == once["type"] == "frame" and once["layers"] == 1
+        assert "probe_ms" not in plain["stage_ms"]
+        assert once["confidence_min"] == again["confidence_min"]  # drawn from the codes
+        assert once["confidence_min"] <= plain["confidence_min"]
+        if plain["confidence_min"] >= rule.threshold:  # sure without it: probed
+            assert "probe_ms" in once["stage_ms"]
+            probed += 1
+            gated += once["confidence_min"] == 0.0
+    assert probed >= 4 and gated >= 1
 
 
 def test_the_cloud_parses_a_key_frames_header_once(cloud, split, monkeypatch):

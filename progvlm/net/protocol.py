@@ -251,9 +251,12 @@ WATCHING, FRAME, RESYNC = "watching", "frame", "resync"
 
 class WatchStart(BaseModel):
     """A stream's first message: its standing questions, answered on every frame, and how its
-    frames travel."""
+    frames travel. `refines`: the edge may send more layers of a frame while an answer is unsure
+    (adaptive), so the cloud runs the adaptive rule's refinement probe on answers from layer 1,
+    as it does for a single request whose stream announced more layers."""
     questions: list[Annotated[str, BeforeValidator(lambda q: check_question(q, "questions"))]]
     codec: Literal[FRAME_CODECS] = "layers"
+    refines: bool = False
 
     @model_validator(mode="after")
     def _some_questions(self):

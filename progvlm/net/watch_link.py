@@ -27,12 +27,13 @@ class WatchLink:
     """An open stream to the cloud: `send(frame)` → (the cloud's reply, stage times)."""
 
     def __init__(self, base_url: str, questions: list[str], link: LinkProfile, codec: str = "layers",
-                 token: str | None = None, timeout_s: float = 30.0):
+                 token: str | None = None, timeout_s: float = 30.0, refines: bool = False):
         self.base_url, self.link, self.timeout_s = base_url.rstrip("/"), link, timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         t0 = time.perf_counter()
         self.ws = open_socket(self.base_url, WATCH_PATH, link, headers, timeout_s)
-        self.ws.send(WatchStart.model_construct(questions=questions, codec=codec).model_dump_json())
+        self.ws.send(WatchStart.model_construct(questions=questions, codec=codec,
+                                                    refines=refines).model_dump_json())
         self.adaptive_threshold = self._expect(WATCHING).get("adaptive_threshold")
         self.connect_ms = to_ms(time.perf_counter() - t0)
 

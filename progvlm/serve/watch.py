@@ -1,8 +1,8 @@
 """The cloud's side of a camera that watches (protocol.WATCH_PATH): a stream of frames, each
 answered for every standing question, only changed answers sent back.
 
-    edge → cloud   WatchStart {"questions": [...], "codec": "layers"|"jpeg"|"h264"} (text), then
-                   one binary message per frame, {"end": true} to finish
+    edge → cloud   WatchStart {"questions": [...], "codec": "layers"|"jpeg"|"h264", "refines"}
+                   (text), then one binary message per frame, {"end": true} to finish
     cloud → edge   Watching once; per frame a FrameAck {"index", "kind", "layers",
                    "received_bytes", "events", "stage_ms", "t_ms"} or, for a delta frame the
                    cloud cannot decode against what it holds, a Resync {"index", "detail"} (the
@@ -10,7 +10,9 @@ answered for every standing question, only changed answers sent back.
 
 One upload of the tokens serves every question: the frame is decoded once (MAE decode, or the
 vision half for JPEG/H.264 frames) and the language half answers all standing questions as one
-batch (Split.language_batch). What the stream holds is bounded: one reference (the codes of
+batch (Split.language_batch). A stream whose edge refines (adaptive: it may send layer 2 of a
+frame while an answer is unsure) has its answers from layer 1 probed (Split.probe_codes), as a
+single request's are. What the stream holds is bounded: one reference (the codes of
 the last frame, progvlm.codec.temporal.Reference) or one H.264 decoder, the questions' last
 answers, and at most MAX_STREAMS_PER_CLIENT streams per client address; a stream idle for
 WATCH_IDLE_S is closed (4408).
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 
+from ..adaptive_probe import PROBE_LAYER
 from ..codec import temporal
 from ..codec.bitstream import BitstreamError, parse_header
 from ..images import ImageInputError, load_image
@@ -41,6 +44,7 @@ class WatchedStream:
     """What the cloud holds of one stream."""
     questions: list[str]
     codec: str
+    refines: bool = False  # the edge may send layer 2 of a frame (WatchStart.refines): probe layer 1
     reference: temporal.Reference | None = None
     decoder: object = None  # the H.264 decoder (codec "h264")
     last_answers: list | None = None  # the last frame's Answers, and its k: an unchanged frame
@@ -136,6 +140,11 @@ class WatchCompute:
                 except ValueError as e:
                     raise RequestError(400, str(e)) from None
                 stages["language_ms"] = to_ms(time.perf_counter() - t0)
+                if stream.refines and layers == PROBE_LAYER:  # a sure answer may yet be unsure
+                    t0 = time.perf_counter()
+                    self.split.probe_codes(stream.reference.indices[0], stream.reference.grid,
+                                           stream.questions, answers)
+                    stages["probe_ms"] = to_ms(time.perf_counter() - t0)
         previous = stream.answers
         stream.last_answers, stream.last_k = answers, layers
         events = [Event(question=q, answer=a.text, previous=p, confidence=a.confidence)
@@ -202,7 +211,7 @@ async def _receive(ws: WebSocket, timeout: float, what: str) -> dict:
 
 async def _watch(ws: WebSocket, compute: WatchCompute, max_frame_bytes: int, idle_s: float):
     start = parse_watch_start((await _receive(ws, idle_s, "start message")).get("text"))
-    stream = WatchedStream(start.questions, start.codec)
+    stream = WatchedStream(start.questions, start.codec, start.refines and start.codec == "layers")
     await ws.send_json(Watching(questions=len(start.questions),
                                 adaptive_threshold=compute.split.adaptive_threshold()[0]).model_dump())
     while True:
