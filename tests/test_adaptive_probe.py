@@ -178,6 +178,11 @@ def test_the_bundled_vlm_tells_whether_tokens_give_an_answer_without_generating_
         want = VLMBackend.gives_answers(vlm, tokens, asked, said, limit)
         assert vlm.gives_answers(tokens, asked, said, limit) == want
         assert 0 < sum(want) < len(want)
+    # refinements asked different numbers of questions (their prefix passes grouped by count)
+    some = [i for i in range(len(tokens)) if i % 7 != 0]
+    pick = lambda xs: [xs[i] for i in some]  # noqa: E731
+    assert vlm.gives_answers(pick(tokens), pick(asked), pick(said)) == \
+        VLMBackend.gives_answers(vlm, pick(tokens), pick(asked), pick(said))
     # an answer cut at the limit is given at that limit and not at a longer one
     cut = vlm.cloud_half(tokens[0], questions[0], max_new_tokens=2)
     assert len(cut.token_ids) == 2

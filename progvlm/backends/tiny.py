@@ -104,11 +104,10 @@ class TinyVLMBackend(VLMBackend):
         """One teacher-forced pass over every request's prompt and answer (right-padded: the LM
         is causal) instead of generating: greedy decoding gives the answer exactly when each of
         its tokens is the argmax after the ones before, and then <eos> is (or the row's token
-        limit, TinyVLM.generate's, is reached)."""
+        limit, TinyVLM.generate's, is reached). Requests that pass the same tokens tensor (one
+        refinement asked several questions) share its visual prefix's pass."""
         if grids is not None and any(g is not None for g in grids):
             raise ValueError("the bundled VLM has a fixed layout: grid must be None")
-        if not tokens:
-            return []
         eos, pad, L = WORD_TO_ID[EOS], WORD_TO_ID[PAD], self.cfg.max_text_len
         rows, checks = [], []
         for question, answer in zip(questions, answers):
@@ -117,11 +116,21 @@ class TinyVLMBackend(VLMBackend):
             stops = len(said) < limit  # the answer ended with <eos>, not at the limit
             rows.append(prompt + said + [eos] * stops)
             checks.append((len(prompt), said + [eos] * stops, len(said) <= limit))
-        width = max(len(r) for r in rows)
-        text = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        best = self.model.teacher_forced_logits(torch.stack(list(tokens)).float(),
-                                                text[:, None]).argmax(-1)  # (B, width - 1)
-        return [fits and best[i, start - 1:start - 1 + len(want)].tolist() == want
+        images: dict[int, list[int]] = {}  # one tokens tensor → the requests that pass it
+        for i, t in enumerate(tokens):
+            images.setdefault(id(t), []).append(i)
+        by_count: dict[int, list[list[int]]] = {}  # TinyVLM.teacher_forced_logits takes Q texts
+        for group in images.values():  # per image: one call per Q
+            by_count.setdefault(len(group), []).append(group)
+        best: list = [None] * len(rows)
+        for groups in by_count.values():
+            width = max(len(rows[i]) for g in groups for i in g)
+            text = torch.tensor([[rows[i] + [pad] * (width - len(rows[i])) for i in g] for g in groups])
+            argmax = self.model.teacher_forced_logits(torch.stack([tokens[g[0]] for g in groups]).float(),
+                                                      text).argmax(-1)  # (images × Q, width - 1)
+            for r, i in enumerate(i for g in groups for i in g):
+                best[i] = argmax[r]
+        return [fits and best[i][start - 1:start - 1 + len(want)].tolist() == want
                 for i, (start, want, fits) in enumerate(checks)]
 
     @torch.no_grad()
