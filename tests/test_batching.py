@@ -153,6 +153,33 @@ def test_hf_batch_generates_the_tokens_of_one_by_one(tmp_path, preset):
         assert len({t.shape[0] for t in tokens}) == 2
 
 
+@pytest.mark.parametrize("preset", ["tiny-idefics3", "tiny-idefics3-split", "tiny-llava"])
+def test_hf_tells_whether_tokens_give_an_answer_as_generating_would(tmp_path, preset, monkeypatch):
+    """HFVLMBackend.gives_answers (one teacher-forced pass) says what generating and comparing
+    says, for each request's own answer (confirmed by the pass, nothing generated) and another
+    request's (not confirmed: answered and compared); mixed tile grids in one batch."""
+    pytest.importorskip("transformers")
+    from progvlm.backends import load_vlm
+    from progvlm.backends.random_hf import write_random_vlm
+    backend = load_vlm(write_random_vlm(tmp_path / preset, preset))
+    tokens, questions, grids = [], [], []
+    for seed in range(4):
+        size = (48, 64) if seed % 2 else (64, 20)
+        pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+        t, g = backend.edge_half_with_grid(Image.fromarray(pixels, "RGB"))
+        tokens.append(t), questions.append(HF_QUESTIONS[seed % len(HF_QUESTIONS)]), grids.append(g)
+    own = backend.cloud_half_batch(tokens, questions, 6, grids)
+    others = own[1:] + own[:1]
+    want = VLMBackend.gives_answers(backend, tokens * 2, questions * 2, own + others, 6, grids * 2)
+    generated = []
+    default = VLMBackend.gives_answers
+    monkeypatch.setattr(VLMBackend, "gives_answers",
+                        lambda self, t, *a, **kw: generated.append(len(t)) or default(self, t, *a, **kw))
+    assert backend.gives_answers(tokens * 2, questions * 2, own + others, 6, grids * 2) == want
+    assert want[:4] == [True] * 4
+    assert sum(generated) == 4 - sum(want[4:])  # only what the pass did not confirm
+
+
 # ---- MicroBatcher ----------------------------------------------------------------------
 def test_a_lone_request_runs_at_once_in_its_own_thread():
     ran_in = []

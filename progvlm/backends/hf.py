@@ -240,6 +240,61 @@ class HFVLMBackend(VLMBackend):
         out = self.model.generate(**inputs, **self._gen(max_new_tokens, probs))
         return self._decode(out[0, inputs["input_ids"].shape[1]:], probs.row(0))
 
+    @torch.no_grad()
+    def gives_answers(self, tokens: list[torch.Tensor], questions: list[str], answers: list[Answer],
+                      max_new_tokens: int = 32, grids=None) -> list[bool]:
+        """The refinement probe's check without generating, where generate() picks the plain
+        argmax (no score-changing processor in the generation config, else the default): one
+        left-padded teacher-forced pass of every prompt and answer says whether each answer
+        token, then a stop, is the argmax after the ones before. A request it does not confirm
+        (a different answer, or one whose special tokens _decode dropped) is answered and
+        compared as the default does, so the result is the default's."""
+        if not self._argmax_is_plain() or not tokens:
+            return super().gives_answers(tokens, questions, answers, max_new_tokens, grids)
+        grids = grids if grids is not None else [None] * len(tokens)
+        stop = self._stop_ids()
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for t, q, g, a in zip(tokens, questions, grids, answers):
+            said = torch.as_tensor(a.token_ids, dtype=torch.long, device=self.model.device)
+            rows.append(torch.cat([self._prompt_embeds(t, q, g)[1], embed(said)]))
+        longest, keep = max(len(r) for r in rows), max(len(a.token_ids) for a in answers) + 1
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=self.model.device)
+        batch = embed.weight.new_zeros(len(rows), longest, rows[0].shape[-1])
+        for i, r in enumerate(rows):  # left-padded: every row's answer ends in the last column
+            batch[i, longest - len(r):], mask[i, longest - len(r):] = r, 1
+        out = self.model(inputs_embeds=batch, attention_mask=mask, use_cache=False,
+                         position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=keep)
+        best = out.logits.argmax(-1).tolist()  # (B, keep): the last keep positions' choices
+        confirmed = []
+        for i, a in enumerate(answers):
+            n = len(a.token_ids)
+            got = best[i][keep - n - 1:]  # each answer token's prediction, then the next one's
+            confirmed.append(n <= max_new_tokens and got[:n] == list(a.token_ids)
+                             and (n == max_new_tokens or got[n] in stop))
+        rest = [i for i, ok in enumerate(confirmed) if not ok]
+        if rest:
+            again = super().gives_answers([tokens[i] for i in rest], [questions[i] for i in rest],
+                                          [answers[i] for i in rest], max_new_tokens,
+                                          [grids[i] for i in rest])
+            for i, same in zip(rest, again):
+                confirmed[i] = same
+        return confirmed
+
+    #: generation-config fields that, set, add a logits processor changing generate()'s choice
+    _SCORE_CHANGING = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
+                       "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length",
+                       "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                       "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                       "exponential_decay_length_penalty", "renormalize_logits")
+
+    def _argmax_is_plain(self) -> bool:
+        """Greedy generate() picks the argmax of the model's own logits (the config sets none of
+        _SCORE_CHANGING away from transformers' defaults)."""
+        from transformers import GenerationConfig
+        default, config = GenerationConfig(), self.model.generation_config
+        return all(getattr(config, f, None) == getattr(default, f, None) for f in self._SCORE_CHANGING)
+
     # ---- generation helpers ----------------------------------------------------------------
 
     def _gen(self, max_new_tokens: int, probs: "_Top2Recorder | None" = None) -> dict:
