@@ -143,14 +143,21 @@ def agreement(split, probe: RefinementProbe, frames, questions, answers, max_new
     refinements that would give `answer`, where the frame has exactly PROBE_LAYER layers of an
     MAE with more; None elsewhere. One Frame object asked several questions is drawn and
     decoded once (`agreement_of`)."""
-    firsts: dict[int, LayerOne] = {}
-    items = []
-    for f in frames:
-        if f.k == PROBE_LAYER < split.num_layers:
-            items.append(firsts.setdefault(id(f), LayerOne.of_frame(split.mae, f)))
-        else:
-            items.append(None)
+    probed = [i for i, f in enumerate(frames) if f.k == PROBE_LAYER < split.num_layers]
+    items: list[LayerOne | None] = [None] * len(frames)
+    for i, first in zip(probed, layer_ones(split.mae, [frames[i] for i in probed])):
+        items[i] = first
     return agreement_of(split, probe, items, questions, answers, max_new_tokens)
+
+
+def layer_ones(mae, frames) -> list[LayerOne]:
+    """Each frame's LayerOne, decoded once per Frame object: a frame asked several questions
+    gets one LayerOne, so `agreement_of` draws and decodes its refinements once."""
+    made: dict[int, LayerOne] = {}
+    for f in frames:
+        if id(f) not in made:
+            made[id(f)] = LayerOne.of_frame(mae, f)
+    return [made[id(f)] for f in frames]
 
 
 def agreement_of(split, probe: RefinementProbe, firsts: list[LayerOne | None], questions, answers,

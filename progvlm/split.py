@@ -130,10 +130,8 @@ class Split:
                 if f.k == adaptive_probe.PROBE_LAYER and f.partial and rule.sure(a.confidence)]
         if rule.probe is None or not todo:
             return answers
-        firsts: dict[int, adaptive_probe.LayerOne] = {}  # a frame asked twice is drawn once
-        layer_one = [firsts.setdefault(id(frames[i]), adaptive_probe.LayerOne.of_frame(self.mae, frames[i]))
-                     for i in todo]
-        return self._gate(rule, todo, layer_one, questions, answers, max_new_tokens)
+        return self._gate(rule, todo, adaptive_probe.layer_ones(self.mae, [frames[i] for i in todo]),
+                          questions, answers, max_new_tokens)
 
     def probe_codes(self, codes, grid, questions: list[str], answers: list[Answer],
                     max_new_tokens: int = 32) -> list[Answer]:
